@@ -1,0 +1,63 @@
+"""Turning "every 500 batches", "every 30 minutes" or a user's function into one yes/no question.
+
+Evaluation and checkpointing both ask "is it time?" at a pair of events (one after each batch, one after each
+epoch). :func:`interval_policy` answers once, in one place, so an interval means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from cairn.core.event import Event
+from cairn.core.state import State
+from cairn.core.time import Time, TimeUnit, ensure_time
+
+__all__ = ["IntervalPolicy", "interval_policy"]
+
+IntervalPolicy = Callable[[State, Event], bool]
+IntervalLike = int | str | Time[Any] | IntervalPolicy
+
+_EPSILON = 1e-9  # absorbs float error in fractions such as 0.3 * 10
+
+
+def interval_policy(interval: IntervalLike, *, batch_event: Event, epoch_event: Event, name: str) -> IntervalPolicy:
+    """Build the ``(state, event) -> bool`` policy for ``interval``.
+
+    ``batch_event`` and ``epoch_event`` are the two events at which the answer can be yes; ``name`` is the
+    argument's name, used in error messages.
+    """
+    if callable(interval) and not isinstance(interval, (Time, str, int)):
+        return interval
+    time = ensure_time(interval, name=name)
+    if time.value <= 0:
+        raise ValueError(f"{name}={interval!r}: an interval must be greater than zero")
+    return _EveryInterval(time, batch_event=batch_event, epoch_event=epoch_event)
+
+
+class _EveryInterval:
+    """True at the first checkpoint-able event at or after each whole multiple of the interval."""
+
+    def __init__(self, interval: Time[Any], *, batch_event: Event, epoch_event: Event) -> None:
+        self.interval = interval
+        self.batch_event = batch_event
+        self.epoch_event = epoch_event
+
+    def __repr__(self) -> str:
+        return f"every {self.interval}"
+
+    def __call__(self, state: State, event: Event) -> bool:
+        unit, every = self._absolute(state)
+        wanted = self.epoch_event if unit is TimeUnit.EPOCH else self.batch_event
+        if event is not wanted:
+            return False
+        before = float(state.previous_timestamp.get(unit).value)
+        now = float(state.timestamp.get(unit).value)
+        return math.floor(now / every + _EPSILON) > math.floor(before / every + _EPSILON)
+
+    def _absolute(self, state: State) -> tuple[TimeUnit, float]:
+        """A ``dur`` interval, in the unit of the run's ``max_duration``; anything else as it is."""
+        if self.interval.unit is TimeUnit.DURATION:
+            return state.max_duration.unit, float(self.interval.value) * float(state.max_duration.value)
+        return self.interval.unit, float(self.interval.value)

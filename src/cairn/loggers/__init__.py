@@ -1,0 +1,7 @@
+"""Destinations for metrics and files: progress bars, in-memory records, and (later) object-store uploads."""
+
+from cairn.loggers.in_memory import InMemoryLogger
+from cairn.loggers.logger import Logger, LoggerDestination
+from cairn.loggers.progress_bar import ProgressBarLogger
+
+__all__ = ["InMemoryLogger", "Logger", "LoggerDestination", "ProgressBarLogger"]

@@ -1,0 +1,339 @@
+"""The training loop: it moves time forward, runs the model, and fires events. Everything else is a callback."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import Metric
+
+from cairn.core.callback import Algorithm, Callback
+from cairn.core.engine import Engine
+from cairn.core.event import Event
+from cairn.core.interval import IntervalLike, interval_policy
+from cairn.core.state import State
+from cairn.core.time import Time, TimeUnit, ensure_time
+from cairn.loggers.logger import Logger, LoggerDestination
+from cairn.loggers.progress_bar import ProgressBarLogger
+from cairn.trainer.batching import split_batch
+from cairn.trainer.devices import move_to_device, resolve_device
+from cairn.trainer.model_adapter import ModelAdapter
+from cairn.trainer.precision import autocast, make_grad_scaler, parse_precision
+from cairn.trainer.run_name import generate_run_name
+from cairn.utils.reproducibility import make_seed, seed_all
+
+__all__ = ["Trainer"]
+
+log = logging.getLogger(__name__)
+
+_MAX_DURATION_UNITS = (TimeUnit.EPOCH, TimeUnit.BATCH, TimeUnit.SAMPLE, TimeUnit.TOKEN)
+
+
+class Trainer:
+    """Trains ``model`` on ``train_dataloader`` until ``max_duration``.
+
+    Defaults worth knowing: the optimizer is ``torch.optim.AdamW(lr=1e-3)`` (it trains most small models well
+    without tuning); schedulers step after every batch; precision is fp32 unless asked; the device is the GPU
+    when one is visible. See ``docs/`` for the full guide.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        train_dataloader: Iterable[Any],
+        max_duration: int | str | Time[Any],
+        eval_dataloader: Iterable[Any] | None = None,
+        eval_interval: IntervalLike = "1ep",
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        schedulers: Any | Sequence[Any] | None = None,
+        device: str | torch.device | None = None,
+        precision: str | None = None,
+        device_train_microbatch_size: int | None = None,
+        seed: int | None = None,
+        run_name: str | None = None,
+        callbacks: Callback | Sequence[Callback] | None = None,
+        loggers: LoggerDestination | Sequence[LoggerDestination] | None = None,
+        algorithms: Algorithm | Sequence[Algorithm] | None = None,
+        progress_bar: bool = True,
+        parallelism_config: dict[str, Any] | None = None,
+    ) -> None:
+        if parallelism_config is not None:
+            raise ValueError("parallelism_config is not supported yet: train on one process, or wait for FSDP support")
+        self._model = ModelAdapter(model)
+        rank_zero_seed = make_seed() if seed is None else seed
+        seed_all(rank_zero_seed)
+        torch_device = resolve_device(device)
+        model.to(torch_device)
+        precision_ = parse_precision(precision)
+        destinations = _as_list(loggers, LoggerDestination, "loggers")
+        if progress_bar:
+            destinations.append(ProgressBarLogger())
+        self.state = State(
+            model=model,
+            run_name=run_name or generate_run_name(),
+            rank_zero_seed=rank_zero_seed,
+            max_duration=_parse_max_duration(max_duration),
+            device=torch_device,
+            precision=precision_.value,
+            optimizers=_as_list(optimizers, torch.optim.Optimizer, "optimizers") or [_default_optimizer(model)],
+            schedulers=_as_list(schedulers, object, "schedulers"),
+            algorithms=_as_list(algorithms, Algorithm, "algorithms"),
+            callbacks=[*_as_list(callbacks, Callback, "callbacks"), *destinations],
+            scaler=make_grad_scaler(precision_, torch_device),
+            train_metrics=_on_device(self._model.metrics(is_train=True), torch_device),
+            eval_metrics={"eval": _on_device(self._model.metrics(is_train=False), torch_device)},
+            device_train_microbatch_size=_check_microbatch_size(device_train_microbatch_size),
+        )
+        self.state.train_dataloader = train_dataloader
+        self.state.eval_dataloader = eval_dataloader
+        self.state.dataloader_len = _len_or_none(train_dataloader)
+        self._precision = precision_
+        self._eval_due = interval_policy(
+            eval_interval, batch_event=Event.BATCH_END, epoch_event=Event.EPOCH_END, name="eval_interval"
+        )
+        self.logger = Logger(self.state, destinations)
+        self.engine = Engine(self.state, self.logger)
+        self.engine.run_event(Event.INIT)
+        self.logger.log_hyperparameters(self._hyperparameters())
+
+    # -- public -----------------------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Train until ``max_duration``; a trainer that already reached it returns at once."""
+        state = self.state
+        self.engine.run_event(Event.FIT_START)
+        state.model.train()
+        while not state.is_done():
+            if not self._train_epoch():
+                break
+        self.engine.run_event(Event.FIT_END)
+
+    def eval(self) -> dict[str, float]:
+        """Evaluate on ``eval_dataloader`` now and return the metrics, as logged."""
+        if self.state.eval_dataloader is None:
+            raise ValueError("Trainer.eval() needs an eval_dataloader; pass one to the Trainer")
+        return self._evaluate()
+
+    def close(self) -> None:
+        """Let every callback and logger release what it holds (progress bars, files, background workers)."""
+        self.engine.close()
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    def _train_epoch(self) -> bool:
+        """Run the rest of the current epoch; return False when the loader yielded nothing at all."""
+        state = self.state
+        if state.timestamp.batch_in_epoch == 0:
+            _reset(state.train_metrics.values())
+        self.engine.run_event(Event.EPOCH_START)
+        ran_any = False
+        for batch in self._batches():
+            ran_any = True
+            self._train_batch(batch)
+            if state.is_done() and not self._epoch_exhausted():
+                return True
+        if not ran_any and state.timestamp.batch_in_epoch == 0:
+            log.warning("train_dataloader yielded no batches; stopping instead of looping forever")
+            return False
+        self._end_epoch()
+        return True
+
+    def _batches(self) -> Iterator[Any]:
+        """The epoch's batches, on the device, with the dataloader events around each fetch."""
+        state = self.state
+        assert state.train_dataloader is not None
+        iterator = iter(state.train_dataloader)
+        while True:
+            if state.dataloader_len is not None and state.timestamp.batch_in_epoch >= state.dataloader_len:
+                return
+            self.engine.run_event(Event.BEFORE_DATALOADER)
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            state.batch = move_to_device(batch, state.device)
+            self.engine.run_event(Event.AFTER_DATALOADER)
+            yield state.batch
+
+    def _epoch_exhausted(self) -> bool:
+        length = self.state.dataloader_len
+        return length is not None and self.state.timestamp.batch_in_epoch >= length
+
+    def _train_batch(self, batch: Any) -> None:
+        state = self.state
+        started = time.perf_counter()
+        self.engine.run_event(Event.BATCH_START)
+        samples, tokens = self._model.count_samples(batch), self._model.count_tokens(batch)
+        if state.max_duration.unit is TimeUnit.TOKEN and tokens == 0:
+            raise ValueError(
+                f"max_duration={state.max_duration} counts tokens, but this batch holds none; give batches an "
+                "'input_ids' tensor or give the model a num_tokens(batch) method"
+            )
+        self.engine.run_event(Event.BEFORE_TRAIN_BATCH)
+        loss = self._optimizer_step(batch, samples)
+        state.batch = batch
+        self.engine.run_event(Event.AFTER_TRAIN_BATCH)
+        state.advance(state.timestamp.to_next_batch(samples, tokens, time.perf_counter() - started))
+        self.logger.log_metrics({"loss/train/total": float(loss)})
+        self.engine.run_event(Event.BATCH_END)
+        if self._eval_due(state, Event.BATCH_END):
+            self._evaluate()
+        self.engine.run_event(Event.BATCH_CHECKPOINT)
+
+    def _optimizer_step(self, batch: Any, samples: int) -> torch.Tensor:
+        """One update from one batch, cut into microbatches whose gradients add up to the whole batch's."""
+        state = self.state
+        for optimizer in state.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        size = state.device_train_microbatch_size
+        microbatches = split_batch(batch, size) if size and size < samples else [batch]
+        total = torch.zeros((), device=state.device)
+        for microbatch in microbatches:
+            weight = self._model.count_samples(microbatch) / samples
+            total += self._forward_backward(microbatch, weight)
+        for optimizer in state.optimizers:
+            if state.scaler is not None:
+                state.scaler.step(optimizer)
+            else:
+                optimizer.step()
+        if state.scaler is not None:
+            state.scaler.update()
+        for scheduler in state.schedulers:
+            scheduler.step()
+        return total
+
+    def _forward_backward(self, microbatch: Any, weight: float) -> torch.Tensor:
+        """Forward, loss and backward for one microbatch; the loss is scaled by its share of the batch."""
+        state, engine = self.state, self.engine
+        state.batch = microbatch
+        engine.run_event(Event.BEFORE_FORWARD)
+        with autocast(self._precision, state.device):
+            state.outputs = self._model.forward(microbatch)
+        engine.run_event(Event.AFTER_FORWARD)
+        engine.run_event(Event.BEFORE_LOSS)
+        with autocast(self._precision, state.device):
+            loss, parts = self._model.loss(state.outputs, microbatch)
+        state.loss = loss
+        engine.run_event(Event.AFTER_LOSS)
+        engine.run_event(Event.BEFORE_BACKWARD)
+        scaled = state.loss * weight
+        (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
+        engine.run_event(Event.AFTER_BACKWARD)
+        with torch.no_grad():
+            for metric in state.train_metrics.values():
+                self._model.update_metric(microbatch, _detached(state.outputs), metric)
+        if parts:
+            self.logger.log_metrics({f"loss/train/{name}": float(value) for name, value in parts.items()})
+        return state.loss.detach().float() * weight
+
+    def _end_epoch(self) -> None:
+        state = self.state
+        if state.train_metrics:
+            self.logger.log_metrics(_computed("metrics/train/", state.train_metrics))
+        state.advance(state.timestamp.to_next_epoch())
+        self.engine.run_event(Event.EPOCH_END)
+        if self._eval_due(state, Event.EPOCH_END):
+            self._evaluate()
+        self.engine.run_event(Event.EPOCH_CHECKPOINT)
+
+    def _evaluate(self) -> dict[str, float]:
+        state, engine = self.state, self.engine
+        if state.eval_dataloader is None:
+            return {}
+        metrics = state.eval_metrics["eval"]
+        _reset(metrics.values())
+        was_training = state.model.training
+        state.model.eval()
+        state.eval_label = "eval"
+        engine.run_event(Event.EVAL_START)
+        with torch.no_grad():
+            for batch in state.eval_dataloader:
+                state.batch = move_to_device(batch, state.device)
+                engine.run_event(Event.EVAL_BATCH_START)
+                engine.run_event(Event.EVAL_BEFORE_FORWARD)
+                with autocast(self._precision, state.device):
+                    state.outputs = self._model.eval_outputs(state.batch)
+                engine.run_event(Event.EVAL_AFTER_FORWARD)
+                for metric in metrics.values():
+                    self._model.update_metric(state.batch, state.outputs, metric)
+                engine.run_event(Event.EVAL_BATCH_END)
+        results = _computed("metrics/eval/", metrics)
+        self.logger.log_metrics(results)
+        engine.run_event(Event.EVAL_END)
+        state.eval_label = None
+        state.model.train(was_training)
+        return results
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        state = self.state
+        return {
+            "run_name": state.run_name,
+            "seed": state.rank_zero_seed,
+            "max_duration": str(state.max_duration),
+            "device": str(state.device),
+            "precision": state.precision,
+            "device_train_microbatch_size": state.device_train_microbatch_size,
+            "optimizers": [type(o).__name__ for o in state.optimizers],
+        }
+
+
+def _parse_max_duration(value: int | str | Time[Any]) -> Time[Any]:
+    duration = ensure_time(value, name="max_duration")
+    if duration.unit not in _MAX_DURATION_UNITS:
+        units = ", ".join(u.value for u in _MAX_DURATION_UNITS)
+        raise ValueError(f"max_duration={value!r}: a run's length is counted in {units}, not {duration.unit.value}")
+    if duration.value <= 0:
+        raise ValueError(f"max_duration={value!r}: must be greater than zero")
+    return duration
+
+
+def _default_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters, so there is nothing to optimize")
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+def _as_list(value: Any, kind: type, name: str) -> list[Any]:
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if not isinstance(item, kind):
+            raise TypeError(f"{name}: expected {kind.__name__} objects, got {type(item).__name__}")
+    return items
+
+
+def _check_microbatch_size(size: int | None) -> int | None:
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"device_train_microbatch_size={size!r}: use a positive integer, or None for whole batches")
+    return size
+
+
+def _len_or_none(loader: Iterable[Any]) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _on_device(metrics: dict[str, Metric], device: torch.device) -> dict[str, Metric]:
+    return {name: metric.to(device) for name, metric in metrics.items()}
+
+
+def _reset(metrics: Iterable[Metric]) -> None:
+    for metric in metrics:
+        metric.reset()
+
+
+def _computed(prefix: str, metrics: dict[str, Metric]) -> dict[str, float]:
+    return {prefix + name: float(metric.compute()) for name, metric in metrics.items() if metric.update_called}
+
+
+def _detached(outputs: Any) -> Any:
+    return outputs.detach() if isinstance(outputs, torch.Tensor) else outputs

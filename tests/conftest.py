@@ -1,0 +1,64 @@
+"""Small models and data shared by the tests: fast on two CPU cores, real enough to learn."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cairn.core import Callback, Event, State
+from cairn.loggers import Logger
+
+
+class TinyNet(nn.Module):
+    """A two-layer MLP with dropout, so that RNG handling matters."""
+
+    num_classes = 3
+
+    def __init__(self, in_features: int = 4, hidden: int = 8, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, self.num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def make_dataset(n: int = 32, in_features: int = 4, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()  # a learnable rule with 3 classes
+    return TensorDataset(x, y)
+
+
+def make_loader(n: int = 32, batch_size: int = 8, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    return DataLoader(make_dataset(n, seed=seed), batch_size=batch_size, shuffle=shuffle)
+
+
+class EventRecorder(Callback):
+    """Remembers every event it saw, with the timestamp's batch count at that moment."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.batches: list[int] = []
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        self.events.append(event)
+        self.batches.append(state.timestamp.batch)
+        super().run_event(event, state, logger)
+
+    def count(self, event: Event) -> int:
+        return self.events.count(event)
+
+
+@pytest.fixture
+def recorder() -> EventRecorder:
+    return EventRecorder()
+
+
+def params_of(module: nn.Module) -> dict[str, Any]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

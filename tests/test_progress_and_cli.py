@@ -1,0 +1,80 @@
+"""What a person sees: the progress bar, the demo, and the console command."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cairn
+from cairn import Trainer
+from cairn.models import Classifier
+from conftest import TinyNet, make_loader
+
+BIN = Path(sys.executable).parent
+
+
+def _fit(progress_bar: bool) -> None:
+    Trainer(
+        model=Classifier(TinyNet(), num_classes=3),
+        train_dataloader=make_loader(n=32),
+        eval_dataloader=make_loader(n=16),
+        max_duration="2ep",
+        progress_bar=progress_bar,
+    ).fit()
+
+
+def test_progress_bar_shows_epoch_batches_loss_and_speed(capsys: pytest.CaptureFixture[str]) -> None:
+    _fit(progress_bar=True)
+    err = capsys.readouterr().err
+    assert "epoch 1/2" in err and "epoch 2/2" in err
+    assert "4/4" in err
+    assert re.search(r"loss=\d+\.\d{4}", err)
+    assert re.search(r"ba/s", err) and re.search(r"sp/s=\d+", err)
+    assert re.search(r"eval MulticlassAccuracy=\d\.\d{4}", err)
+
+
+def test_progress_bar_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> None:
+    _fit(progress_bar=False)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, check=False)
+
+
+def test_console_script_prints_versions() -> None:
+    result = _run(str(BIN / "cairn"), "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"cairn {cairn.__version__} (torch ")
+
+
+def test_console_script_help_shows_examples() -> None:
+    result = _run(str(BIN / "cairn"), "--help")
+    assert result.returncode == 0
+    assert "examples:" in result.stdout and "cairn demo" in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_learns_the_digits_and_reports_each_epoch() -> None:
+    result = _run(sys.executable, "-m", "cairn.demo", "--epochs", "3")
+    assert result.returncode == 0, result.stderr
+    accuracies = [float(a) for a in re.findall(r"^epoch \d: test accuracy (\d+\.\d+)%$", result.stdout, re.M)]
+    assert len(accuracies) == 3
+    assert accuracies[-1] > 90.0
+    assert "final test accuracy" in result.stdout and "3 epochs" in result.stdout
+    assert "epoch 3/3" in result.stderr  # the progress bar
+
+
+@pytest.mark.slow
+def test_demo_through_the_console_script_without_progress_bars() -> None:
+    result = _run(str(BIN / "cairn"), "demo", "--epochs", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "epoch 1: test accuracy" in result.stdout
+    assert "ba/s" not in result.stderr
