@@ -61,4 +61,5 @@ def recorder() -> EventRecorder:
 
 
 def params_of(module: nn.Module) -> dict[str, Any]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    """A CPU copy of the weights, comparable whichever device the run trained on."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

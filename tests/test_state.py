@@ -83,7 +83,7 @@ def test_the_model_entry_loads_into_the_bare_network() -> None:
     assert not any(key.startswith("module.") for key in weights)
     bare = TinyNet()
     bare.load_state_dict(weights)  # strict: same names, same shapes
-    assert all(torch.equal(bare.state_dict()[k], v) for k, v in weights.items())
+    assert all(torch.equal(bare.state_dict()[k], v.cpu()) for k, v in weights.items())
 
 
 def test_load_state_dict_restores_every_serialized_attribute() -> None:

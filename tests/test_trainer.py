@@ -89,7 +89,7 @@ def test_fit_again_after_the_end_does_nothing() -> None:
     weights = params_of(trainer.state.model)
     trainer.fit()
     assert trainer.state.timestamp.batch == 2
-    assert all(torch.equal(weights[k], v) for k, v in trainer.state.model.state_dict().items())
+    assert all(torch.equal(weights[k], v) for k, v in params_of(trainer.state.model).items())
 
 
 def test_stop_training_ends_after_the_current_batch() -> None:
@@ -193,7 +193,7 @@ def test_precision_sets_the_forward_dtype_on_cpu(precision: str, dtype: torch.dt
     trainer.fit()
     assert spy.dtypes == [dtype, dtype]
     assert all(p.dtype == torch.float32 for p in net.parameters()), "weights stay in fp32"
-    assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in params_of(net).items())
     assert trainer.state.scaler is None
 
 
@@ -252,7 +252,7 @@ def test_eval_metrics_match_a_hand_computed_accuracy() -> None:
         progress_bar=False,
     )
     trainer.fit()
-    net.eval()
+    net.cpu().eval()
     with torch.no_grad():
         expected = (net(eval_data.tensors[0]).argmax(dim=1) == eval_data.tensors[1]).float().mean().item()
     assert [step for step, _ in history.data["metrics/eval/MulticlassAccuracy"]] == [8, 16]
@@ -322,7 +322,7 @@ def test_a_plain_module_returning_its_loss_trains_and_reports_eval_loss(as_dict:
         progress_bar=False,
     )
     trainer.fit()
-    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in params_of(model).items())
     assert history.latest["metrics/eval/loss"] > 0
     assert set(trainer.state.state_dict()["model"]) == set(model.state_dict())
 

@@ -77,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=5, help="epochs to train (default 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per batch (default 32)")
     parser.add_argument("--seed", type=int, default=17, help="random seed (default 17)")
+    parser.add_argument("--device", default=None, help="cpu or gpu (default: the GPU when one is visible)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         optimizers=optimizer,
         schedulers=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_batches),
         seed=args.seed,
-        device="cpu",
+        device=args.device,
         callbacks=EpochReport(),
         loggers=history,
         progress_bar=not args.no_progress,
