@@ -12,7 +12,7 @@ from torchmetrics import Metric
 from cairn.core.callback import Algorithm, Callback
 from cairn.core.time import Time, Timestamp
 
-__all__ = ["State", "model_weights_module"]
+__all__ = ["State", "class_keys", "model_weights_module"]
 
 
 class State:
@@ -80,6 +80,7 @@ class State:
         self.outputs: Any = None
         self.loss: torch.Tensor | None = None
         self.eval_label: str | None = None
+        self.resumed_from: str | None = None  # the checkpoint a resumed run's full state came from
         self._stop_requested = False
 
     # -- progress ---------------------------------------------------------------------------------------------
@@ -98,6 +99,10 @@ class State:
         if self._stop_requested:
             return True
         return self.timestamp.get(self.max_duration.unit) >= self.max_duration
+
+    def is_epoch_exhausted(self) -> bool:
+        """True once every batch of the current epoch has been trained (when the loader's length is known)."""
+        return self.dataloader_len is not None and self.timestamp.batch_in_epoch >= self.dataloader_len
 
     def stop_training(self) -> None:
         """Ask the loop to end after the current batch, as if ``max_duration`` had been reached."""
@@ -173,7 +178,7 @@ def _is_parallel_wrapper(model: nn.Module) -> bool:
     return isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
 
 
-def _class_keys(objects: Sequence[Any]) -> list[str]:
+def class_keys(objects: Sequence[Any]) -> list[str]:
     """Class names, made unique with ``#1``, ``#2`` when a run holds two of a kind (two AdamW optimizers)."""
     keys: list[str] = []
     for obj in objects:
@@ -187,13 +192,13 @@ def _class_keys(objects: Sequence[Any]) -> list[str]:
 
 
 def _keyed_by_class(objects: Sequence[Any], to_state: Any) -> dict[str, Any]:
-    return {key: to_state(obj) for key, obj in zip(_class_keys(objects), objects, strict=True)}
+    return {key: to_state(obj) for key, obj in zip(class_keys(objects), objects, strict=True)}
 
 
 def _load_keyed_by_class(objects: Sequence[Any], saved: dict[str, Any] | None) -> None:
     if not saved:
         return
-    for key, obj in zip(_class_keys(objects), objects, strict=True):
+    for key, obj in zip(class_keys(objects), objects, strict=True):
         if key in saved:
             obj.load_state_dict(saved[key])
 

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
+from cairn.checkpoint.resume import restore
+from cairn.checkpoint.saver import CheckpointSaver
 from cairn.core.callback import Algorithm, Callback
 from cairn.core.engine import Engine
 from cairn.core.event import Event
@@ -20,6 +22,7 @@ from cairn.core.time import Time, TimeUnit, ensure_time
 from cairn.loggers.logger import Logger, LoggerDestination
 from cairn.loggers.progress_bar import ProgressBarLogger
 from cairn.trainer.batching import split_batch
+from cairn.trainer.dataloader import epoch_iterator
 from cairn.trainer.devices import move_to_device, resolve_device
 from cairn.trainer.model_adapter import ModelAdapter
 from cairn.trainer.precision import autocast, make_grad_scaler, parse_precision
@@ -61,7 +64,27 @@ class Trainer:
         algorithms: Algorithm | Sequence[Algorithm] | None = None,
         progress_bar: bool = True,
         parallelism_config: dict[str, Any] | None = None,
+        # saving (SPEC 4): they build one CheckpointSaver
+        save_folder: str | None = None,
+        save_filename: str = "ep{epoch}-ba{batch}-rank{rank}.pt",
+        save_latest_filename: str | None = "latest-rank{rank}.pt",
+        save_overwrite: bool = False,
+        save_interval: IntervalLike = "1ep",
+        save_weights_only: bool = False,
+        save_num_checkpoints_to_keep: int = -1,
+        save_remote_file_name: str | None = None,
+        save_ignore_keys: Sequence[str] | None = None,
+        # loading and resuming (SPEC 6)
+        load_path: str | None = None,
+        load_object_store: Any | None = None,
+        load_weights_only: bool = False,
+        load_strict_model_weights: bool = True,
+        load_ignore_keys: Sequence[str] | None = None,
+        load_progress_bar: bool = True,
+        autoresume: bool = False,
     ) -> None:
+        if load_object_store is not None or _is_uri(load_path) or _is_uri(save_folder):
+            raise ValueError("object stores (s3://, gs://, oci://, load_object_store) are not supported yet")
         if parallelism_config is not None:
             raise ValueError("parallelism_config is not supported yet: train on one process, or wait for FSDP support")
         self._model = ModelAdapter(model)
@@ -73,6 +96,21 @@ class Trainer:
         destinations = _as_list(loggers, LoggerDestination, "loggers")
         if progress_bar:
             destinations.append(ProgressBarLogger())
+        saver = None
+        if save_folder is not None:
+            saver = CheckpointSaver(
+                folder=save_folder,
+                filename=save_filename,
+                remote_file_name=save_remote_file_name,
+                latest_filename=save_latest_filename,
+                save_interval=save_interval,
+                weights_only=save_weights_only,
+                num_checkpoints_to_keep=save_num_checkpoints_to_keep,
+                overwrite=save_overwrite,
+                ignore_keys=save_ignore_keys,
+            )
+        if autoresume and run_name is None and saver is not None and "{run_name}" in saver.folder + saver.filename:
+            raise ValueError("autoresume=True with {run_name} in the checkpoint names needs an explicit run_name")
         self.state = State(
             model=model,
             run_name=run_name or generate_run_name(),
@@ -83,7 +121,7 @@ class Trainer:
             optimizers=_as_list(optimizers, torch.optim.Optimizer, "optimizers") or [_default_optimizer(model)],
             schedulers=_as_list(schedulers, object, "schedulers"),
             algorithms=_as_list(algorithms, Algorithm, "algorithms"),
-            callbacks=[*_as_list(callbacks, Callback, "callbacks"), *destinations],
+            callbacks=[*_as_list(callbacks, Callback, "callbacks"), *destinations, *([saver] if saver else [])],
             scaler=make_grad_scaler(precision_, torch_device),
             train_metrics=_on_device(self._model.metrics(is_train=True), torch_device),
             eval_metrics={"eval": _on_device(self._model.metrics(is_train=False), torch_device)},
@@ -99,7 +137,24 @@ class Trainer:
         self.logger = Logger(self.state, destinations)
         self.engine = Engine(self.state, self.logger)
         self.engine.run_event(Event.INIT)
+        restore(
+            self.state,
+            load_path=load_path,
+            weights_only=load_weights_only,
+            strict=load_strict_model_weights,
+            ignore_keys=list(load_ignore_keys or []),
+            autoresume=autoresume,
+            saver=saver,
+        )
         self.logger.log_hyperparameters(self._hyperparameters())
+
+    @property
+    def saved_checkpoints(self) -> list[str]:
+        """Paths of the checkpoints this trainer's savers wrote, in order, as given (``folder/filename``)."""
+        return [path for saver in self._savers() for path in saver.saved_checkpoints]
+
+    def _savers(self) -> list[CheckpointSaver]:
+        return [c for c in self.state.callbacks if isinstance(c, CheckpointSaver)]
 
     # -- public -----------------------------------------------------------------------------------------------
 
@@ -135,7 +190,7 @@ class Trainer:
         for batch in self._batches():
             ran_any = True
             self._train_batch(batch)
-            if state.is_done() and not self._epoch_exhausted():
+            if state.is_done() and not state.is_epoch_exhausted():
                 return True
         if not ran_any and state.timestamp.batch_in_epoch == 0:
             log.warning("train_dataloader yielded no batches; stopping instead of looping forever")
@@ -147,10 +202,10 @@ class Trainer:
         """The epoch's batches, on the device, with the dataloader events around each fetch."""
         state = self.state
         assert state.train_dataloader is not None
-        iterator = iter(state.train_dataloader)
-        while True:
-            if state.dataloader_len is not None and state.timestamp.batch_in_epoch >= state.dataloader_len:
-                return
+        if state.is_epoch_exhausted():
+            return  # resumed from the last batch of an epoch: only its end remains
+        iterator = epoch_iterator(state.train_dataloader, state)
+        while not state.is_epoch_exhausted():
             self.engine.run_event(Event.BEFORE_DATALOADER)
             try:
                 batch = next(iterator)
@@ -159,10 +214,6 @@ class Trainer:
             state.batch = move_to_device(batch, state.device)
             self.engine.run_event(Event.AFTER_DATALOADER)
             yield state.batch
-
-    def _epoch_exhausted(self) -> bool:
-        length = self.state.dataloader_len
-        return length is not None and self.state.timestamp.batch_in_epoch >= length
 
     def _train_batch(self, batch: Any) -> None:
         state = self.state
@@ -280,6 +331,10 @@ class Trainer:
             "device_train_microbatch_size": state.device_train_microbatch_size,
             "optimizers": [type(o).__name__ for o in state.optimizers],
         }
+
+
+def _is_uri(path: str | None) -> bool:
+    return isinstance(path, str) and "://" in path
 
 
 def _parse_max_duration(value: int | str | Time[Any]) -> Time[Any]:

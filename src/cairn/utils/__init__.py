@@ -1,5 +1,5 @@
 """Helpers users reach for directly (seeding now; object stores and manual checkpoint helpers as they land)."""
 
-from cairn.utils.reproducibility import make_seed, seed_all
+from cairn.utils.reproducibility import load_rng_state, make_seed, rng_state, seed_all
 
-__all__ = ["make_seed", "seed_all"]
+__all__ = ["load_rng_state", "make_seed", "rng_state", "seed_all"]

@@ -1,0 +1,121 @@
+"""The one way cairn puts a file on disk: nobody ever sees half of it.
+
+Data goes to a hidden temporary name in the target's own folder (same filesystem, so the rename is atomic), is
+flushed and fsynced, then renamed over the target; the folder is fsynced so the rename survives a power cut.
+A crash at any moment leaves either the old file or the new one, never a mix, plus at worst a temporary file
+that :func:`remove_stale_temporaries` clears on the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from typing import IO, Any
+
+import torch
+
+__all__ = [
+    "TEMP_MARKER",
+    "atomic_symlink",
+    "atomic_write",
+    "write_checkpoint",
+    "fsync_folder",
+    "is_temporary",
+    "remove_stale_temporaries",
+]
+
+TEMP_MARKER = ".cairn-tmp-"
+
+
+def _temporary_name(target: str) -> str:
+    folder, name = os.path.split(target)
+    return os.path.join(folder, f".{name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def is_temporary(name: str) -> bool:
+    return TEMP_MARKER in os.path.basename(name)
+
+
+def atomic_write(target: str, write: Callable[[IO[bytes]], None], *, overwrite: bool = True) -> None:
+    """Write ``target`` through ``write(file)``, atomically. With ``overwrite=False`` an existing file is kept."""
+    folder = os.path.dirname(target) or "."
+    os.makedirs(folder, exist_ok=True)
+    temporary = _temporary_name(target)
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        if overwrite:
+            os.replace(temporary, target)
+        else:
+            _rename_without_replacing(temporary, target)
+    except BaseException:
+        _remove_quietly(temporary)
+        raise
+    fsync_folder(folder)
+
+
+def _rename_without_replacing(source: str, target: str) -> None:
+    """``link`` then ``unlink`` fails with FileExistsError instead of silently replacing ``target``."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{target} already exists and overwrite is off; pass overwrite=True (save_overwrite=True) to replace it, "
+            "or choose a save_filename that includes {batch}"
+        ) from None
+    except OSError:  # a filesystem without hard links: fall back to a check, then an atomic rename
+        if os.path.exists(target):
+            raise FileExistsError(f"{target} already exists and overwrite is off") from None
+        os.replace(source, target)
+        return
+    os.unlink(source)
+
+
+def write_checkpoint(checkpoint: dict[str, Any], path: str, *, overwrite: bool = True) -> None:
+    """Serialize ``checkpoint`` with ``torch.save`` into ``path`` through :func:`atomic_write`."""
+    atomic_write(path, lambda file: torch.save(checkpoint, file), overwrite=overwrite)
+
+
+def atomic_symlink(link: str, target: str) -> None:
+    """Point ``link`` at ``target`` (stored relative to the link's folder), replacing any old link atomically."""
+    folder = os.path.dirname(link) or "."
+    os.makedirs(folder, exist_ok=True)
+    relative = os.path.relpath(target, folder)
+    temporary = _temporary_name(link)
+    os.symlink(relative, temporary)
+    try:
+        os.replace(temporary, link)
+    except BaseException:
+        _remove_quietly(temporary)
+        raise
+    fsync_folder(folder)
+
+
+def fsync_folder(folder: str) -> None:
+    descriptor = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete temporary files an interrupted save left in ``folder`` (not recursing); return what was removed."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for entry in os.scandir(folder):
+        if is_temporary(entry.name) and (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+            _remove_quietly(entry.path)
+            removed.append(entry.path)
+    return removed
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
