@@ -62,19 +62,28 @@ def test_console_script_help_shows_examples() -> None:
 
 
 @pytest.mark.slow
-def test_demo_learns_the_digits_and_reports_each_epoch() -> None:
-    result = _run(sys.executable, "-m", "cairn.demo", "--epochs", "3")
+def test_demo_survives_a_kill_and_resumes_bit_for_bit(tmp_path: Path) -> None:
+    result = _run(sys.executable, "-m", "cairn.demo", "--epochs", "3", "--workdir", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    accuracies = [float(a) for a in re.findall(r"^epoch \d: test accuracy (\d+\.\d+)%$", result.stdout, re.M)]
-    assert len(accuracies) == 3
+    out = result.stdout
+    assert "the training process died at epoch 2, batch 22/45 (killed by SIGKILL)" in out
+    assert f"resuming from {tmp_path}/interrupted/ep1-ba45-rank0.pt (epoch 1, batch 45)" in out
+    accuracies = [float(a) for a in re.findall(r"^epoch \d: test accuracy (\d+\.\d+)%$", out, re.M)]
+    assert len(accuracies) == 1 + 2 + 3  # killed run, resumed run, uninterrupted run
     assert accuracies[-1] > 90.0
-    assert "final test accuracy" in result.stdout and "3 epochs" in result.stdout
+    assert "final weights equal the uninterrupted run's: yes, bit for bit" in out
     assert "epoch 3/3" in result.stderr  # the progress bar
+    assert sorted(p.name for p in (tmp_path / "interrupted").iterdir()) == [
+        "ep1-ba45-rank0.pt",
+        "ep2-ba90-rank0.pt",
+        "ep3-ba135-rank0.pt",
+        "latest-rank0.pt",
+    ]
 
 
 @pytest.mark.slow
-def test_demo_through_the_console_script_without_progress_bars() -> None:
-    result = _run(str(BIN / "cairn"), "demo", "--epochs", "1", "--no-progress")
+def test_demo_through_the_console_script_without_progress_bars(tmp_path: Path) -> None:
+    result = _run(str(BIN / "cairn"), "demo", "--epochs", "2", "--no-progress", "--workdir", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "epoch 1: test accuracy" in result.stdout
+    assert "epoch 2: test accuracy" in result.stdout
     assert "ba/s" not in result.stderr

@@ -1,15 +1,22 @@
-"""The first run a new user makes: a small CNN learns scikit-learn's handwritten digits.
+"""The first run a new user makes: a small CNN learns scikit-learn's handwritten digits, and survives a kill -9.
 
 Run it with ``make demo``, ``cairn demo`` or ``python -m cairn.demo``. The data (1,797 8x8 images) ships inside
-scikit-learn, so nothing is downloaded.
+scikit-learn, so nothing is downloaded. The run checkpoints every epoch; a child process trains until it kills
+itself with SIGKILL part-way (as a dying node would), a new run resumes with ``autoresume=True``, and its final
+weights are compared, bit for bit, with a run that was never interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,14 +24,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from cairn.core import Callback, State
-from cairn.loggers import InMemoryLogger, Logger
+from cairn.loggers import Logger
 from cairn.models import Classifier
 from cairn.trainer import Trainer
 from cairn.utils import seed_all
 
-__all__ = ["DigitsCNN", "add_arguments", "digits_dataloaders", "main", "run"]
+__all__ = ["DigitsCNN", "add_arguments", "digits_dataloaders", "main", "run", "train"]
 
-ACCURACY = "metrics/eval/MulticlassAccuracy"
 TEST_FRACTION = 0.2
 
 
@@ -77,17 +83,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=5, help="epochs to train (default 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per batch (default 32)")
     parser.add_argument("--seed", type=int, default=17, help="random seed (default 17)")
-    parser.add_argument("--device", default=None, help="cpu or gpu (default: the GPU when one is visible)")
+    parser.add_argument("--device", default="cpu", help="cpu (default: bit-for-bit results) or gpu")
+    parser.add_argument("--workdir", default="cairn-demo", help="where checkpoints go (default ./cairn-demo)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--train-only", metavar="FOLDER", help=argparse.SUPPRESS)  # one run, checkpointing here
+    parser.add_argument("--kill-at", metavar="EPOCH:BATCH", help=argparse.SUPPRESS)  # SIGKILL itself there
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train, get killed mid-run, resume, and compare with a run that was never interrupted."""
+    if args.train_only:
+        train(args, save_folder=args.train_only, autoresume=True, kill_at=_parse_kill_at(args.kill_at))
+        return 0
+    root = Path(args.workdir)
+    interrupted, uninterrupted = root / "interrupted", root / "uninterrupted"
+    for folder in (interrupted, uninterrupted):
+        shutil.rmtree(folder, ignore_errors=True)
+    batches_per_epoch = len(digits_dataloaders(args.batch_size)[0])
+    kill_epoch, kill_batch = max(1, args.epochs // 2 + 1), batches_per_epoch // 2
+    print(f"1/3 training with a checkpoint every epoch; the process will be killed in epoch {kill_epoch}")
+    died = _train_in_child(args, interrupted, f"{kill_epoch}:{kill_batch}")
+    print(f"    the training process died at epoch {kill_epoch}, batch {kill_batch}/{batches_per_epoch} ({died})")
+    print("2/3 resuming with autoresume=True from the newest complete checkpoint")
+    resumed, resumed_from, elapsed = train(args, save_folder=str(interrupted), autoresume=True)
+    print("3/3 the same run without interruption, for comparison")
+    reference, _, _ = train(args, save_folder=str(uninterrupted), autoresume=False)
+    identical = _same_weights(resumed.state.model, reference.state.model)
+    _print_summary(resumed, elapsed, resumed_from, identical)
+    return 0 if identical else 1
+
+
+def train(
+    args: argparse.Namespace, *, save_folder: str, autoresume: bool, kill_at: tuple[int, int] | None = None
+) -> tuple[Trainer, str | None, float]:
+    """One training run of the digits CNN, checkpointing every epoch into ``save_folder``."""
     seed_all(args.seed)  # before the model is built, so its initial weights are the same every run
     train_loader, test_loader = digits_dataloaders(args.batch_size)
     model = Classifier(DigitsCNN(), num_classes=DigitsCNN.num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     total_batches = args.epochs * len(train_loader)
-    history = InMemoryLogger()
+    callbacks: list[Callback] = [EpochReport()]
+    if kill_at is not None:
+        callbacks.append(KillAt(*kill_at))
     trainer = Trainer(
         model=model,
         train_dataloader=train_loader,
@@ -97,25 +134,71 @@ def run(args: argparse.Namespace) -> int:
         schedulers=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_batches),
         seed=args.seed,
         device=args.device,
-        callbacks=EpochReport(),
-        loggers=history,
+        callbacks=callbacks,
         progress_bar=not args.no_progress,
+        run_name="digits",
+        save_folder=save_folder,
+        save_interval="1ep",
+        autoresume=autoresume,
     )
+    resumed_from = trainer.state.resumed_from
+    if resumed_from:
+        stamp = trainer.state.timestamp
+        print(f"    resuming from {resumed_from} (epoch {stamp.epoch}, batch {stamp.batch})")
     started = time.perf_counter()
     trainer.fit()
-    elapsed = time.perf_counter() - started
-    _print_summary(trainer.state, history, elapsed, len(train_loader.dataset), len(test_loader.dataset))  # type: ignore[arg-type]
-    return 0
+    return trainer, resumed_from, time.perf_counter() - started
 
 
-def _print_summary(state: State, history: InMemoryLogger, elapsed: float, n_train: int, n_test: int) -> None:
+class KillAt(Callback):
+    """Ends its own process with SIGKILL, as a dying node would: no cleanup, no exception handlers."""
+
+    def __init__(self, epoch: int, batch_in_epoch: int) -> None:
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if state.timestamp.epoch + 1 == self.epoch and state.timestamp.batch_in_epoch == self.batch_in_epoch:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _parse_kill_at(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    epoch, batch = text.split(":")
+    return int(epoch), int(batch)
+
+
+def _train_in_child(args: argparse.Namespace, folder: Path, kill_at: str) -> str:
+    command = [sys.executable, "-m", "cairn.demo", "--train-only", str(folder), "--kill-at", kill_at]
+    command += ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+    command += ["--device", args.device] + (["--no-progress"] if args.no_progress else [])
+    sys.stdout.flush()
+    returncode = subprocess.run(command, check=False).returncode
+    if returncode != -signal.SIGKILL:
+        raise SystemExit(f"the demo's training process should have been killed, but it exited with {returncode}")
+    return "killed by SIGKILL"
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    left, right = a.state_dict(), b.state_dict()
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+def _print_summary(trainer: Trainer, elapsed: float, resumed_from: str | None, identical: bool) -> None:
+    state = trainer.state
     timestamp = state.timestamp
     parameters = sum(p.numel() for p in state.model.parameters())
+    accuracy = state.eval_metrics["eval"]["MulticlassAccuracy"].compute().item()
     print()
-    print(f"run {state.run_name}: trained a {parameters:,}-parameter CNN on {n_train} handwritten digits")
-    print(f"  {timestamp.epoch} epochs, {timestamp.batch} batches, {timestamp.sample:,} samples in {elapsed:.1f}s")
-    accuracy = history.latest[ACCURACY]
-    print(f"  final test accuracy {accuracy:.2%} on {n_test} held-out digits (seed {state.rank_zero_seed})")
+    print(f"run {state.run_name}: a {parameters:,}-parameter CNN on scikit-learn's handwritten digits")
+    print(f"  killed mid-run, resumed from {resumed_from or 'nothing (no checkpoint yet)'}")
+    print(f"  {timestamp.epoch} epochs, {timestamp.batch} batches, {timestamp.sample:,} samples")
+    print(f"  the resumed part took {elapsed:.1f}s")
+    print(f"  final test accuracy {accuracy:.2%} (seed {state.rank_zero_seed})")
+    verdict = "yes, bit for bit" if identical else "NO - they differ"
+    print(f"  resumed run's final weights equal the uninterrupted run's: {verdict}")
+    print(f"  checkpoints: {trainer.saved_checkpoints[-1]} and its folder")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
