@@ -144,3 +144,18 @@ def test_a_failed_write_is_raised_and_earlier_checkpoints_stay(tmp_path: Path) -
     with pytest.raises(OSError):
         _fit(tmp_path, "2ep", callbacks=[saver, blocked])
     assert read_checkpoint(str(folder / "ep1.pt"))["state"]["timestamp"]["epoch"] == 1
+
+
+def test_a_weights_only_file_loads_as_weights_only(tmp_path: Path) -> None:
+    trained = _fit(tmp_path, "2ep", save_folder=str(tmp_path), save_weights_only=True, save_filename="w.pt")
+    fresh = Trainer(
+        model=Classifier(TinyNet(), num_classes=3),
+        train_dataloader=make_loader(),
+        max_duration="1ep",
+        load_path=str(tmp_path / "w.pt"),  # load_weights_only not set: the file decides
+        progress_bar=False,
+    )
+    assert fresh.state.timestamp.batch == 0 and fresh.state.resumed_from is None
+    assert fresh.state.optimizers[0].state == {}
+    expected = trained.state.model.module.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in fresh.state.model.module.state_dict().items())

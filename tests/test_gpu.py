@@ -71,3 +71,34 @@ def test_gradient_accumulation_on_the_gpu_matches_one_batch() -> None:
     whole, pieces = one_step(None), one_step(5)
     for name in whole:
         torch.testing.assert_close(pieces[name], whole[name], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_of_a_gpu_run_hold_cpu_tensors_and_resume_on_the_gpu(tmp_path) -> None:
+    def trainer(max_duration: str, **kwargs) -> Trainer:
+        torch.manual_seed(0)
+        net = TinyNet()
+        return Trainer(
+            model=Classifier(net, num_classes=3),
+            train_dataloader=make_loader(shuffle=True),
+            max_duration=max_duration,
+            precision="amp_fp16",
+            device="gpu",
+            seed=5,
+            progress_bar=False,
+            save_folder=str(tmp_path),
+            save_interval="1ba",
+            **kwargs,
+        )
+
+    first = trainer("6ba")
+    first.fit()
+    saved = torch.load(first.saved_checkpoints[-1], weights_only=True)
+    devices = {v.device.type for v in saved["state"]["model"].values()}
+    devices |= {v.device.type for s in saved["state"]["optimizers"]["AdamW"]["state"].values() for v in s.values()}
+    assert devices == {"cpu"}
+    assert saved["state"]["scaler"]["scale"] > 0
+    resumed = trainer("2ep", autoresume=True)
+    assert resumed.state.timestamp.batch == 6
+    resumed.fit()
+    assert resumed.state.timestamp.epoch == 2
+    assert all(p.device.type == "cuda" for p in resumed.state.model.parameters())

@@ -41,10 +41,23 @@ def build_checkpoint(
         checkpoint: dict[str, Any] = {"state": {"model": state.state_dict()["model"]}}
     else:
         checkpoint = {"state": state.state_dict(), "rng": [rng_state()]}
-    checkpoint = drop_keys(checkpoint, ignore_keys)
+    checkpoint = _on_cpu(drop_keys(checkpoint, ignore_keys))
     checkpoint["state"]["metadata"] = _metadata(world_size, weights_only)
     checkpoint["state"]["metadata"]["content_hash"] = content_hash(checkpoint)
     return checkpoint
+
+
+def _on_cpu(node: Any) -> Any:
+    """Files hold CPU tensors, so a checkpoint from a GPU run opens on any machine with plain ``torch.load``."""
+    if isinstance(node, torch.Tensor):
+        return node.detach().cpu() if node.device.type != "cpu" else node
+    if isinstance(node, dict):
+        return {key: _on_cpu(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_on_cpu(value) for value in node]
+    if isinstance(node, tuple):
+        return tuple(_on_cpu(value) for value in node)
+    return node
 
 
 def is_weights_only(checkpoint: dict[str, Any]) -> bool:
