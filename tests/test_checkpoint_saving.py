@@ -147,7 +147,9 @@ def test_a_failed_write_is_raised_and_earlier_checkpoints_stay(tmp_path: Path) -
 
 
 def test_a_weights_only_file_loads_as_weights_only(tmp_path: Path) -> None:
-    trained = _fit(tmp_path, "2ep", save_folder=str(tmp_path), save_weights_only=True, save_filename="w.pt")
+    trained = _fit(
+        tmp_path, "2ep", save_folder=str(tmp_path), save_weights_only=True, save_filename="w.pt", save_overwrite=True
+    )
     fresh = Trainer(
         model=Classifier(TinyNet(), num_classes=3),
         train_dataloader=make_loader(),
