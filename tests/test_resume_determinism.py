@@ -162,3 +162,16 @@ def test_resumed_eval_metrics_and_schedule_match(tmp_path) -> None:
             resumed.state.eval_metrics["eval"][name].compute(), whole.state.eval_metrics["eval"][name].compute()
         )
         assert torch.equal(resumed.state.train_metrics[name].compute(), whole.state.train_metrics[name].compute())
+
+
+@pytest.mark.parametrize("stop_batch", [2, 4, 6])
+def test_a_loader_with_its_own_generator_resumes_bit_identical(tmp_path, stop_batch: int) -> None:
+    def loader() -> DataLoader:  # a restarted script seeds its generator afresh, as it did the first time
+        return DataLoader(make_dataset(n=32), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(9))
+
+    whole = _trainer(EPOCHS, loader=loader())
+    whole.fit()
+    _trainer(f"{stop_batch}ba", loader=loader(), save_folder=str(tmp_path), save_interval="1ba").fit()
+    resumed = _trainer(EPOCHS, loader=loader(), init_seed=1, save_folder=str(tmp_path), autoresume=True)
+    resumed.fit()
+    _assert_bit_identical(resumed, params_of(whole.state.model))

@@ -22,15 +22,16 @@ log = logging.getLogger(__name__)
 def find_latest_checkpoint(saver: CheckpointSaver, state: State) -> tuple[str, dict[str, Any]] | None:
     """The newest checkpoint of ``saver``'s folder that reads and verifies, with its content; None if none does.
 
-    The ``latest`` link is tried first; then every file matching the saver's name pattern, newest first, so a
-    damaged newest file falls back to the one before it instead of ending the run.
+    Every file matching the saver's name pattern is complete (writes are atomic), so the newest of them wins,
+    even when a crash came between its rename and the ``latest`` link's swap; the link's target is the fallback
+    for names that carry no progress numbers. A damaged file falls back to the one before it.
     """
     folder = format_name(saver.folder, state)
     candidates = list(reversed(list_checkpoints(folder, name_pattern(saver.filename, state))))
     if saver.latest_filename is not None:
         link = os.path.join(folder, format_name(saver.latest_filename, state))
         if os.path.islink(link):
-            candidates.insert(0, os.path.join(folder, os.readlink(link)))
+            candidates.append(os.path.join(folder, os.readlink(link)))
     for path in candidates:
         try:
             return path, read_checkpoint(path)

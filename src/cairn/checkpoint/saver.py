@@ -18,7 +18,7 @@ from cairn.core.interval import IntervalLike
 from cairn.core.state import State
 from cairn.loggers.logger import Logger
 
-__all__ = ["CheckpointSaver"]
+__all__ = ["CheckpointSaver", "save_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,9 @@ class CheckpointSaver(Callback):
         """Write a checkpoint of ``state`` now; return its path as given (``folder/filename``)."""
         folder = format_name(self.folder, state)
         path = os.path.join(folder, format_name(self.filename, state))
-        checkpoint = build_checkpoint(state, weights_only=self.weights_only, ignore_keys=self.ignore_keys)
-        write_checkpoint(checkpoint, path, overwrite=self.overwrite)
+        save_checkpoint(
+            state, path, weights_only=self.weights_only, ignore_keys=self.ignore_keys, overwrite=self.overwrite
+        )
         if self.latest_filename is not None:
             atomic_symlink(os.path.join(folder, format_name(self.latest_filename, state)), path)
         if self.num_checkpoints_to_keep > 0:
@@ -114,3 +115,12 @@ class CheckpointSaver(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state  # the files on disk are the record; a resumed run lists only what it saves itself
+
+
+def save_checkpoint(
+    state: State, path: str, *, weights_only: bool = False, ignore_keys: Sequence[str] = (), overwrite: bool = True
+) -> str:
+    """Write a checkpoint of ``state`` to ``path`` now, atomically; savers and manual saves both come here."""
+    checkpoint = build_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys)
+    write_checkpoint(checkpoint, path, overwrite=overwrite)
+    return path

@@ -4,7 +4,8 @@ A shuffling ``DataLoader`` without a generator draws its shuffle seed from torch
 iterator is created. So at the start of every epoch the generators' states are recorded in
 ``state.dataset_state``; a run resumed mid-epoch rewinds them to that point, creates the iterator (which draws
 the same seed, hence the same order), skips the batches already trained on, and then restores the generators to
-the checkpoint's moment.
+the checkpoint's moment. A loader built with its own ``generator`` (or a sampler with one) is handled the same way:
+its state is recorded at the epoch's start and at every checkpoint, and put back on resume.
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.dataloader import _SingleProcessDataLoaderIter
 
 from cairn.core.state import State
 from cairn.utils.reproducibility import load_rng_state, rng_state
 
-__all__ = ["epoch_iterator"]
+__all__ = ["epoch_iterator", "record_loader_position"]
 
 EPOCH_START_RNG = "epoch_start_rng"
+EPOCH_START_GENERATORS = "epoch_start_generators"
+GENERATORS = "generators"
 
 
 def epoch_iterator(loader: Iterable[Any], state: State) -> Iterator[Any]:
@@ -28,7 +32,9 @@ def epoch_iterator(loader: Iterable[Any], state: State) -> Iterator[Any]:
     _set_sampler_epoch(loader, state.timestamp.epoch)
     done = state.timestamp.batch_in_epoch
     if done == 0:
+        _set_generator_states(loader, state.dataset_state.get(GENERATORS))
         state.dataset_state[EPOCH_START_RNG] = rng_state()
+        state.dataset_state[EPOCH_START_GENERATORS] = _generator_states(loader)
         return iter(loader)
     if EPOCH_START_RNG not in state.dataset_state:
         raise ValueError(
@@ -37,10 +43,46 @@ def epoch_iterator(loader: Iterable[Any], state: State) -> Iterator[Any]:
         )
     at_checkpoint = rng_state()
     load_rng_state(state.dataset_state[EPOCH_START_RNG])
+    _set_generator_states(loader, state.dataset_state.get(EPOCH_START_GENERATORS))
     iterator = iter(loader)
     _skip(loader, iterator, done)
     load_rng_state(at_checkpoint)
     return iterator
+
+
+def record_loader_position(loader: Iterable[Any], state: State) -> None:
+    """Note the loader's own generators as they are now; the Trainer calls this before each checkpoint event."""
+    generators = _generator_states(loader)
+    if generators:
+        state.dataset_state[GENERATORS] = generators
+
+
+def _loader_generators(loader: Iterable[Any]) -> dict[str, torch.Generator]:
+    """The generators a loader shuffles with, by where they sit; one object reached twice is listed once."""
+    found: dict[str, torch.Generator] = {}
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    places = {
+        "loader": getattr(loader, "generator", None),
+        "sampler": getattr(sampler, "generator", None),
+        "batch_sampler.sampler": getattr(getattr(batch_sampler, "sampler", None), "generator", None),
+    }
+    for place, generator in places.items():
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found.values()):
+            found[place] = generator
+    return found
+
+
+def _generator_states(loader: Iterable[Any]) -> dict[str, torch.Tensor]:
+    return {place: generator.get_state() for place, generator in _loader_generators(loader).items()}
+
+
+def _set_generator_states(loader: Iterable[Any], states: dict[str, torch.Tensor] | None) -> None:
+    if not states:
+        return
+    for place, generator in _loader_generators(loader).items():
+        if place in states:
+            generator.set_state(states[place])
 
 
 def _skip(loader: Iterable[Any], iterator: Iterator[Any], batches: int) -> None:

@@ -22,7 +22,7 @@ from cairn.core.time import Time, TimeUnit, ensure_time
 from cairn.loggers.logger import Logger, LoggerDestination
 from cairn.loggers.progress_bar import ProgressBarLogger
 from cairn.trainer.batching import split_batch
-from cairn.trainer.dataloader import epoch_iterator
+from cairn.trainer.dataloader import epoch_iterator, record_loader_position
 from cairn.trainer.devices import move_to_device, resolve_device
 from cairn.trainer.model_adapter import ModelAdapter
 from cairn.trainer.precision import autocast, make_grad_scaler, parse_precision
@@ -234,7 +234,7 @@ class Trainer:
         self.engine.run_event(Event.BATCH_END)
         if self._eval_due(state, Event.BATCH_END):
             self._evaluate()
-        self.engine.run_event(Event.BATCH_CHECKPOINT)
+        self._checkpoint_event(Event.BATCH_CHECKPOINT)
 
     def _optimizer_step(self, batch: Any, samples: int) -> torch.Tensor:
         """One update from one batch, cut into microbatches whose gradients add up to the whole batch's."""
@@ -290,7 +290,12 @@ class Trainer:
         self.engine.run_event(Event.EPOCH_END)
         if self._eval_due(state, Event.EPOCH_END):
             self._evaluate()
-        self.engine.run_event(Event.EPOCH_CHECKPOINT)
+        self._checkpoint_event(Event.EPOCH_CHECKPOINT)
+
+    def _checkpoint_event(self, event: Event) -> None:
+        assert self.state.train_dataloader is not None
+        record_loader_position(self.state.train_dataloader, self.state)
+        self.engine.run_event(event)
 
     def _evaluate(self) -> dict[str, float]:
         state, engine = self.state, self.engine
