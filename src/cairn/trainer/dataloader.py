@@ -20,7 +20,7 @@ from torch.utils.data.dataloader import _SingleProcessDataLoaderIter
 from cairn.core.state import State
 from cairn.utils.reproducibility import load_rng_state, rng_state
 
-__all__ = ["epoch_iterator", "record_loader_position"]
+__all__ = ["epoch_iterator", "record_loader_position", "restore_loader_position"]
 
 EPOCH_START_RNG = "epoch_start_rng"
 EPOCH_START_GENERATORS = "epoch_start_generators"
@@ -32,7 +32,6 @@ def epoch_iterator(loader: Iterable[Any], state: State) -> Iterator[Any]:
     _set_sampler_epoch(loader, state.timestamp.epoch)
     done = state.timestamp.batch_in_epoch
     if done == 0:
-        _set_generator_states(loader, state.dataset_state.get(GENERATORS))
         state.dataset_state[EPOCH_START_RNG] = rng_state()
         state.dataset_state[EPOCH_START_GENERATORS] = _generator_states(loader)
         return iter(loader)
@@ -55,6 +54,11 @@ def record_loader_position(loader: Iterable[Any], state: State) -> None:
     generators = _generator_states(loader)
     if generators:
         state.dataset_state[GENERATORS] = generators
+
+
+def restore_loader_position(loader: Iterable[Any], state: State) -> None:
+    """After a checkpoint is loaded: put the loader's own generators where they were when it was taken."""
+    _set_generator_states(loader, state.dataset_state.get(GENERATORS))
 
 
 def _loader_generators(loader: Iterable[Any]) -> dict[str, torch.Generator]:

@@ -22,7 +22,7 @@ from cairn.core.time import Time, TimeUnit, ensure_time
 from cairn.loggers.logger import Logger, LoggerDestination
 from cairn.loggers.progress_bar import ProgressBarLogger
 from cairn.trainer.batching import split_batch
-from cairn.trainer.dataloader import epoch_iterator, record_loader_position
+from cairn.trainer.dataloader import epoch_iterator, record_loader_position, restore_loader_position
 from cairn.trainer.devices import move_to_device, resolve_device
 from cairn.trainer.model_adapter import ModelAdapter
 from cairn.trainer.precision import autocast, make_grad_scaler, parse_precision
@@ -146,6 +146,7 @@ class Trainer:
             autoresume=autoresume,
             saver=saver,
         )
+        restore_loader_position(train_dataloader, self.state)
         self.logger.log_hyperparameters(self._hyperparameters())
 
     @property
