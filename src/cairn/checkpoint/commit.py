@@ -103,14 +103,17 @@ def fsync_folder(folder: str) -> None:
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
-    """Delete temporary files an interrupted save left in ``folder`` (not recursing); return what was removed."""
-    if not os.path.isdir(folder):
-        return []
+    """Delete temporary files interrupted saves left anywhere under ``folder``; return what was removed.
+
+    Call it only when no save into ``folder`` is in flight (the savers do, at fit start).
+    """
     removed = []
-    for entry in os.scandir(folder):
-        if is_temporary(entry.name) and (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
-            _remove_quietly(entry.path)
-            removed.append(entry.path)
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if is_temporary(name):
+                path = os.path.join(root, name)
+                _remove_quietly(path)
+                removed.append(path)
     return removed
 
 

@@ -102,8 +102,10 @@ def _hash_value(digest: Any, value: Any) -> None:
         tensor = value.detach()
         digest.update(f"|tensor|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         if tensor.numel():
-            flat = tensor.cpu().contiguous().reshape(-1).view(torch.uint8)
-            digest.update(memoryview(flat.numpy()))
+            flat = tensor.cpu().reshape(-1)
+            if flat.stride(0) != 1:  # a strided view (even of one element) must be packed before reading bytes
+                flat = flat.clone(memory_format=torch.contiguous_format)
+            digest.update(memoryview(flat.view(torch.uint8).numpy()))
     else:
         digest.update(f"|{type(value).__name__}|{value!r}|".encode())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Sequence
 from typing import Any
@@ -18,8 +19,9 @@ import torch
 from cairn.checkpoint.compat import check_compatible
 from cairn.checkpoint.content import content_hash, drop_keys, is_weights_only
 from cairn.core.state import State, model_weights_module
+from cairn.core.time import Timestamp
 from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
-from cairn.utils.reproducibility import load_rng_state
+from cairn.utils.reproducibility import check_rng_state, load_rng_state
 
 __all__ = ["apply_checkpoint", "load_checkpoint", "read_checkpoint"]
 
@@ -39,31 +41,50 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 
 
 def _torch_load_safely(path: str) -> Any:
+    """``torch.load`` with ``weights_only=True``: any failure becomes one of cairn's errors, and no code runs."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "GLOBAL" in str(err) or zipfile.is_zipfile(path):
+        if _needs_code(str(err), is_archive=zipfile.is_zipfile(path)):
             raise UnsafeCheckpointError(
-                f"{path!r} holds Python objects that would need code to run to load ({_first_reason(err)}); nothing "
-                "was executed. cairn checkpoints hold only plain data: re-save it with cairn, or load it yourself "
-                "with torch.load(weights_only=False) only if you trust its source"
+                f"{path!r} holds Python objects that would need code to run to load ({_reason(err)}); nothing was "
+                "executed. cairn checkpoints hold only plain data: re-save it with cairn, or load it yourself with "
+                "torch.load(weights_only=False) only if you trust its source"
             ) from None
         raise CheckpointCorruptError(
-            f"{path!r} is not a checkpoint torch can read ({_first_reason(err)}); it may be damaged or another format"
+            f"{path!r} is not a checkpoint torch can read as plain data ({_reason(err)}); it is damaged or of "
+            "another format: load an earlier checkpoint"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged pickle can surface as almost any exception
         raise CheckpointCorruptError(
-            f"{path!r} is truncated or corrupt ({_first_reason(err)}); load an earlier checkpoint"
+            f"{path!r} is truncated or corrupt ({_reason(err)}); load an earlier checkpoint"
         ) from None
 
 
-def _first_reason(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        lowered = line.lower()
-        if "global" in lowered or "unsupported" in lowered or "failed" in lowered or "error" in lowered:
-            return line[:200]
-    return (lines[0] if lines else type(err).__name__)[:200]
+# Pickle opcodes that import or call something: GLOBAL, STACK_GLOBAL, INST, OBJ, NEWOBJ, NEWOBJ_EX, EXT1/2/4, REDUCE.
+_CODE_OPCODES = {ord(c) for c in "c\x93io\x81\x92\x82\x83\x84R"}
+
+
+def _needs_code(message: str, *, is_archive: bool) -> bool:
+    """A named global, or (inside a well-formed torch archive) an opcode that imports or calls something.
+
+    Outside an archive an odd opcode is far more likely noise than a payload, so it counts as damage.
+    """
+    if "GLOBAL" in message:
+        return True
+    operand = re.search(r"Unsupported operand (\d+)", message)
+    return is_archive and operand is not None and int(operand.group(1)) in _CODE_OPCODES
+
+
+def _reason(err: BaseException) -> str:
+    """The line of torch's (long) message that says what was wrong; the offending global when there is one."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch's message carries terminal bold codes
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for keyword in ("GLOBAL", "Unsupported", "failed finding", "error"):
+        for line in lines:
+            if keyword in line and not line.startswith("Weights only load failed"):
+                return line[:200]
+    return (lines[-1] if lines else type(err).__name__)[:200]
 
 
 def _check_structure(checkpoint: Any, path: str) -> None:
@@ -90,7 +111,11 @@ def _check_structure(checkpoint: Any, path: str) -> None:
 
 def _check_hash(checkpoint: dict[str, Any], path: str) -> None:
     recorded = checkpoint["state"]["metadata"]["content_hash"]
-    if content_hash(checkpoint) != recorded:
+    try:
+        actual = content_hash(checkpoint)
+    except Exception as err:  # noqa: BLE001 - damaged tensor metadata can fail in many ways
+        raise CheckpointCorruptError(f"{path!r} cannot be hashed ({err}); it is damaged: load an earlier one") from None
+    if actual != recorded:
         raise CheckpointCorruptError(
             f"{path!r} fails its content hash: the data changed after it was written (disk or transfer damage, or "
             "an edit); load an earlier checkpoint"
@@ -110,6 +135,7 @@ def apply_checkpoint(
     weights_only = weights_only or is_weights_only(checkpoint)
     checkpoint = drop_keys(checkpoint, ignore_keys)
     saved = {k: v for k, v in checkpoint["state"].items() if k != "metadata"}
+    _check_restorable(saved, [] if weights_only else checkpoint.get("rng") or [], source)
     check_compatible(saved, state, weights_only=weights_only, strict=strict, source=source)
     if weights_only:
         if "model" in saved:
@@ -123,6 +149,49 @@ def apply_checkpoint(
     if ranks:
         load_rng_state(ranks[0] if len(ranks) == 1 else ranks[min(_rank(), len(ranks) - 1)])
     state.resumed_from = source
+
+
+def _check_restorable(saved: dict[str, Any], ranks: list[Any], source: str) -> None:
+    """Every entry has the type its loader expects, so restoring cannot fail half-way through."""
+    try:
+        _check_types(saved)
+        for rank_state in ranks:
+            check_rng_state(rank_state)
+        if "epoch_start_rng" in saved.get("dataset_state", {}):
+            check_rng_state(saved["dataset_state"]["epoch_start_rng"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointCorruptError(f"{source!r} holds malformed state ({err}); load another checkpoint") from None
+
+
+def _check_types(saved: dict[str, Any]) -> None:
+    def require(condition: bool, what: str) -> None:
+        if not condition:
+            raise TypeError(what)
+
+    require(all(isinstance(v, torch.Tensor) for v in saved.get("model", {}).values()), "model values must be tensors")
+    for key in ("optimizers", "schedulers", "algorithms", "callbacks"):
+        entries = saved.get(key, {})
+        require(isinstance(entries, dict) and all(isinstance(v, dict) for v in entries.values()), f"{key} entries")
+    require(isinstance(saved.get("scaler", {}), dict), "scaler must be a dict")
+    if "timestamp" in saved:
+        Timestamp.from_state_dict(saved["timestamp"])
+    seed = saved.get("rank_zero_seed", 0)
+    require(isinstance(seed, int) and not isinstance(seed, bool), "rank_zero_seed must be an int")
+    require(isinstance(saved.get("run_name", ""), str), "run_name must be a string")
+    require(isinstance(saved.get("dataset_state", {}), dict), "dataset_state must be a dict")
+    metric_groups = [saved.get("train_metrics", {}), *dict(saved.get("eval_metrics", {})).values()]
+    for metrics in metric_groups:
+        require(isinstance(metrics, dict), "metrics must be dicts")
+        for metric in metrics.values():
+            require(isinstance(metric, dict), "a metric's state must be a dict")
+            for name, value in metric.items():
+                tensors = value if isinstance(value, list) else [value]
+                ok = (
+                    isinstance(value, int)
+                    if name == "_update_count"
+                    else all(isinstance(t, torch.Tensor) for t in tensors)
+                )
+                require(ok, f"metric state {name!r} has the wrong type")
 
 
 def load_checkpoint(

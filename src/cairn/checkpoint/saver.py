@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ from cairn.loggers.logger import Logger
 __all__ = ["CheckpointSaver", "save_checkpoint"]
 
 log = logging.getLogger(__name__)
+
+_SAVE_SEQUENCE = itertools.count()
 
 
 class CheckpointSaver(Callback):
@@ -63,13 +66,14 @@ class CheckpointSaver(Callback):
         self.overwrite = overwrite
         self.ignore_keys = list(ignore_keys or [])
         self.saved_checkpoints: list[str] = []
+        self.save_order: list[int] = []  # a process-wide sequence number per save, to merge several savers' lists
         self._last_saved_batch: int | None = None
 
     # -- events -----------------------------------------------------------------------------------------------
 
     def fit_start(self, state: State, logger: Logger) -> None:
         folder = format_name(self.folder, state)
-        remove_stale_temporaries(os.path.dirname(os.path.join(folder, format_name(self.filename, state))))
+        remove_stale_temporaries(folder)
         if self.overwrite or state.resumed_from is not None:
             return
         existing = list_checkpoints(folder, name_pattern(self.filename, state))
@@ -106,6 +110,7 @@ class CheckpointSaver(Callback):
         if self.num_checkpoints_to_keep > 0:
             prune(folder, name_pattern(self.filename, state), self.num_checkpoints_to_keep, protect=path)
         self.saved_checkpoints.append(path)
+        self.save_order.append(next(_SAVE_SEQUENCE))
         self._last_saved_batch = state.timestamp.batch
         log.info("saved checkpoint %s", path)
         return path

@@ -151,8 +151,11 @@ class Trainer:
 
     @property
     def saved_checkpoints(self) -> list[str]:
-        """Paths of the checkpoints this trainer's savers wrote, in order, as given (``folder/filename``)."""
-        return [path for saver in self._savers() for path in saver.saved_checkpoints]
+        """Paths of the checkpoints this trainer's savers wrote, in the order written, as given (folder/filename)."""
+        saves = [
+            pair for saver in self._savers() for pair in zip(saver.save_order, saver.saved_checkpoints, strict=True)
+        ]
+        return [path for _, path in sorted(saves)]
 
     def _savers(self) -> list[CheckpointSaver]:
         return [c for c in self.state.callbacks if isinstance(c, CheckpointSaver)]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["load_rng_state", "make_seed", "rng_state", "seed_all"]
+__all__ = ["check_rng_state", "load_rng_state", "make_seed", "rng_state", "seed_all"]
 
 _MAX_SEED = 2**31 - 1
 
@@ -66,3 +66,28 @@ def load_rng_state(state: dict[str, Any]) -> None:
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+def check_rng_state(state: Any) -> None:
+    """Raise ``ValueError`` unless ``state`` has the shape :func:`rng_state` produces; loading it cannot then fail."""
+
+    def require(condition: bool, what: str) -> None:
+        if not condition:
+            raise ValueError(f"rng state: {what}")
+
+    require(isinstance(state, dict), "not a dict")
+    python, numpy, torch_state = state.get("python"), state.get("numpy"), state.get("torch")
+    require(isinstance(python, dict) and isinstance(python.get("version"), int), "no python generator state")
+    internal = python["state"] if isinstance(python, dict) else None
+    require(isinstance(internal, (list, tuple)) and len(internal) == 625, "python state is not 625 integers")
+    require(all(isinstance(v, int) and not isinstance(v, bool) for v in internal), "python state holds non-integers")
+    require(python.get("gauss") is None or isinstance(python.get("gauss"), float), "python gauss is not a float")
+    require(isinstance(numpy, dict) and numpy.get("bit_generator") == "MT19937", "no numpy MT19937 state")
+    key = numpy.get("key")
+    require(isinstance(key, torch.Tensor) and key.shape == (624,) and not key.is_floating_point(), "bad numpy key")
+    require(all(isinstance(numpy.get(k), t) for k, t in (("pos", int), ("has_gauss", int), ("gauss", float))), "numpy")
+    require(isinstance(torch_state, torch.Tensor) and torch_state.dtype == torch.uint8, "torch state is not bytes")
+    cuda = state.get("cuda", [])
+    require(
+        isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda), "cuda"
+    )
