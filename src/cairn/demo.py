@@ -117,6 +117,10 @@ def train(
     args: argparse.Namespace, *, save_folder: str, autoresume: bool, kill_at: tuple[int, int] | None = None
 ) -> tuple[Trainer, str | None, float]:
     """One training run of the digits CNN, checkpointing every epoch into ``save_folder``."""
+    if args.device != "cpu":
+        # Some CUDA kernels (cuDNN convolutions, cuBLAS) sum in a varying order; bit-for-bit needs the fixed ones.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     seed_all(args.seed)  # before the model is built, so its initial weights are the same every run
     train_loader, test_loader = digits_dataloaders(args.batch_size)
     model = Classifier(DigitsCNN(), num_classes=DigitsCNN.num_classes)
