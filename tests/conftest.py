@@ -63,3 +63,10 @@ def recorder() -> EventRecorder:
 def params_of(module: nn.Module) -> dict[str, Any]:
     """A CPU copy of the weights, comparable whichever device the run trained on."""
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+# Object-store servers on 127.0.0.1, started by fixtures (each module documents its server).
+from store_servers.azurite import *  # noqa: E402, F403
+from store_servers.gcs import *  # noqa: E402, F403
+from store_servers.moto import *  # noqa: E402, F403
+from store_servers.oci import *  # noqa: E402, F403

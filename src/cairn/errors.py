@@ -7,6 +7,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointIncompatibleError",
     "CheckpointNotFoundError",
+    "ObjectNotFoundError",
     "ObjectStoreError",
     "UnsafeCheckpointError",
 ]
@@ -34,3 +35,7 @@ class UnsafeCheckpointError(CairnError):
 
 class ObjectStoreError(CairnError):
     """An object store could not be reached or refused a request after retries."""
+
+
+class ObjectNotFoundError(ObjectStoreError, FileNotFoundError):
+    """The bucket exists but holds no object of that name."""

@@ -1,0 +1,171 @@
+"""The one small protocol every object store speaks, and the shared behaviour around it.
+
+Names and URIs are ``str``, never ``Path``: ``Path("s3://b/k")`` would fold the double slash. Public methods check
+their arguments and turn each SDK's exceptions into cairn's (a missing object is :class:`ObjectNotFoundError`, a
+``FileNotFoundError`` too; anything else that still fails after retries is :class:`ObjectStoreError`). Stores
+implement the private hooks; they never retry themselves beyond what their SDK already does.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from cairn.errors import ObjectNotFoundError, ObjectStoreError
+
+__all__ = ["ObjectStore", "ProgressCallback", "TransientStoreError", "file_md5"]
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]  # (bytes done so far, total bytes)
+T = TypeVar("T")
+
+
+class TransientStoreError(ObjectStoreError):
+    """A failure worth another try: a dropped connection, a 5xx answer, throttling. Raised by the hooks."""
+
+
+class ObjectStore(abc.ABC):
+    """A bucket (or container) and a key prefix inside it.
+
+    Every name passed to these methods is relative to the prefix; ``list_objects`` answers in the same terms, so
+    what it lists can be downloaded as it is.
+    """
+
+    #: attempts for each call (the first one included) before a transient failure is raised
+    num_attempts: int = 3
+
+    def __init__(self, bucket: str, prefix: str = "") -> None:
+        if not isinstance(bucket, str) or not bucket or "/" in bucket:
+            raise ValueError(f"bucket={bucket!r}: give the bucket's bare name, without scheme or slashes")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+
+    # -- the protocol ---------------------------------------------------------------------------------------------
+
+    def get_uri(self, name: str) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.key(name)}"
+
+    def upload_object(self, name: str, filename: str, callback: ProgressCallback | None = None) -> None:
+        """Upload the local file ``filename`` as ``name`` (replacing any object of that name)."""
+        if not os.path.isfile(filename):
+            raise FileNotFoundError(f"cannot upload {filename!r}: no such file")
+        self._retrying(f"upload {filename!r} to {self.get_uri(name)}", self._upload, self.key(name), filename, callback)
+
+    def download_object(
+        self, name: str, filename: str, overwrite: bool = False, callback: ProgressCallback | None = None
+    ) -> None:
+        """Download ``name`` into ``filename``; the file appears complete or not at all (temp name, then rename)."""
+        if os.path.exists(filename) and not overwrite:
+            raise FileExistsError(f"{filename!r} already exists; pass overwrite=True to replace it")
+        folder = os.path.dirname(os.path.abspath(filename))
+        os.makedirs(folder, exist_ok=True)
+        temporary = os.path.join(folder, f".{os.path.basename(filename)}.cairn-tmp-{secrets.token_hex(4)}")
+        try:
+            self._retrying(f"download {self.get_uri(name)}", self._download, self.key(name), temporary, callback)
+            os.replace(temporary, filename)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+    def get_object_size(self, name: str) -> int:
+        return self._retrying(f"read the size of {self.get_uri(name)}", self._size, self.key(name))
+
+    def list_objects(self, prefix: str = "") -> list[str]:
+        """Names (relative to this store's prefix) that start with ``prefix``, sorted."""
+        keys = self._retrying(f"list {self.get_uri(prefix)}", self._list, self.key(prefix))
+        return sorted(key[len(self.prefix) :] for key in keys if key.startswith(self.prefix))
+
+    def close(self) -> None:  # noqa: B027 - most SDK clients need no closing
+        """Release connections. The store must not be used afterwards."""
+
+    # -- beyond the protocol --------------------------------------------------------------------------------------
+
+    def verify_upload(self, name: str, filename: str) -> None:
+        """Check that ``name`` has the size, and (where the store reports one) the checksum, of ``filename``."""
+        local_size = os.path.getsize(filename)
+        remote_size = self.get_object_size(name)
+        if remote_size != local_size:
+            raise ObjectStoreError(
+                f"{self.get_uri(name)} holds {remote_size} bytes but {filename!r} has {local_size}: the upload is "
+                "incomplete; upload it again"
+            )
+        matches = self._retrying(f"read the checksum of {self.get_uri(name)}", self._checksum_matches, name, filename)
+        if matches is False:
+            raise ObjectStoreError(
+                f"{self.get_uri(name)} has the right size but not the content of {filename!r} (checksum mismatch); "
+                "upload it again"
+            )
+
+    def key(self, name: str) -> str:
+        if not isinstance(name, str):
+            raise TypeError(f"object names are str, not {type(name).__name__}")
+        return self.prefix + name.lstrip("/")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.get_uri('')!r})"
+
+    # -- hooks for each store -------------------------------------------------------------------------------------
+
+    scheme: str = "?"
+
+    @abc.abstractmethod
+    def _upload(self, key: str, filename: str, callback: ProgressCallback | None) -> None: ...
+
+    @abc.abstractmethod
+    def _download(self, key: str, filename: str, callback: ProgressCallback | None) -> None: ...
+
+    @abc.abstractmethod
+    def _size(self, key: str) -> int: ...
+
+    @abc.abstractmethod
+    def _list(self, key_prefix: str) -> list[str]: ...
+
+    def _checksum_matches(self, name: str, filename: str) -> bool | None:
+        """True or False where the store reports a checksum to compare with; None where it does not."""
+        del name, filename
+        return None
+
+    # -- shared machinery -----------------------------------------------------------------------------------------
+
+    def _retrying(self, what: str, call: Callable[..., T], *args: Any) -> T:
+        """Run ``call`` with exponential backoff on transient failures; raise cairn's errors with ``what`` in them."""
+        retrying = Retrying(
+            stop=stop_after_attempt(max(1, self.num_attempts)),
+            wait=wait_exponential(multiplier=0.2, max=5),
+            retry=retry_if_exception_type(TransientStoreError),
+            reraise=True,
+            before_sleep=lambda state: log.warning(
+                "could not %s (attempt %d): %s",
+                what,
+                state.attempt_number,
+                state.outcome.exception() if state.outcome else "?",
+            ),
+        )
+        try:
+            return retrying(call, *args)
+        except ObjectNotFoundError as err:
+            raise ObjectNotFoundError(f"could not {what}: {err}") from None
+        except ObjectStoreError as err:
+            raise ObjectStoreError(f"could not {what}: {err}") from None
+
+
+def file_md5(filename: str, *, part_size: int | None = None) -> str:
+    """Hex MD5 of a file; with ``part_size``, S3's multipart form: MD5 of the parts' MD5s, then ``-<parts>``."""
+    whole = hashlib.md5(usedforsecurity=False)
+    parts: list[bytes] = []
+    with open(filename, "rb") as file:
+        while chunk := file.read(part_size or 8 << 20):
+            whole.update(chunk)
+            if part_size:
+                parts.append(hashlib.md5(chunk, usedforsecurity=False).digest())
+    if part_size is None:
+        return whole.hexdigest()
+    return f"{hashlib.md5(b''.join(parts), usedforsecurity=False).hexdigest()}-{len(parts)}"

@@ -1,0 +1,156 @@
+"""Amazon S3 and S3-compatible stores (CoreWeave, MinIO, GCS's interoperability API), through boto3."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cairn.errors import ObjectNotFoundError, ObjectStoreError
+from cairn.storage.base import ObjectStore, ProgressCallback, TransientStoreError, file_md5
+
+__all__ = ["S3ObjectStore"]
+
+MiB = 1 << 20
+_MISSING_OBJECT = {"404", "NoSuchKey", "NotFound"}
+_PERMANENT = {
+    "NoSuchBucket": "the bucket does not exist: create it or fix the name",
+    "AccessDenied": "access denied: check the credentials and the bucket's permissions",
+    "InvalidAccessKeyId": "the access key is not known: check AWS_ACCESS_KEY_ID (or the key you passed)",
+    "SignatureDoesNotMatch": "the secret key does not match the access key: check the credentials",
+    "403": "access denied: check the credentials and the bucket's permissions",
+}
+
+
+class S3ObjectStore(ObjectStore):
+    """A bucket reached with boto3. ``S3_ENDPOINT_URL`` (or ``endpoint_url``) points it at any S3-compatible store.
+
+    Files above ``multipart_threshold`` go up in parallel parts of ``multipart_chunksize`` over ``max_concurrency``
+    threads. Credentials come from the arguments, else boto3's usual chain (environment, config files, roles).
+    """
+
+    scheme = "s3"
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        region_name: str | None = None,
+        endpoint_url: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+        aws_session_token: str | None = None,
+        *,
+        multipart_threshold: int = 64 * MiB,
+        multipart_chunksize: int = 16 * MiB,
+        max_concurrency: int = 8,
+        num_attempts: int = 3,
+    ) -> None:
+        super().__init__(bucket, prefix)
+        try:
+            import boto3
+            from boto3.s3.transfer import TransferConfig
+            from botocore.config import Config
+        except ImportError:
+            raise ImportError("S3ObjectStore needs boto3: pip install 'cairn[s3]'") from None
+        self.endpoint_url = endpoint_url or os.environ.get("S3_ENDPOINT_URL") or None
+        self.num_attempts = num_attempts
+        self._chunksize = multipart_chunksize
+        self._client = boto3.session.Session().client(
+            "s3",
+            region_name=region_name,
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+            aws_session_token=aws_session_token,
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60),
+        )
+        self._transfer = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_chunksize,
+            max_concurrency=max_concurrency,
+            use_threads=max_concurrency > 1,
+        )
+
+    def _upload(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
+        with _translated(key):
+            self._client.upload_file(
+                filename, self.bucket, key, Config=self._transfer, Callback=_counter(filename, callback)
+            )
+
+    def _download(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
+        total = self._size(key) if callback else 0
+        with _translated(key):
+            self._client.download_file(
+                self.bucket, key, filename, Config=self._transfer, Callback=_counter(total, callback)
+            )
+
+    def _size(self, key: str) -> int:
+        with _translated(key):
+            return int(self._client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+
+    def _list(self, key_prefix: str) -> list[str]:
+        keys: list[str] = []
+        with _translated(key_prefix):
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=key_prefix):
+                keys.extend(item["Key"] for item in page.get("Contents", []))
+        return keys
+
+    def _checksum_matches(self, name: str, filename: str) -> bool | None:
+        """Compare the ETag: the MD5 of a single-part upload, or of the parts' MD5s for a multipart one."""
+        with _translated(self.key(name)):
+            etag = self._client.head_object(Bucket=self.bucket, Key=self.key(name))["ETag"].strip('"')
+        if "-" in etag:
+            return etag == file_md5(filename, part_size=self._chunksize)
+        return etag == file_md5(filename) if len(etag) == 32 else None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _counter(total_or_file: int | str, callback: ProgressCallback | None) -> Any:
+    """boto3 reports bytes per chunk; cairn's callbacks take (done, total)."""
+    if callback is None:
+        return None
+    total = os.path.getsize(total_or_file) if isinstance(total_or_file, str) else total_or_file
+    done = 0
+
+    def advance(chunk: int) -> None:
+        nonlocal done
+        done += chunk
+        callback(done, total)
+
+    return advance
+
+
+class _translated:
+    """Turns botocore's exceptions into cairn's, naming the key."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> bool:
+        if error is None or isinstance(error, ObjectStoreError):
+            return False
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        if isinstance(error, S3UploadFailedError) and error.__cause__ is not None:
+            error = error.__cause__
+        if isinstance(error, ClientError):
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code in _MISSING_OBJECT:
+                raise ObjectNotFoundError(f"no object {self.key!r}") from None
+            if code in _PERMANENT:
+                raise ObjectStoreError(_PERMANENT[code]) from None
+            if status >= 500 or status == 429 or code in ("SlowDown", "RequestTimeout", "InternalError"):
+                raise TransientStoreError(f"the store answered {status} {code}") from None
+            raise ObjectStoreError(f"the store refused the request ({code or status})") from None
+        if isinstance(error, NoCredentialsError):
+            raise ObjectStoreError("no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
+        if isinstance(error, (BotoCoreError, ConnectionError, OSError, S3UploadFailedError)):
+            raise TransientStoreError(f"{type(error).__name__}: {error}") from None
+        return False

@@ -1,0 +1,1 @@
+"""Filled in by the object-store work: fixtures for the oci server."""
