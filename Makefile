@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[all,dev]"
+	npm install --prefix $(VENV)/azurite --no-audit --no-fund --silent azurite@3
 	touch $(STAMP)
 
 demo: $(STAMP)

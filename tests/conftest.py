@@ -67,6 +67,7 @@ def params_of(module: nn.Module) -> dict[str, Any]:
 
 # Object-store servers on 127.0.0.1, started by fixtures (each module documents its server).
 from store_servers.azurite import *  # noqa: E402, F403
+from store_servers.faulty_proxy import *  # noqa: E402, F403
 from store_servers.gcs import *  # noqa: E402, F403
 from store_servers.moto import *  # noqa: E402, F403
 from store_servers.oci import *  # noqa: E402, F403

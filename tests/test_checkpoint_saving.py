@@ -134,8 +134,8 @@ def test_a_failed_write_is_raised_and_earlier_checkpoints_stay(tmp_path: Path) -
     class BlockFolder(CheckpointSaver):
         """After the first save, turn the target's sub-folder into a file so the next write must fail."""
 
-        def save(self, state):  # noqa: ANN001
-            path = super().save(state)
+        def save(self, state, logger=None):  # noqa: ANN001
+            path = super().save(state, logger)
             (folder / "sub").write_text("in the way")
             return path
 

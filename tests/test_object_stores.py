@@ -10,7 +10,7 @@ import pytest
 from cairn.errors import ObjectNotFoundError, ObjectStoreError
 from cairn.storage.base import ObjectStore
 
-KINDS = ["s3"]  # each store adds its kind: gcs, gcs_hmac, oci, libcloud_s3, libcloud_azure
+KINDS = ["s3", "gcs", "gcs_hmac", "oci", "libcloud_s3", "libcloud_azure"]  # each store adds its kind
 
 
 @pytest.fixture(params=KINDS)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import itertools
 import logging
 import os
+import posixpath
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from cairn.checkpoint.commit import atomic_symlink, remove_stale_temporaries, write_checkpoint
@@ -48,8 +51,6 @@ class CheckpointSaver(Callback):
         overwrite: bool = False,
         ignore_keys: Sequence[str] | None = None,
     ) -> None:
-        if remote_file_name is not None or latest_remote_file_name is not None:
-            raise ValueError("remote_file_name needs an object store, which this version of cairn does not have yet")
         self.folder = check_format(str(folder), argument="folder")
         self.filename = check_format(filename, argument="filename")
         self.latest_filename = None if latest_filename is None else check_format(latest_filename, argument="latest")
@@ -57,21 +58,28 @@ class CheckpointSaver(Callback):
         self.weights_only = weights_only
         if isinstance(num_checkpoints_to_keep, bool) or not isinstance(num_checkpoints_to_keep, int):
             raise ValueError(f"num_checkpoints_to_keep={num_checkpoints_to_keep!r}: use an int (-1 keeps all)")
-        if num_checkpoints_to_keep == 0 or num_checkpoints_to_keep < -1:
-            raise ValueError(
-                f"num_checkpoints_to_keep={num_checkpoints_to_keep}: keep -1 (all) or at least 1 local checkpoint; "
-                "0 only makes sense with an object store to upload to"
-            )
+        if num_checkpoints_to_keep < -1:
+            raise ValueError(f"num_checkpoints_to_keep={num_checkpoints_to_keep}: use -1 (keep all), 0, or more")
+        self.remote_file_name = None if remote_file_name is None else check_format(remote_file_name, argument="remote")
+        self.latest_remote_file_name = (
+            None if latest_remote_file_name is None else check_format(latest_remote_file_name, argument="latest_remote")
+        )
         self.num_checkpoints_to_keep = num_checkpoints_to_keep
         self.overwrite = overwrite
         self.ignore_keys = list(ignore_keys or [])
         self.saved_checkpoints: list[str] = []
         self.save_order: list[int] = []  # a process-wide sequence number per save, to merge several savers' lists
         self._last_saved_batch: int | None = None
+        self._uploading: list[tuple[Future[str], str]] = []  # (upload, local file it came from)
 
     # -- events -----------------------------------------------------------------------------------------------
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        if self.num_checkpoints_to_keep == 0 and not logger.uploads_files:
+            raise ValueError(
+                "num_checkpoints_to_keep=0 deletes each checkpoint once it is uploaded, but nothing uploads here; "
+                "save to an s3://, gs:// or oci:// save_folder, add a RemoteUploaderDownloader, or keep 1 or more"
+            )
         folder = format_name(self.folder, state)
         remove_stale_temporaries(folder)
         if self.overwrite or state.resumed_from is not None:
@@ -85,21 +93,26 @@ class CheckpointSaver(Callback):
             )
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._maybe_save(state, Event.BATCH_CHECKPOINT)
+        self._maybe_save(state, logger, Event.BATCH_CHECKPOINT)
 
     def epoch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._maybe_save(state, Event.EPOCH_CHECKPOINT)
+        self._maybe_save(state, logger, Event.EPOCH_CHECKPOINT)
 
-    def _maybe_save(self, state: State, event: Event) -> None:
+    def fit_end(self, state: State, logger: Logger) -> None:
+        cf.wait([future for future, _ in self._uploading])
+        self._forget_uploaded()
+
+    def _maybe_save(self, state: State, logger: Logger, event: Event) -> None:
+        self._forget_uploaded()
         due = self.policy(state, event)
         final = is_last_checkpoint_event(state, event) and self._last_saved_batch != state.timestamp.batch
         if due or final:
-            self.save(state)
+            self.save(state, logger)
 
     # -- saving -----------------------------------------------------------------------------------------------
 
-    def save(self, state: State) -> str:
-        """Write a checkpoint of ``state`` now; return its path as given (``folder/filename``)."""
+    def save(self, state: State, logger: Logger | None = None) -> str:
+        """Write a checkpoint of ``state`` now, hand it to the run's uploaders; return its path as given."""
         folder = format_name(self.folder, state)
         path = os.path.join(folder, format_name(self.filename, state))
         save_checkpoint(
@@ -107,6 +120,8 @@ class CheckpointSaver(Callback):
         )
         if self.latest_filename is not None:
             atomic_symlink(os.path.join(folder, format_name(self.latest_filename, state)), path)
+        if logger is not None and logger.uploads_files:
+            self._upload(state, logger, path)
         if self.num_checkpoints_to_keep > 0:
             prune(folder, name_pattern(self.filename, state), self.num_checkpoints_to_keep, protect=path)
         self.saved_checkpoints.append(path)
@@ -115,11 +130,47 @@ class CheckpointSaver(Callback):
         log.info("saved checkpoint %s", path)
         return path
 
+    def remote_names(self, state: State) -> tuple[str, str | None]:
+        """The checkpoint's name in the store, and its latest pointer's (``<latest name>.symlink``)."""
+        template = self.remote_file_name or f"{{run_name}}/checkpoints/{self.filename}"
+        name = format_name(template, state)
+        if self.latest_remote_file_name is not None:
+            return name, format_name(self.latest_remote_file_name, state)
+        if self.latest_filename is None:
+            return name, None
+        folder = posixpath.dirname(format_name(template, state))
+        return name, posixpath.join(folder, format_name(self.latest_filename, state)) + ".symlink"
+
+    def _upload(self, state: State, logger: Logger, path: str) -> None:
+        name, pointer = self.remote_names(state)
+        for future in logger.upload_file(name, path, overwrite=self.overwrite, pointer_name=pointer):
+            self._uploading.append((future, path))
+
+    def _forget_uploaded(self) -> None:
+        """With ``num_checkpoints_to_keep=0``, delete local copies whose uploads succeeded; a failed one stays."""
+        still = []
+        for future, path in self._uploading:
+            if not future.done():
+                still.append((future, path))
+            elif future.exception() is None and self.num_checkpoints_to_keep == 0:
+                _remove_with_link(path)
+        self._uploading = still
+
     def state_dict(self) -> dict[str, Any]:
         return {"saved_checkpoints": list(self.saved_checkpoints)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state  # the files on disk are the record; a resumed run lists only what it saves itself
+
+
+def _remove_with_link(path: str) -> None:
+    """Delete an uploaded local checkpoint, and the local ``latest`` link if it pointed there."""
+    folder = os.path.dirname(path)
+    for entry in os.scandir(folder or "."):
+        if entry.is_symlink() and os.path.join(folder, os.readlink(entry.path)) == path:
+            os.unlink(entry.path)
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def save_checkpoint(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from cairn.core.callback import Callback
@@ -22,6 +23,13 @@ class LoggerDestination(Callback):
     def log_hyperparameters(self, hyperparameters: dict[str, Any]) -> None:
         del hyperparameters
 
+    def upload_file(
+        self, remote_file_name: str, file_path: str, overwrite: bool = False, pointer_name: str | None = None
+    ) -> Future[str] | None:
+        """Send a file to remote storage; destinations that store no files ignore it (and return None)."""
+        del remote_file_name, file_path, overwrite, pointer_name
+        return None
+
 
 class Logger:
     """Fans each call out to the run's destinations; callbacks receive it at every event."""
@@ -38,3 +46,14 @@ class Logger:
     def log_hyperparameters(self, hyperparameters: dict[str, Any]) -> None:
         for destination in self.destinations:
             destination.log_hyperparameters(hyperparameters)
+
+    def upload_file(
+        self, remote_file_name: str, file_path: str, overwrite: bool = False, pointer_name: str | None = None
+    ) -> list[Future[str]]:
+        """Hand a file to every destination that uploads files; one future per upload started."""
+        futures = [d.upload_file(remote_file_name, file_path, overwrite, pointer_name) for d in self.destinations]
+        return [future for future in futures if future is not None]
+
+    @property
+    def uploads_files(self) -> bool:
+        return any(type(d).upload_file is not LoggerDestination.upload_file for d in self.destinations)

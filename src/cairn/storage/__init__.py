@@ -1,1 +1,36 @@
-"""Object stores (S3, GCS, OCI, Libcloud) behind one small protocol. Arrives with the object-store work."""
+"""Object stores behind one small protocol (:class:`ObjectStore`), and one URI parser for all of them.
+
+The store classes import their SDKs lazily, so ``import cairn.storage`` works with none installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cairn.storage.base import ObjectStore
+from cairn.storage.uri import parse_uri, store_from_uri
+
+__all__ = [
+    "GCSObjectStore",
+    "LibcloudObjectStore",
+    "OCIObjectStore",
+    "ObjectStore",
+    "S3ObjectStore",
+    "parse_uri",
+    "store_from_uri",
+]
+
+_LAZY = {
+    "S3ObjectStore": "cairn.storage.s3",
+    "GCSObjectStore": "cairn.storage.gcs",
+    "OCIObjectStore": "cairn.storage.oci",
+    "LibcloudObjectStore": "cairn.storage.libcloud",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cairn.storage' has no attribute {name!r}")

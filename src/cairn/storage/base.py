@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from cairn.errors import ObjectNotFoundError, ObjectStoreError
+from cairn.errors import ObjectStoreError
 
 __all__ = ["ObjectStore", "ProgressCallback", "TransientStoreError", "file_md5"]
 
@@ -151,10 +151,8 @@ class ObjectStore(abc.ABC):
         )
         try:
             return retrying(call, *args)
-        except ObjectNotFoundError as err:
-            raise ObjectNotFoundError(f"could not {what}: {err}") from None
-        except ObjectStoreError as err:
-            raise ObjectStoreError(f"could not {what}: {err}") from None
+        except ObjectStoreError as err:  # keeps the kind (not found, transient, permanent) for callers that retry
+            raise type(err)(f"could not {what}: {err}") from None
 
 
 def file_md5(filename: str, *, part_size: int | None = None) -> str:

@@ -15,7 +15,7 @@ _MISSING_OBJECT = {"404", "NoSuchKey", "NotFound"}
 _PERMANENT = {
     "NoSuchBucket": "the bucket does not exist: create it or fix the name",
     "AccessDenied": "access denied: check the credentials and the bucket's permissions",
-    "InvalidAccessKeyId": "the access key is not known: check AWS_ACCESS_KEY_ID (or the key you passed)",
+    "InvalidAccessKeyId": "the access key is not known: check it (AWS_ACCESS_KEY_ID, or GCS_KEY for gs://)",
     "SignatureDoesNotMatch": "the secret key does not match the access key: check the credentials",
     "403": "access denied: check the credentials and the bucket's permissions",
 }
@@ -78,15 +78,30 @@ class S3ObjectStore(ObjectStore):
             )
 
     def _download(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
-        total = self._size(key) if callback else 0
+        total = self._size(key)  # also tells a missing bucket from a missing object
         with _translated(key):
             self._client.download_file(
                 self.bucket, key, filename, Config=self._transfer, Callback=_counter(total, callback)
             )
 
     def _size(self, key: str) -> int:
-        with _translated(key):
-            return int(self._client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        try:
+            with _translated(key):
+                return int(self._client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except ObjectNotFoundError:
+            self._check_bucket()  # a HEAD answers a bare 404 for a missing bucket too
+            raise
+
+    def _check_bucket(self) -> None:
+        with _translated(""):
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+            except Exception as err:
+                if getattr(err, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+                    raise ObjectStoreError(
+                        f"the bucket does not exist: create {self.bucket!r} or fix the name"
+                    ) from None
+                raise
 
     def _list(self, key_prefix: str) -> list[str]:
         keys: list[str] = []
@@ -137,8 +152,8 @@ class _translated:
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-        if isinstance(error, S3UploadFailedError) and error.__cause__ is not None:
-            error = error.__cause__
+        if isinstance(error, S3UploadFailedError):  # boto3 raises it inside `except ClientError` without `from`
+            error = error.__cause__ or error.__context__ or error
         if isinstance(error, ClientError):
             code = str(error.response.get("Error", {}).get("Code", ""))
             status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)

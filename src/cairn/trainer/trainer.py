@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-from cairn.checkpoint.resume import restore
+from cairn.checkpoint.resume import restore, saving_from_arguments
 from cairn.checkpoint.saver import CheckpointSaver
 from cairn.core.callback import Algorithm, Callback
 from cairn.core.engine import Engine
@@ -21,6 +21,8 @@ from cairn.core.state import State
 from cairn.core.time import Time, TimeUnit, ensure_time
 from cairn.loggers.logger import Logger, LoggerDestination
 from cairn.loggers.progress_bar import ProgressBarLogger
+from cairn.loggers.remote_uploader_downloader import RemoteUploaderDownloader
+from cairn.storage.base import ObjectStore
 from cairn.trainer.batching import split_batch
 from cairn.trainer.dataloader import epoch_iterator, record_loader_position, restore_loader_position
 from cairn.trainer.devices import move_to_device, resolve_device
@@ -76,15 +78,13 @@ class Trainer:
         save_ignore_keys: Sequence[str] | None = None,
         # loading and resuming (SPEC 6)
         load_path: str | None = None,
-        load_object_store: Any | None = None,
+        load_object_store: ObjectStore | RemoteUploaderDownloader | None = None,
         load_weights_only: bool = False,
         load_strict_model_weights: bool = True,
         load_ignore_keys: Sequence[str] | None = None,
         load_progress_bar: bool = True,
         autoresume: bool = False,
     ) -> None:
-        if load_object_store is not None or _is_uri(load_path) or _is_uri(save_folder):
-            raise ValueError("object stores (s3://, gs://, oci://, load_object_store) are not supported yet")
         if parallelism_config is not None:
             raise ValueError("parallelism_config is not supported yet: train on one process, or wait for FSDP support")
         self._model = ModelAdapter(model)
@@ -96,19 +96,19 @@ class Trainer:
         destinations = _as_list(loggers, LoggerDestination, "loggers")
         if progress_bar:
             destinations.append(ProgressBarLogger())
-        saver = None
-        if save_folder is not None:
-            saver = CheckpointSaver(
-                folder=save_folder,
-                filename=save_filename,
-                remote_file_name=save_remote_file_name,
-                latest_filename=save_latest_filename,
-                save_interval=save_interval,
-                weights_only=save_weights_only,
-                num_checkpoints_to_keep=save_num_checkpoints_to_keep,
-                overwrite=save_overwrite,
-                ignore_keys=save_ignore_keys,
-            )
+        saver, uploader = saving_from_arguments(
+            save_folder,
+            save_filename=save_filename,
+            save_remote_file_name=save_remote_file_name,
+            latest_filename=save_latest_filename,
+            save_interval=save_interval,
+            weights_only=save_weights_only,
+            num_checkpoints_to_keep=save_num_checkpoints_to_keep,
+            overwrite=save_overwrite,
+            ignore_keys=save_ignore_keys,
+        )
+        if uploader is not None:
+            destinations.append(uploader)
         if autoresume and run_name is None and saver is not None and "{run_name}" in saver.folder + saver.filename:
             raise ValueError("autoresume=True with {run_name} in the checkpoint names needs an explicit run_name")
         self.state = State(
@@ -140,11 +140,14 @@ class Trainer:
         restore(
             self.state,
             load_path=load_path,
+            load_object_store=load_object_store,
             weights_only=load_weights_only,
             strict=load_strict_model_weights,
             ignore_keys=list(load_ignore_keys or []),
             autoresume=autoresume,
             saver=saver,
+            uploader=next((d for d in destinations if isinstance(d, RemoteUploaderDownloader)), None),
+            progress=load_progress_bar,
         )
         restore_loader_position(train_dataloader, self.state)
         self.logger.log_hyperparameters(self._hyperparameters())
@@ -340,10 +343,6 @@ class Trainer:
             "device_train_microbatch_size": state.device_train_microbatch_size,
             "optimizers": [type(o).__name__ for o in state.optimizers],
         }
-
-
-def _is_uri(path: str | None) -> bool:
-    return isinstance(path, str) and "://" in path
 
 
 def _parse_max_duration(value: int | str | Time[Any]) -> Time[Any]:

@@ -1,0 +1,277 @@
+"""Moving files to and from an object store in the background, without losing one silently.
+
+Who owns what: the :class:`RemoteUploaderDownloader` owns a pool of workers (processes by default, threads with
+``use_procs=False``) created at the first upload. Each upload is a ``concurrent.futures.Future``. A failed upload
+(after ``num_attempts`` tries with backoff) is raised on the training thread at the next event, naming the file;
+``FIT_END`` waits for every upload and raises the first failure; ``close()`` drains the pool the same way.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from cairn.core.event import Event
+from cairn.errors import ObjectNotFoundError, ObjectStoreError
+from cairn.loggers.logger import LoggerDestination
+from cairn.storage.base import ObjectStore, TransientStoreError
+from cairn.storage.uri import parse_uri, store_from_uri
+
+if TYPE_CHECKING:
+    from cairn.core.state import State
+    from cairn.loggers.logger import Logger
+
+__all__ = ["RemoteUploaderDownloader"]
+
+log = logging.getLogger(__name__)
+
+PROGRESS_BAR_BYTES = 64 << 20  # files at least this large get a progress bar
+
+
+@dataclass(frozen=True)
+class _StoreSpec:
+    """What a worker needs to build its own store: plain, picklable values."""
+
+    bucket_uri: str
+    backend_kwargs: dict[str, Any]
+
+    def build(self) -> tuple[ObjectStore, str]:
+        return store_from_uri(self.bucket_uri, self.backend_kwargs)
+
+    def key(self) -> str:
+        return self.bucket_uri + json.dumps(self.backend_kwargs, sort_keys=True, default=str)
+
+
+class RemoteUploaderDownloader(LoggerDestination):
+    """Uploads files (checkpoints above all) to ``bucket_uri`` in the background, and downloads them back.
+
+    ``bucket_uri`` is ``s3://bucket``, ``gs://bucket``, ``oci://bucket`` or ``libcloud://container``, optionally
+    with a path that prefixes every name. ``backend_kwargs`` go to the store's constructor (for libcloud:
+    ``provider``, ``container``, ``provider_kwargs``). Each file is copied to ``upload_staging_folder`` before
+    :meth:`upload_file` returns, so training may delete or overwrite it straight away.
+    """
+
+    def __init__(
+        self,
+        bucket_uri: str,
+        backend_kwargs: dict[str, Any] | None = None,
+        num_concurrent_uploads: int = 1,
+        upload_staging_folder: str | None = None,
+        use_procs: bool = True,
+        num_attempts: int = 3,
+        file_path_format_string: str = "{remote_file_name}",
+    ) -> None:
+        parsed = parse_uri(bucket_uri)  # a bad URI fails here, at construction
+        if num_concurrent_uploads < 1 or num_attempts < 1:
+            raise ValueError("num_concurrent_uploads and num_attempts must be at least 1")
+        if "{remote_file_name}" not in file_path_format_string:
+            raise ValueError(f"file_path_format_string={file_path_format_string!r} must contain {{remote_file_name}}")
+        self.bucket_uri = parsed.bucket_uri + (f"/{parsed.path}" if parsed.path else "")
+        self._spec = _StoreSpec(parsed.bucket_uri, _with_prefix(parsed.scheme, parsed.path, backend_kwargs))
+        self.num_concurrent_uploads = num_concurrent_uploads
+        self.use_procs = use_procs
+        self.num_attempts = num_attempts
+        self.file_path_format_string = file_path_format_string
+        self._staging = upload_staging_folder or tempfile.mkdtemp(prefix="cairn-upload-staging-")
+        self._store: ObjectStore | None = None
+        self._pool: cf.Executor | None = None
+        self._uploads: list[tuple[str, str, cf.Future[str]]] = []  # (local file, remote name, future)
+        self._lock = threading.Lock()
+
+    # -- the store, for loading and probing -----------------------------------------------------------------------
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = self._spec.build()[0]
+        return self._store
+
+    def remote_name(self, remote_file_name: str) -> str:
+        return self.file_path_format_string.format(remote_file_name=remote_file_name)
+
+    def download_file(
+        self, remote_file_name: str, destination: str, overwrite: bool = False, progress: bool = True
+    ) -> None:
+        """Download ``remote_file_name`` to ``destination`` (atomically), with a progress bar for large files."""
+        name = self.remote_name(remote_file_name)
+        download_with_progress(self.store, name, destination, overwrite=overwrite, progress=progress)
+
+    # -- uploads --------------------------------------------------------------------------------------------------
+
+    def upload_file(
+        self, remote_file_name: str, file_path: str, overwrite: bool = False, pointer_name: str | None = None
+    ) -> cf.Future[str]:
+        """Stage ``file_path`` and upload it as ``remote_file_name`` in the background.
+
+        With ``pointer_name``, once the upload is verified a small object of that name is written whose content is
+        the uploaded object's name: the store's "latest" pointer, which therefore never names a partial upload.
+        ``overwrite`` is accepted for symmetry with local saves; object stores replace objects atomically.
+        """
+        del overwrite
+        staged = os.path.join(self._staging, f"{secrets.token_hex(8)}-{os.path.basename(file_path)}")
+        shutil.copyfile(file_path, staged)
+        remote = self.remote_name(remote_file_name)
+        pointer = self.remote_name(pointer_name) if pointer_name else None
+        future = self._executor().submit(_upload_task, self._spec, staged, remote, self.num_attempts, pointer)
+        with self._lock:
+            self._uploads.append((file_path, remote, future))
+        return future
+
+    def wait(self) -> None:
+        """Block until every upload so far has finished; raise the first failure, naming the file."""
+        with self._lock:
+            futures = [future for _, _, future in self._uploads]
+        cf.wait(futures)
+        self._raise_failures()
+
+    def _executor(self) -> cf.Executor:
+        if self._pool is None:
+            if self.use_procs:
+                context = multiprocessing.get_context("spawn")  # fork after torch threads start is unsafe
+                self._pool = cf.ProcessPoolExecutor(self.num_concurrent_uploads, mp_context=context)
+            else:
+                self._pool = cf.ThreadPoolExecutor(self.num_concurrent_uploads, thread_name_prefix="cairn-upload")
+        return self._pool
+
+    def _raise_failures(self) -> None:
+        """Raise the first finished upload that failed, and forget the finished ones."""
+        with self._lock:
+            finished = [entry for entry in self._uploads if entry[2].done()]
+            self._uploads = [entry for entry in self._uploads if not entry[2].done()]
+        for local, remote, future in finished:
+            error = future.exception()
+            if error is not None:
+                raise ObjectStoreError(
+                    f"uploading {local!r} to {self.store.get_uri(remote)} failed after {self.num_attempts} attempts "
+                    f"({error}); the local file is kept: check the store, then upload it again or resume from it"
+                ) from error
+
+    # -- events ---------------------------------------------------------------------------------------------------
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        self._raise_failures()  # a background failure surfaces at the next event, on the training thread
+        super().run_event(event, state, logger)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self._probe()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self.wait()
+
+    def close(self, state: State, logger: Logger) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def _probe(self) -> None:
+        """Fail before the first training step when the bucket is missing or the credentials are wrong."""
+        try:
+            self.store.list_objects("cairn-probe-does-not-exist/")
+        except ObjectStoreError as err:
+            raise ObjectStoreError(f"{self.bucket_uri} cannot be used: {err}") from None
+
+
+def _with_prefix(scheme: str, path: str, backend_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    kwargs = dict(backend_kwargs or {})
+    if path:
+        kwargs.setdefault("prefix", path)
+    return kwargs
+
+
+_worker_local = threading.local()
+
+
+def _worker_store(spec: _StoreSpec) -> ObjectStore:
+    """One store per worker thread (some SDK clients, libcloud's among them, must not be shared across threads),
+    built on first use and reused for that worker's later uploads."""
+    stores: dict[str, ObjectStore] = _worker_local.__dict__.setdefault("stores", {})
+    key = spec.key()
+    if key not in stores:
+        store = spec.build()[0]
+        store.num_attempts = 1  # retries happen around upload + verify, below
+        stores[key] = store
+    return stores[key]
+
+
+def _upload_task(spec: _StoreSpec, staged: str, remote: str, num_attempts: int, pointer: str | None) -> str:
+    """Upload, verify, then (optionally) move the pointer; retried as a whole on transient failures."""
+    store = _worker_store(spec)
+    retrying = Retrying(
+        stop=stop_after_attempt(num_attempts),
+        wait=wait_exponential(multiplier=0.2, max=10),
+        retry=retry_if_exception_type((TransientStoreError, ObjectNotFoundError)),
+        reraise=True,
+    )
+    try:
+        retrying(_upload_and_verify, store, staged, remote)
+        if pointer is not None:
+            retrying(_write_pointer, store, pointer, remote)
+    finally:
+        os.remove(staged)
+    return remote
+
+
+def _upload_and_verify(store: ObjectStore, filename: str, name: str) -> None:
+    size = os.path.getsize(filename)
+    with _progress(f"upload {os.path.basename(name)}", size) as callback:
+        store.upload_object(name, filename, callback=callback)
+    try:
+        store.verify_upload(name, filename)
+    except ObjectStoreError as err:
+        raise TransientStoreError(str(err)) from None  # a damaged upload is worth another try
+
+
+def _write_pointer(store: ObjectStore, pointer: str, target: str) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".symlink", delete=False) as file:
+        file.write(target)
+    try:
+        _upload_and_verify(store, file.name, pointer)
+    finally:
+        os.remove(file.name)
+
+
+def download_with_progress(store: ObjectStore, name: str, destination: str, *, overwrite: bool, progress: bool) -> None:
+    size = store.get_object_size(name) if progress else 0
+    with _progress(f"download {os.path.basename(name)}", size if progress else 0) as callback:
+        store.download_object(name, destination, overwrite=overwrite, callback=callback)
+
+
+class _progress:
+    """A tqdm bar in bytes for transfers of at least ``PROGRESS_BAR_BYTES``; nothing for small ones."""
+
+    def __init__(self, description: str, total: int) -> None:
+        self.description, self.total, self.bar = description, total, None
+
+    def __enter__(self) -> Any:
+        if self.total < PROGRESS_BAR_BYTES:
+            return None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, desc=self.description, unit="B", unit_scale=True, leave=False)
+        bar = self.bar
+
+        def update(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        return update
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
