@@ -189,3 +189,34 @@ def test_a_store_that_stays_down_fails_the_run_and_keeps_the_local_copy(
 
 def _upstream(proxy) -> str:
     return f"http://{proxy.upstream_host}:{proxy.upstream_port}"
+
+
+def test_save_remote_file_name_names_the_objects(s3_env: str, s3_bucket: str) -> None:
+    trainer = _trainer(
+        "2ep",
+        save_folder=f"s3://{s3_bucket}/ignored-path",
+        save_filename="ep{epoch}.pt",
+        save_remote_file_name="custom/{run_name}/e{epoch}.pt",
+        run_name="named",
+    )
+    trainer.fit()
+    assert sorted(_objects(s3_env, s3_bucket)) == [
+        "custom/named/e1.pt",
+        "custom/named/e2.pt",
+        "custom/named/latest-rank0.pt.symlink",
+    ]
+    assert sorted(p.name for p in Path("ignored-path").iterdir()) == ["ep1.pt", "ep2.pt", "latest-rank0.pt"]
+
+
+def test_large_downloads_show_a_progress_bar(
+    s3_env: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cairn.loggers.remote_uploader_downloader as uploader_module
+
+    _trainer("1ep", save_folder=f"s3://{s3_bucket}/ckpt", save_filename="ep{epoch}.pt").fit()
+    capsys.readouterr()
+    monkeypatch.setattr(uploader_module, "PROGRESS_BAR_BYTES", 1)
+    _trainer("2ep", load_path=f"s3://{s3_bucket}/ckpt/ep1.pt")
+    assert "download ep1.pt" in capsys.readouterr().err
+    _trainer("2ep", load_path=f"s3://{s3_bucket}/ckpt/ep1.pt", load_progress_bar=False)
+    assert "download ep1.pt" not in capsys.readouterr().err

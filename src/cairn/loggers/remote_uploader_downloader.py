@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 PROGRESS_BAR_BYTES = 64 << 20  # files at least this large get a progress bar
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # no repr: backend_kwargs may hold secrets
 class _StoreSpec:
     """What a worker needs to build its own store: plain, picklable values."""
 
