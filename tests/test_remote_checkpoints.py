@@ -220,3 +220,21 @@ def test_large_downloads_show_a_progress_bar(
     assert "download ep1.pt" in capsys.readouterr().err
     _trainer("2ep", load_path=f"s3://{s3_bucket}/ckpt/ep1.pt", load_progress_bar=False)
     assert "download ep1.pt" not in capsys.readouterr().err
+
+
+def test_the_pointer_only_moves_forward_with_concurrent_uploads(s3_env: str, s3_bucket: str, tmp_path: Path) -> None:
+    uploader = RemoteUploaderDownloader(f"s3://{s3_bucket}", num_concurrent_uploads=4, use_procs=False)
+    sizes = [400_000, 10, 200_000, 10, 300_000, 10, 50_000, 10]  # mixed sizes finish out of order
+    for index, size in enumerate(sizes):
+        path = tmp_path / f"f{index}.bin"
+        path.write_bytes(os.urandom(size))
+        uploader.upload_file(f"run/f{index}.bin", str(path), pointer_name="run/latest.symlink")
+    uploader.wait()
+    objects = _objects(s3_env, s3_bucket)
+    assert objects["run/latest.symlink"] == f"run/f{len(sizes) - 1}.bin".encode()
+    assert all(objects[f"run/f{i}.bin"] == (tmp_path / f"f{i}.bin").read_bytes() for i in range(len(sizes)))
+
+
+def test_autoresume_needs_a_run_name_when_remote_names_hold_it(s3_env: str, s3_bucket: str) -> None:
+    with pytest.raises(ValueError, match="run_name"):
+        _trainer(save_folder="local", loggers=RemoteUploaderDownloader(f"s3://{s3_bucket}"), autoresume=True)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from cairn.core.state import State
+from cairn.utils.dist import all_gather_object, get_world_size
 from cairn.utils.reproducibility import rng_state
 
 __all__ = [
@@ -33,16 +34,17 @@ FORMAT_VERSION = 1
 _HASH_NAME = "sha256"
 
 
-def build_checkpoint(
-    state: State, *, weights_only: bool = False, ignore_keys: Sequence[str] = (), world_size: int = 1
-) -> dict[str, Any]:
-    """The checkpoint of ``state`` right now, hashed and ready to write."""
+def build_checkpoint(state: State, *, weights_only: bool = False, ignore_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """The checkpoint of ``state`` right now, hashed and ready to write.
+
+    In a distributed run every rank must call it: each rank's generators are gathered into ``rng``.
+    """
     if weights_only:
         checkpoint: dict[str, Any] = {"state": {"model": state.state_dict()["model"]}}
     else:
-        checkpoint = {"state": state.state_dict(), "rng": [rng_state()]}
+        checkpoint = {"state": state.state_dict(), "rng": all_gather_object(rng_state())}
     checkpoint = _on_cpu(drop_keys(checkpoint, ignore_keys))
-    checkpoint["state"]["metadata"] = _metadata(world_size, weights_only)
+    checkpoint["state"]["metadata"] = _metadata(get_world_size(), weights_only)
     checkpoint["state"]["metadata"]["content_hash"] = content_hash(checkpoint)
     return checkpoint
 

@@ -21,6 +21,7 @@ from cairn.checkpoint.content import content_hash, drop_keys, is_weights_only
 from cairn.core.state import State, model_weights_module
 from cairn.core.time import Timestamp
 from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
+from cairn.utils.dist import get_rank
 from cairn.utils.reproducibility import check_rng_state, load_rng_state
 
 __all__ = ["apply_checkpoint", "load_checkpoint", "read_checkpoint"]
@@ -147,7 +148,7 @@ def apply_checkpoint(
         raise CheckpointCorruptError(f"{source!r} holds state cairn cannot restore ({err}); load another") from err
     ranks = checkpoint.get("rng") or []
     if ranks:
-        load_rng_state(ranks[0] if len(ranks) == 1 else ranks[min(_rank(), len(ranks) - 1)])
+        load_rng_state(ranks[get_rank()] if get_rank() < len(ranks) else ranks[0])
     state.resumed_from = source
 
 
@@ -207,7 +208,3 @@ def load_checkpoint(
     apply_checkpoint(checkpoint, state, source=path, weights_only=weights_only, strict=strict, ignore_keys=ignore_keys)
     log.info("loaded checkpoint %s at %s", path, checkpoint["state"].get("timestamp", {}))
     return checkpoint
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", 0))

@@ -71,9 +71,11 @@ def format_name(template: str, state: State, *, rank: int | None = None) -> str:
     return template.format(**values)
 
 
-def name_pattern(template: str, state: State) -> re.Pattern[str]:
+def name_pattern(template: str, state: State, *, rank: int | None = None) -> re.Pattern[str]:
     """A regex matching every name ``template`` can produce in this run (progress variables left open)."""
     fixed = {k: v for k, v in _variables(state).items() if k not in _PROGRESS_VARIABLES}
+    if rank is not None:
+        fixed["rank"] = rank
     pattern = ""
     for literal, field, spec, conversion in string.Formatter().parse(template):
         pattern += re.escape(literal)

@@ -31,10 +31,10 @@ def find_latest_checkpoint(saver: CheckpointSaver, state: State) -> tuple[str, d
     even when a crash came between its rename and the ``latest`` link's swap; the link's target is the fallback
     for names that carry no progress numbers. A damaged file falls back to the one before it.
     """
-    folder = format_name(saver.folder, state)
-    candidates = list(reversed(list_checkpoints(folder, name_pattern(saver.filename, state))))
+    folder = format_name(saver.folder, state, rank=0)
+    candidates = list(reversed(list_checkpoints(folder, name_pattern(saver.filename, state, rank=0))))
     if saver.latest_filename is not None:
-        link = os.path.join(folder, format_name(saver.latest_filename, state))
+        link = os.path.join(folder, format_name(saver.latest_filename, state, rank=0))
         if os.path.islink(link):
             candidates.append(os.path.join(folder, os.readlink(link)))
     for path in candidates:
@@ -83,7 +83,7 @@ def restore(
             apply_checkpoint(checkpoint, state, source=path, strict=strict, ignore_keys=ignore_keys)
             log.info("autoresume: continuing from %s", path)
             return path
-        log.info("autoresume: no checkpoint in %s yet; starting fresh", format_name(saver.folder, state))
+        log.info("autoresume: no checkpoint in %s yet; starting fresh", format_name(saver.folder, state, rank=0))
         if load_path is None:
             return None
     if load_path is None:
@@ -128,6 +128,7 @@ def saving_from_arguments(
         parsed = parse_uri(save_folder)
         folder = parsed.path or "."
         remote_name = remote_name or posixpath.join(parsed.path, save_filename)
-        uploader = RemoteUploaderDownloader(parsed.bucket_uri)
+        # Threads, not processes: uploads wait on the network, and spawned workers would re-run a user's script.
+        uploader = RemoteUploaderDownloader(parsed.bucket_uri, use_procs=False)
     saver = CheckpointSaver(folder=folder, filename=save_filename, remote_file_name=remote_name, **saver_kwargs)
     return saver, uploader

@@ -21,6 +21,7 @@ from cairn.core.event import Event
 from cairn.core.interval import IntervalLike
 from cairn.core.state import State
 from cairn.loggers.logger import Logger
+from cairn.utils.dist import barrier, broadcast_object, get_rank
 
 __all__ = ["CheckpointSaver", "save_checkpoint"]
 
@@ -80,11 +81,12 @@ class CheckpointSaver(Callback):
                 "num_checkpoints_to_keep=0 deletes each checkpoint once it is uploaded, but nothing uploads here; "
                 "save to an s3://, gs:// or oci:// save_folder, add a RemoteUploaderDownloader, or keep 1 or more"
             )
-        folder = format_name(self.folder, state)
-        remove_stale_temporaries(folder)
+        folder = format_name(self.folder, state, rank=0)
+        if get_rank() == 0:
+            remove_stale_temporaries(folder)
         if self.overwrite or state.resumed_from is not None:
             return
-        existing = list_checkpoints(folder, name_pattern(self.filename, state))
+        existing = broadcast_object(list_checkpoints(folder, name_pattern(self.filename, state, rank=0)))
         if existing:
             raise FileExistsError(
                 f"{folder!r} already holds checkpoints of this run's name pattern ({existing[-1]!r} and "
@@ -106,40 +108,49 @@ class CheckpointSaver(Callback):
         self._forget_uploaded()
         due = self.policy(state, event)
         final = is_last_checkpoint_event(state, event) and self._last_saved_batch != state.timestamp.batch
-        if due or final:
+        if broadcast_object(due or final):  # rank 0 decides, so every rank joins the save (wall-clock intervals differ)
             self.save(state, logger)
 
     # -- saving -----------------------------------------------------------------------------------------------
 
     def save(self, state: State, logger: Logger | None = None) -> str:
-        """Write a checkpoint of ``state`` now, hand it to the run's uploaders; return its path as given."""
-        folder = format_name(self.folder, state)
-        path = os.path.join(folder, format_name(self.filename, state))
+        """Write a checkpoint of ``state`` now, hand it to the run's uploaders; return its path as given.
+
+        In a distributed run every rank calls it; rank 0 writes the one file (named as rank 0), the others wait.
+        """
+        folder = format_name(self.folder, state, rank=0)
+        path = os.path.join(folder, format_name(self.filename, state, rank=0))
         save_checkpoint(
             state, path, weights_only=self.weights_only, ignore_keys=self.ignore_keys, overwrite=self.overwrite
         )
-        if self.latest_filename is not None:
-            atomic_symlink(os.path.join(folder, format_name(self.latest_filename, state)), path)
-        if logger is not None and logger.uploads_files:
-            self._upload(state, logger, path)
-        if self.num_checkpoints_to_keep > 0:
-            prune(folder, name_pattern(self.filename, state), self.num_checkpoints_to_keep, protect=path)
+        if get_rank() == 0:
+            self._after_write(state, logger, folder, path)
+        barrier()
         self.saved_checkpoints.append(path)
         self.save_order.append(next(_SAVE_SEQUENCE))
         self._last_saved_batch = state.timestamp.batch
         log.info("saved checkpoint %s", path)
         return path
 
+    def _after_write(self, state: State, logger: Logger | None, folder: str, path: str) -> None:
+        """Rank 0, once the file is complete: move the latest link, start uploads, prune old files."""
+        if self.latest_filename is not None:
+            atomic_symlink(os.path.join(folder, format_name(self.latest_filename, state, rank=0)), path)
+        if logger is not None and logger.uploads_files:
+            self._upload(state, logger, path)
+        if self.num_checkpoints_to_keep > 0:
+            prune(folder, name_pattern(self.filename, state, rank=0), self.num_checkpoints_to_keep, protect=path)
+
     def remote_names(self, state: State) -> tuple[str, str | None]:
         """The checkpoint's name in the store, and its latest pointer's (``<latest name>.symlink``)."""
         template = self.remote_file_name or f"{{run_name}}/checkpoints/{self.filename}"
-        name = format_name(template, state)
+        name = format_name(template, state, rank=0)
         if self.latest_remote_file_name is not None:
-            return name, format_name(self.latest_remote_file_name, state)
+            return name, format_name(self.latest_remote_file_name, state, rank=0)
         if self.latest_filename is None:
             return name, None
-        folder = posixpath.dirname(format_name(template, state))
-        return name, posixpath.join(folder, format_name(self.latest_filename, state)) + ".symlink"
+        folder = posixpath.dirname(format_name(template, state, rank=0))
+        return name, posixpath.join(folder, format_name(self.latest_filename, state, rank=0)) + ".symlink"
 
     def _upload(self, state: State, logger: Logger, path: str) -> None:
         name, pointer = self.remote_names(state)
@@ -176,7 +187,20 @@ def _remove_with_link(path: str) -> None:
 def save_checkpoint(
     state: State, path: str, *, weights_only: bool = False, ignore_keys: Sequence[str] = (), overwrite: bool = True
 ) -> str:
-    """Write a checkpoint of ``state`` to ``path`` now, atomically; savers and manual saves both come here."""
+    """Write a checkpoint of ``state`` to ``path`` now, atomically; savers and manual saves both come here.
+
+    Every rank of a distributed run must call it (the RNG states are gathered); rank 0 alone writes.
+    """
     checkpoint = build_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys)
-    write_checkpoint(checkpoint, path, overwrite=overwrite)
+    failure: BaseException | None = None
+    if get_rank() == 0:
+        try:
+            write_checkpoint(checkpoint, path, overwrite=overwrite)
+        except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised
+            failure = err
+    reason = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if reason is not None:  # another rank's view of rank 0's failure: stop too, rather than wait forever
+        raise OSError(f"rank 0 could not write the checkpoint {path!r} ({reason})")
     return path

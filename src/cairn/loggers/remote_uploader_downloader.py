@@ -17,6 +17,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -83,11 +84,15 @@ class RemoteUploaderDownloader(LoggerDestination):
         self.use_procs = use_procs
         self.num_attempts = num_attempts
         self.file_path_format_string = file_path_format_string
+        self._own_staging = upload_staging_folder is None
         self._staging = upload_staging_folder or tempfile.mkdtemp(prefix="cairn-upload-staging-")
         self._store: ObjectStore | None = None
         self._pool: cf.Executor | None = None
         self._uploads: list[tuple[str, str, cf.Future[str]]] = []  # (local file, remote name, future)
         self._lock = threading.Lock()
+        self._sequence = 0  # uploads started
+        self._pointer_sequence = 0  # the upload the pointer names
+        self._pointer_writer: cf.ThreadPoolExecutor | None = None
 
     # -- the store, for loading and probing -----------------------------------------------------------------------
 
@@ -115,24 +120,45 @@ class RemoteUploaderDownloader(LoggerDestination):
         """Stage ``file_path`` and upload it as ``remote_file_name`` in the background.
 
         With ``pointer_name``, once the upload is verified a small object of that name is written whose content is
-        the uploaded object's name: the store's "latest" pointer, which therefore never names a partial upload.
+        the uploaded object's name: the store's "latest" pointer. It never names a partial upload, and never moves
+        back to an older file when uploads finish out of order (pointer writes are serialised, newest only).
         ``overwrite`` is accepted for symmetry with local saves; object stores replace objects atomically.
         """
         del overwrite
         staged = os.path.join(self._staging, f"{secrets.token_hex(8)}-{os.path.basename(file_path)}")
         shutil.copyfile(file_path, staged)
         remote = self.remote_name(remote_file_name)
-        pointer = self.remote_name(pointer_name) if pointer_name else None
-        future = self._executor().submit(_upload_task, self._spec, staged, remote, self.num_attempts, pointer)
+        future = self._executor().submit(_upload_task, self._spec, staged, remote, self.num_attempts)
         with self._lock:
             self._uploads.append((file_path, remote, future))
+            self._sequence += 1
+            sequence = self._sequence
+        if pointer_name:
+            pointer = self.remote_name(pointer_name)
+            future.add_done_callback(lambda done: self._move_pointer(sequence, pointer, remote, file_path, done))
         return future
 
-    def wait(self) -> None:
-        """Block until every upload so far has finished; raise the first failure, naming the file."""
+    def _move_pointer(self, sequence: int, pointer: str, target: str, local: str, upload: cf.Future[str]) -> None:
+        """Runs when an upload finishes: point ``pointer`` at it, if it succeeded and is the newest so far."""
+        if upload.cancelled() or upload.exception() is not None:
+            return
         with self._lock:
-            futures = [future for _, _, future in self._uploads]
-        cf.wait(futures)
+            if sequence <= self._pointer_sequence:
+                return
+            self._pointer_sequence = sequence
+            if self._pointer_writer is None:
+                self._pointer_writer = cf.ThreadPoolExecutor(1, thread_name_prefix="cairn-pointer")
+            write = self._pointer_writer.submit(_pointer_task, self._spec, pointer, target, self.num_attempts)
+            self._uploads.append((local, pointer, write))
+
+    def wait(self) -> None:
+        """Block until every upload (and pointer move) so far has finished; raise the first failure, naming the file."""
+        while True:
+            with self._lock:
+                pending = [future for _, _, future in self._uploads if not future.done()]
+            if not pending:
+                break
+            cf.wait(pending)
         self._raise_failures()
 
     def _executor(self) -> cf.Executor:
@@ -151,10 +177,16 @@ class RemoteUploaderDownloader(LoggerDestination):
             self._uploads = [entry for entry in self._uploads if not entry[2].done()]
         for local, remote, future in finished:
             error = future.exception()
+            if isinstance(error, BrokenProcessPool):
+                raise ObjectStoreError(
+                    f"uploading {local!r} failed: the upload worker process died ({error}). Worker processes re-run "
+                    "your script: put the training code under `if __name__ == '__main__':`, or pass use_procs=False"
+                ) from error
             if error is not None:
                 raise ObjectStoreError(
-                    f"uploading {local!r} to {self.store.get_uri(remote)} failed after {self.num_attempts} attempts "
-                    f"({error}); the local file is kept: check the store, then upload it again or resume from it"
+                    f"uploading {local!r} to {self.store.get_uri(remote)} failed ({error}); transient failures were "
+                    f"retried up to {self.num_attempts} times. The local file is kept: check the store, then upload "
+                    "it again or resume from it"
                 ) from error
 
     # -- events ---------------------------------------------------------------------------------------------------
@@ -173,9 +205,12 @@ class RemoteUploaderDownloader(LoggerDestination):
         try:
             self.wait()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+            for pool in (self._pool, self._pointer_writer):
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._pool = self._pointer_writer = None
+            if self._own_staging:
+                shutil.rmtree(self._staging, ignore_errors=True)
             if self._store is not None:
                 self._store.close()
                 self._store = None
@@ -210,22 +245,27 @@ def _worker_store(spec: _StoreSpec) -> ObjectStore:
     return stores[key]
 
 
-def _upload_task(spec: _StoreSpec, staged: str, remote: str, num_attempts: int, pointer: str | None) -> str:
-    """Upload, verify, then (optionally) move the pointer; retried as a whole on transient failures."""
-    store = _worker_store(spec)
-    retrying = Retrying(
+def _retrying(num_attempts: int) -> Retrying:
+    return Retrying(
         stop=stop_after_attempt(num_attempts),
         wait=wait_exponential(multiplier=0.2, max=10),
         retry=retry_if_exception_type((TransientStoreError, ObjectNotFoundError)),
         reraise=True,
     )
+
+
+def _upload_task(spec: _StoreSpec, staged: str, remote: str, num_attempts: int) -> str:
+    """Upload and verify; retried as a whole on transient failures. The staged copy is removed either way."""
     try:
-        retrying(_upload_and_verify, store, staged, remote)
-        if pointer is not None:
-            retrying(_write_pointer, store, pointer, remote)
+        _retrying(num_attempts)(_upload_and_verify, _worker_store(spec), staged, remote)
     finally:
         os.remove(staged)
     return remote
+
+
+def _pointer_task(spec: _StoreSpec, pointer: str, target: str, num_attempts: int) -> str:
+    _retrying(num_attempts)(_write_pointer, _worker_store(spec), pointer, target)
+    return pointer
 
 
 def _upload_and_verify(store: ObjectStore, filename: str, name: str) -> None:

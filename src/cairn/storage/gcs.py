@@ -2,7 +2,8 @@
 
 With ``GCS_KEY`` and ``GCS_SECRET`` in the environment (HMAC keys, which is what most training clusters outside
 Google get), requests go to GCS's XML API through cairn's S3 store; otherwise through google-cloud-storage and
-Application Default Credentials. ``STORAGE_EMULATOR_HOST`` points the latter at an emulator, anonymously.
+Application Default Credentials. ``STORAGE_EMULATOR_HOST`` points the latter at an emulator, anonymously;
+``GCS_ENDPOINT_URL`` (when ``endpoint_url`` is not given) points the former at another S3-compatible address.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class GCSObjectStore(ObjectStore):
 
     Files above 8 MiB go up as resumable uploads in ``chunk_size`` parts (a multiple of 256 KiB), so a dropped
     connection costs one chunk, not the file. ``endpoint_url`` replaces the XML API's address (HMAC) or the JSON
-    API's (default credentials).
+    API's (default credentials). Without it, the HMAC way reads the XML API's address from the environment variable
+    ``GCS_ENDPOINT_URL`` when set (the default credentials way has ``STORAGE_EMULATOR_HOST`` for that).
     """
 
     scheme = "gs"
@@ -56,7 +58,8 @@ class GCSObjectStore(ObjectStore):
         key, secret = os.environ.get("GCS_KEY"), os.environ.get("GCS_SECRET")
         self._interop: _InteropStore | None = None
         if key and secret:
-            self._interop = _InteropStore(bucket, endpoint_url or GCS_XML_ENDPOINT, key, secret, num_attempts)
+            interop_endpoint = endpoint_url or os.environ.get("GCS_ENDPOINT_URL") or GCS_XML_ENDPOINT
+            self._interop = _InteropStore(bucket, interop_endpoint, key, secret, num_attempts)
         else:
             self._client = _native_client(endpoint_url)
             self._bucket = self._client.bucket(bucket)

@@ -24,7 +24,9 @@ class OCIObjectStore(ObjectStore):
     """A bucket in OCI Object Storage.
 
     Credentials come from ``config`` (a dict in the SDK's format) or else the profile ``profile`` of the SDK's config
-    file (``config_file``, default ``~/.oci/config``). The namespace is looked up on first use unless given. Files
+    file (``config_file``; when not given, the file named by the environment variable ``OCI_CONFIG_FILE``, else
+    ``~/.oci/config``). The service endpoint is ``endpoint``, else the environment variable ``OCI_ENDPOINT_URL``,
+    else the SDK's endpoint for the config's region. The namespace is looked up on first use unless given. Files
     above ``part_size`` go up as a multipart upload whose parts travel in parallel; an upload that fails is aborted,
     so that no orphaned parts stay behind to be billed.
     """
@@ -55,6 +57,8 @@ class OCIObjectStore(ObjectStore):
         self.part_size = part_size
         self._namespace = namespace
         self._namespace_lock = threading.Lock()
+        config_file = config_file or os.environ.get("OCI_CONFIG_FILE") or None
+        endpoint = endpoint or os.environ.get("OCI_ENDPOINT_URL") or None
         with _config_errors(config_file, profile):
             if config is None:
                 config = oci.config.from_file(config_file or oci.config.DEFAULT_LOCATION, profile)

@@ -22,14 +22,17 @@ __all__ = ["ModelAdapter"]
 
 
 class ModelAdapter:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, forward_module: nn.Module | None = None) -> None:
+        """``forward_module`` is what the training step calls (a DDP wrapper, which syncs gradients); the rest
+        (loss, metrics, evaluation) talks to ``model`` itself."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (or cairn.models.Model), not {type(model).__name__}")
         self.model = model
+        self.forward_module = forward_module or model
         self.is_cairn_model = isinstance(model, Model)
 
     def forward(self, batch: Any) -> Any:
-        return self.model(batch)
+        return self.forward_module(batch)
 
     def loss(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The total loss to back-propagate, and its named parts for logging."""

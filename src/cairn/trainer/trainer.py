@@ -26,10 +26,12 @@ from cairn.storage.base import ObjectStore
 from cairn.trainer.batching import split_batch
 from cairn.trainer.dataloader import epoch_iterator, record_loader_position, restore_loader_position
 from cairn.trainer.devices import move_to_device, resolve_device
+from cairn.trainer.distributed import init_from_environment, shard_dataloader, wrap_model
 from cairn.trainer.model_adapter import ModelAdapter
 from cairn.trainer.precision import autocast, make_grad_scaler, parse_precision
 from cairn.trainer.run_name import generate_run_name
-from cairn.utils.reproducibility import make_seed, seed_all
+from cairn.utils.dist import broadcast_object, get_rank
+from cairn.utils.reproducibility import make_seed, rank_seed, seed_all
 
 __all__ = ["Trainer"]
 
@@ -88,10 +90,13 @@ class Trainer:
         if parallelism_config is not None:
             raise ValueError("parallelism_config is not supported yet: train on one process, or wait for FSDP support")
         self._model = ModelAdapter(model)
-        rank_zero_seed = make_seed() if seed is None else seed
-        seed_all(rank_zero_seed)
-        torch_device = resolve_device(device)
+        torch_device = init_from_environment(resolve_device(device))
+        rank_zero_seed = broadcast_object(make_seed() if seed is None else seed)
+        seed_all(rank_seed(rank_zero_seed, get_rank()))
         model.to(torch_device)
+        self._model.forward_module = wrap_model(model, torch_device)  # DDP around it when there are several ranks
+        train_dataloader = shard_dataloader(train_dataloader, rank_zero_seed)
+        eval_dataloader = shard_dataloader(eval_dataloader, rank_zero_seed)
         precision_ = parse_precision(precision)
         destinations = _as_list(loggers, LoggerDestination, "loggers")
         if progress_bar:
@@ -109,11 +114,16 @@ class Trainer:
         )
         if uploader is not None:
             destinations.append(uploader)
-        if autoresume and run_name is None and saver is not None and "{run_name}" in saver.folder + saver.filename:
+        if (
+            autoresume
+            and run_name is None
+            and saver is not None
+            and "{run_name}" in _name_templates(saver, destinations)
+        ):
             raise ValueError("autoresume=True with {run_name} in the checkpoint names needs an explicit run_name")
         self.state = State(
             model=model,
-            run_name=run_name or generate_run_name(),
+            run_name=broadcast_object(run_name or generate_run_name()),
             rank_zero_seed=rank_zero_seed,
             max_duration=_parse_max_duration(max_duration),
             device=torch_device,
@@ -343,6 +353,13 @@ class Trainer:
             "device_train_microbatch_size": state.device_train_microbatch_size,
             "optimizers": [type(o).__name__ for o in state.optimizers],
         }
+
+
+def _name_templates(saver: CheckpointSaver, destinations: Sequence[LoggerDestination]) -> str:
+    """Every name template autoresume must find again: local ones, and remote ones when something uploads."""
+    uploads = any(isinstance(d, RemoteUploaderDownloader) for d in destinations)
+    remote = (saver.remote_file_name or "{run_name}/checkpoints/") if uploads else ""
+    return saver.folder + saver.filename + remote
 
 
 def _parse_max_duration(value: int | str | Time[Any]) -> Time[Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["check_rng_state", "load_rng_state", "make_seed", "rng_state", "seed_all"]
+__all__ = ["check_rng_state", "load_rng_state", "make_seed", "rank_seed", "rng_state", "seed_all"]
 
 _MAX_SEED = 2**31 - 1
 
@@ -17,6 +17,11 @@ _MAX_SEED = 2**31 - 1
 def make_seed() -> int:
     """A fresh seed from the operating system, so choosing one does not disturb any seeded generator."""
     return int.from_bytes(os.urandom(4), "little") % _MAX_SEED
+
+
+def rank_seed(rank_zero_seed: int, rank: int) -> int:
+    """Each rank's own seed, so ranks draw different dropout masks from one run seed."""
+    return (rank_zero_seed + rank) % (_MAX_SEED + 1)
 
 
 def seed_all(seed: int) -> None:

@@ -1,0 +1,45 @@
+"""The few collective operations cairn needs, written so that a single process needs no process group."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+__all__ = ["all_gather_object", "barrier", "broadcast_object", "get_rank", "get_world_size", "is_distributed"]
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def broadcast_object(value: T, src: int = 0) -> T:
+    """Rank ``src``'s value on every rank (a seed drawn on rank 0, a run name)."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_gather_object(value: T) -> list[T]:
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

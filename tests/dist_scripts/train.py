@@ -1,0 +1,91 @@
+"""A training script for the distributed tests, launched with torchrun by tests/test_distributed.py.
+
+It trains the shared tiny MLP (with dropout) on a shuffled loader, checkpointing as told, and on rank 0 writes the
+final weights to ``--out/final.pt``. Every rank writes the sample indices it saw to ``--out/samples-rank<r>.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from cairn import Callback, Trainer  # noqa: E402
+from cairn.models import Classifier  # noqa: E402
+from conftest import TinyNet, make_dataset  # noqa: E402
+
+
+class Indexed(Dataset):
+    """The shared dataset, with each sample's index in the batch so ranks can report what they saw."""
+
+    def __init__(self) -> None:
+        self.inner = make_dataset(n=64)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int):
+        x, y = self.inner[index]
+        return x, y, index
+
+
+class SeenSamples(Callback):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def after_dataloader(self, state, logger) -> None:
+        with open(self.path, "a") as file:
+            file.write(" ".join(str(int(i)) for i in state.batch[2]) + "\n")
+
+
+class TripleClassifier(Classifier):
+    def forward(self, batch):
+        return self.module(batch[0])
+
+    def loss(self, outputs, batch):
+        return torch.nn.functional.cross_entropy(outputs, batch[1])
+
+    def update_metric(self, batch, outputs, metric) -> None:
+        metric.update(outputs, batch[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--max-duration", default="3ep")
+    parser.add_argument("--save-folder")
+    parser.add_argument("--save-interval", default="1ep")
+    parser.add_argument("--autoresume", action="store_true")
+    parser.add_argument("--load-path")
+    args = parser.parse_args()
+    rank = int(os.environ.get("RANK", 0))
+    torch.manual_seed(0)
+    model = TripleClassifier(TinyNet(dropout=0.3), num_classes=3)
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataLoader(Indexed(), batch_size=4, shuffle=True),
+        max_duration=args.max_duration,
+        device="cpu",
+        seed=11,
+        run_name="dist",
+        progress_bar=False,
+        callbacks=SeenSamples(os.path.join(args.out, f"samples-rank{rank}.txt")),
+        save_folder=args.save_folder,
+        save_interval=args.save_interval,
+        autoresume=args.autoresume,
+        load_path=args.load_path,
+    )
+    trainer.fit()
+    if rank == 0:
+        torch.save(model.module.state_dict(), os.path.join(args.out, "final.pt"))
+        with open(os.path.join(args.out, "timestamp.txt"), "w") as file:
+            file.write(f"{trainer.state.timestamp.epoch} {trainer.state.timestamp.batch}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Real multi-process runs: torchrun with gloo on the CPU, two ranks, driven from pytest."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cairn import Trainer
+from cairn.checkpoint import read_checkpoint
+from cairn.models import Classifier
+from conftest import TinyNet, make_loader
+
+SCRIPT = Path(__file__).parent / "dist_scripts" / "train.py"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(out: Path, *args: str, nproc: int = 2) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    command = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(SCRIPT), "--out", str(out), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _samples(path: Path) -> list[list[int]]:
+    return [[int(i) for i in line.split()] for line in path.read_text().splitlines()]
+
+
+def test_two_ranks_split_the_data_and_rank_zero_writes_one_checkpoint(tmp_path: Path) -> None:
+    torchrun(tmp_path, "--save-folder", str(tmp_path / "ckpt"), "--max-duration", "2ep")
+    rank0, rank1 = _samples(tmp_path / "samples-rank0.txt"), _samples(tmp_path / "samples-rank1.txt")
+    assert len(rank0) == len(rank1) == 16  # 64 samples, 2 ranks, 4 a batch: 8 batches an epoch each
+    for epoch in range(2):
+        seen0 = {i for batch in rank0[epoch * 8 : (epoch + 1) * 8] for i in batch}
+        seen1 = {i for batch in rank1[epoch * 8 : (epoch + 1) * 8] for i in batch}
+        assert not seen0 & seen1 and seen0 | seen1 == set(range(64)), "each rank gets its own half"
+    assert rank0[:8] != rank0[8:], "set_epoch reshuffles every epoch"
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["ep1-ba8-rank0.pt", "ep2-ba16-rank0.pt", "latest-rank0.pt"]
+    checkpoint = read_checkpoint(str(tmp_path / "ckpt" / "ep2-ba16-rank0.pt"))
+    assert checkpoint["state"]["metadata"]["world_size"] == 2
+    assert len(checkpoint["rng"]) == 2 and not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+    TinyNet().load_state_dict(checkpoint["state"]["model"])  # no "module." from DDP
+
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    resumed = Trainer(  # the two-rank checkpoint resumes in a single process
+        model=Classifier(TinyNet(dropout=0.3)),
+        train_dataloader=make_loader(),
+        max_duration="3ep",
+        load_path=str(tmp_path / "ckpt" / "latest-rank0.pt"),
+        progress_bar=False,
+    )
+    assert resumed.state.timestamp.epoch == 2
+    assert all(torch.equal(final[k], v) for k, v in resumed.state.model.module.state_dict().items())
+    resumed.fit()
+
+
+def test_two_ranks_resume_mid_epoch_bit_for_bit(tmp_path: Path) -> None:
+    torchrun(tmp_path / "whole")
+    folder = str(tmp_path / "ckpt")
+    torchrun(tmp_path / "first", "--save-folder", folder, "--save-interval", "1ba", "--max-duration", "11ba")
+    torchrun(tmp_path / "resumed", "--save-folder", folder, "--save-interval", "1ba", "--autoresume")
+    assert (tmp_path / "resumed" / "timestamp.txt").read_text() == "3 24\n"
+    whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    first_batches = _samples(tmp_path / "first" / "samples-rank1.txt")
+    resumed_batches = _samples(tmp_path / "resumed" / "samples-rank1.txt")
+    assert first_batches + resumed_batches == _samples(tmp_path / "whole" / "samples-rank1.txt")
