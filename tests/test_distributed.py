@@ -73,3 +73,26 @@ def test_two_ranks_resume_mid_epoch_bit_for_bit(tmp_path: Path) -> None:
     first_batches = _samples(tmp_path / "first" / "samples-rank1.txt")
     resumed_batches = _samples(tmp_path / "resumed" / "samples-rank1.txt")
     assert first_batches + resumed_batches == _samples(tmp_path / "whole" / "samples-rank1.txt")
+
+
+def test_fsdp_shards_the_model_saves_full_weights_and_resumes_bit_for_bit(tmp_path: Path) -> None:
+    torchrun(tmp_path / "whole", "--fsdp")
+    folder = str(tmp_path / "ckpt")
+    torchrun(tmp_path / "first", "--fsdp", "--save-folder", folder, "--save-interval", "1ba", "--max-duration", "11ba")
+    checkpoint = read_checkpoint(str(tmp_path / "ckpt" / "latest-rank0.pt"))
+    assert checkpoint["state"]["timestamp"]["batch"] == 11
+    TinyNet().load_state_dict(checkpoint["state"]["model"])  # full tensors, the network's own names
+    torchrun(tmp_path / "resumed", "--fsdp", "--save-folder", folder, "--save-interval", "1ba", "--autoresume")
+    whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+    single = Trainer(  # and the FSDP checkpoint resumes in one process, without FSDP
+        model=Classifier(TinyNet(dropout=0.3)),
+        train_dataloader=make_loader(),
+        max_duration="4ep",
+        load_path=str(tmp_path / "ckpt" / "latest-rank0.pt"),
+        progress_bar=False,
+    )
+    assert single.state.timestamp.batch == 24
+    single.fit()

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from cairn import Callback, Trainer  # noqa: E402
+from cairn.core.model_state import model_state  # noqa: E402
 from cairn.models import Classifier  # noqa: E402
 from conftest import TinyNet, make_dataset  # noqa: E402
 
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--save-interval", default="1ep")
     parser.add_argument("--autoresume", action="store_true")
     parser.add_argument("--load-path")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", 0))
     torch.manual_seed(0)
@@ -79,10 +81,12 @@ def main() -> None:
         save_interval=args.save_interval,
         autoresume=args.autoresume,
         load_path=args.load_path,
+        parallelism_config={"fsdp": {}} if args.fsdp else None,
     )
     trainer.fit()
+    weights = model_state(model)  # every rank joins: FSDP gathers the shards to rank 0
     if rank == 0:
-        torch.save(model.module.state_dict(), os.path.join(args.out, "final.pt"))
+        torch.save(weights, os.path.join(args.out, "final.pt"))
         with open(os.path.join(args.out, "timestamp.txt"), "w") as file:
             file.write(f"{trainer.state.timestamp.epoch} {trainer.state.timestamp.batch}\n")
 

@@ -18,7 +18,8 @@ import torch
 
 from cairn.checkpoint.compat import check_compatible
 from cairn.checkpoint.content import content_hash, drop_keys, is_weights_only
-from cairn.core.state import State, model_weights_module
+from cairn.core.model_state import load_model_state
+from cairn.core.state import State
 from cairn.core.time import Timestamp
 from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
 from cairn.utils.dist import get_rank
@@ -140,7 +141,7 @@ def apply_checkpoint(
     check_compatible(saved, state, weights_only=weights_only, strict=strict, source=source)
     if weights_only:
         if "model" in saved:
-            model_weights_module(state.model).load_state_dict(saved["model"], strict=strict)
+            load_model_state(state.model, saved["model"], strict=strict)
         return
     try:
         state.load_state_dict(saved, strict=strict)

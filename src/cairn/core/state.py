@@ -10,6 +10,13 @@ from torch import nn
 from torchmetrics import Metric
 
 from cairn.core.callback import Algorithm, Callback
+from cairn.core.model_state import (
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    model_weights_module,
+    optimizer_state,
+)
 from cairn.core.time import Time, Timestamp
 
 __all__ = ["State", "class_keys", "model_weights_module"]
@@ -113,8 +120,8 @@ class State:
     def state_dict(self) -> dict[str, Any]:
         """The serialized attributes (and ``integrations``) as plain data, in the order checkpoints store them."""
         return {
-            "model": model_weights_module(self.model).state_dict(),
-            "optimizers": _keyed_by_class(self.optimizers, lambda o: o.state_dict()),
+            "model": model_state(self.model),
+            "optimizers": _keyed_by_class(self.optimizers, lambda o: optimizer_state(self.model, o)),
             "schedulers": _keyed_by_class(self.schedulers, lambda s: s.state_dict()),
             "algorithms": _keyed_by_class(self.algorithms, lambda a: a.state_dict()),
             "callbacks": _keyed_by_class(self.callbacks, lambda c: c.state_dict()),
@@ -134,8 +141,11 @@ class State:
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
         """Restore every serialized attribute present in ``state`` into the objects this run already holds."""
         if "model" in state:
-            model_weights_module(self.model).load_state_dict(state["model"], strict=strict)
-        _load_keyed_by_class(self.optimizers, state.get("optimizers"))
+            load_model_state(self.model, state["model"], strict=strict)
+        saved_optimizers = state.get("optimizers") or {}
+        for key, optimizer in zip(class_keys(self.optimizers), self.optimizers, strict=True):
+            if key in saved_optimizers:
+                load_optimizer_state(self.model, optimizer, saved_optimizers[key])
         _load_keyed_by_class(self.schedulers, state.get("schedulers"))
         _load_keyed_by_class(self.algorithms, state.get("algorithms"))
         _load_keyed_by_class(self.callbacks, state.get("callbacks"))
@@ -157,25 +167,6 @@ class State:
             self.run_name = str(state["run_name"])
         if "dataset_state" in state:
             self.dataset_state = dict(state["dataset_state"])
-
-
-def model_weights_module(model: nn.Module) -> nn.Module:
-    """The module whose ``state_dict()`` a checkpoint stores: the user's own network, without any wrapper.
-
-    ``cairn.models.Classifier(net)`` answers ``net``; DDP and similar wrappers answer what they wrap, so a
-    checkpoint's keys are the ones ``net.load_state_dict()`` expects.
-    """
-    while True:
-        inner = getattr(model, "module", None) if _is_parallel_wrapper(model) else None
-        if inner is None:
-            break
-        model = inner
-    weights_module = getattr(model, "weights_module", None)
-    return weights_module() if callable(weights_module) else model
-
-
-def _is_parallel_wrapper(model: nn.Module) -> bool:
-    return isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
 
 
 def class_keys(objects: Sequence[Any]) -> list[str]:

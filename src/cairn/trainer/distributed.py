@@ -18,7 +18,9 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from cairn.utils.dist import is_distributed
 
-__all__ = ["init_from_environment", "shard_dataloader", "wrap_model"]
+__all__ = ["FSDP_OPTIONS", "init_from_environment", "parse_parallelism_config", "shard_dataloader", "wrap_model"]
+
+FSDP_OPTIONS = {"state_dict_type": ("full",), "reshard_after_forward": (True, False)}
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +38,62 @@ def init_from_environment(device: torch.device) -> torch.device:
     return device
 
 
-def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """The module the training step calls: ``DistributedDataParallel`` around the model when there are several ranks."""
+def parse_parallelism_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The FSDP settings from ``parallelism_config={"fsdp": {...}}``, checked; None without FSDP."""
+    if config is None:
+        return None
+    if not isinstance(config, dict) or set(config) - {"fsdp"}:
+        raise ValueError(f"parallelism_config={config!r}: use {{'fsdp': {{...}}}} (or leave it out for DDP)")
+    fsdp = config.get("fsdp")
+    if fsdp is None:
+        return None
+    if not isinstance(fsdp, dict):
+        raise ValueError(f"parallelism_config['fsdp']={fsdp!r}: give a dict of options, e.g. {{}}")
+    settings = {"state_dict_type": "full", "reshard_after_forward": True, **fsdp}
+    for key, value in settings.items():
+        allowed = FSDP_OPTIONS.get(key)
+        if allowed is None or value not in allowed:
+            choices = "; ".join(f"{k}: {', '.join(map(repr, v))}" for k, v in FSDP_OPTIONS.items())
+            raise ValueError(f"parallelism_config['fsdp'][{key!r}]={value!r} is not supported; use {choices}")
+    return settings
+
+
+def wrap_model(
+    model: nn.Module,
+    device: torch.device,
+    fsdp: dict[str, Any] | None = None,
+    optimizers: list[torch.optim.Optimizer] | None = None,
+) -> nn.Module:
+    """The module the training step calls.
+
+    With several ranks: the model sharded in place with FSDP2's ``fully_shard`` when ``fsdp`` is given (the
+    optimizers already built are pointed at the new, sharded parameters), else ``DistributedDataParallel``
+    around it. A single process trains the model as it is.
+    """
     if not is_distributed():
         return model
-    device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if fsdp is None:
+        device_ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    _shard_in_place(model, optimizers or [], reshard_after_forward=fsdp["reshard_after_forward"])
+    return model
+
+
+def _shard_in_place(model: nn.Module, optimizers: list[torch.optim.Optimizer], *, reshard_after_forward: bool) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    for optimizer in optimizers:
+        if optimizer.state:
+            raise ValueError(
+                "an optimizer that has already stepped cannot follow its parameters into FSDP shards; "
+                "pass optimizers that have not stepped yet"
+            )
+    fully_shard(model, reshard_after_forward=reshard_after_forward)  # replaces every parameter with a DTensor
+    sharded = dict(model.named_parameters())
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["params"] = [sharded[names[id(parameter)]] for parameter in group["params"]]
 
 
 def shard_dataloader(loader: Any, seed: int) -> Any:

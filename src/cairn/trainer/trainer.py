@@ -26,7 +26,7 @@ from cairn.storage.base import ObjectStore
 from cairn.trainer.batching import split_batch
 from cairn.trainer.dataloader import epoch_iterator, record_loader_position, restore_loader_position
 from cairn.trainer.devices import move_to_device, resolve_device
-from cairn.trainer.distributed import init_from_environment, shard_dataloader, wrap_model
+from cairn.trainer.distributed import init_from_environment, parse_parallelism_config, shard_dataloader, wrap_model
 from cairn.trainer.model_adapter import ModelAdapter
 from cairn.trainer.precision import autocast, make_grad_scaler, parse_precision
 from cairn.trainer.run_name import generate_run_name
@@ -87,14 +87,14 @@ class Trainer:
         load_progress_bar: bool = True,
         autoresume: bool = False,
     ) -> None:
-        if parallelism_config is not None:
-            raise ValueError("parallelism_config is not supported yet: train on one process, or wait for FSDP support")
+        fsdp = parse_parallelism_config(parallelism_config)
         self._model = ModelAdapter(model)
         torch_device = init_from_environment(resolve_device(device))
         rank_zero_seed = broadcast_object(make_seed() if seed is None else seed)
         seed_all(rank_seed(rank_zero_seed, get_rank()))
         model.to(torch_device)
-        self._model.forward_module = wrap_model(model, torch_device)  # DDP around it when there are several ranks
+        optimizer_list = _as_list(optimizers, torch.optim.Optimizer, "optimizers")
+        self._model.forward_module = wrap_model(model, torch_device, fsdp, optimizer_list)  # DDP, or FSDP2 shards
         train_dataloader = shard_dataloader(train_dataloader, rank_zero_seed)
         eval_dataloader = shard_dataloader(eval_dataloader, rank_zero_seed)
         precision_ = parse_precision(precision)
@@ -128,7 +128,7 @@ class Trainer:
             max_duration=_parse_max_duration(max_duration),
             device=torch_device,
             precision=precision_.value,
-            optimizers=_as_list(optimizers, torch.optim.Optimizer, "optimizers") or [_default_optimizer(model)],
+            optimizers=optimizer_list or [_default_optimizer(model)],
             schedulers=_as_list(schedulers, object, "schedulers"),
             algorithms=_as_list(algorithms, Algorithm, "algorithms"),
             callbacks=[*_as_list(callbacks, Callback, "callbacks"), *destinations, *([saver] if saver else [])],
