@@ -9,11 +9,12 @@ implement the private hooks; they never retry themselves beyond what their SDK a
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -127,6 +128,25 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     def _list(self, key_prefix: str) -> list[str]: ...
+
+    def _translate(self, error: Exception, key: str) -> ObjectStoreError | None:
+        """The cairn error for an SDK exception (None: not the store's business, let it propagate)."""
+        del error, key
+        return None
+
+    @contextlib.contextmanager
+    def _sdk_errors(self, key: str) -> Iterator[None]:
+        """Turn the SDK's exceptions into cairn's through :meth:`_translate`; ``from None`` keeps secrets that an
+        SDK message may carry out of chained tracebacks."""
+        try:
+            yield
+        except ObjectStoreError:
+            raise
+        except Exception as error:
+            translated = self._translate(error, key)
+            if translated is None:
+                raise
+            raise translated from None
 
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
         """True or False where the store reports a checksum to compare with; None where it does not."""

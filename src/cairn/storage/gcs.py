@@ -9,9 +9,7 @@ Application Default Credentials. ``STORAGE_EMULATOR_HOST`` points the latter at 
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
-from collections.abc import Iterator
 from typing import IO, Any
 
 from cairn.errors import ObjectNotFoundError, ObjectStoreError
@@ -76,7 +74,7 @@ class GCSObjectStore(ObjectStore):
             return self._interop._upload(key, filename, callback)
         size = os.path.getsize(filename)
         blob = self._bucket.blob(key, chunk_size=self.chunk_size)
-        with self._google_errors(key), open(filename, "rb") as file:
+        with self._sdk_errors(key), open(filename, "rb") as file:
             reader = _ProgressReader(file, size, callback)
             blob.upload_from_file(reader, size=size, retry=self._retry)
         reader.finish()
@@ -85,7 +83,7 @@ class GCSObjectStore(ObjectStore):
     def _download(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
         if self._interop:
             return self._interop._download(key, filename, callback)
-        with self._google_errors(key):
+        with self._sdk_errors(key):
             blob = self._blob(key)  # its generation pins the download to this version of the object
             with open(filename, "wb") as file:
                 blob.download_to_file(_ProgressWriter(file, blob.size or 0, callback), retry=self._retry)
@@ -94,20 +92,20 @@ class GCSObjectStore(ObjectStore):
     def _size(self, key: str) -> int:
         if self._interop:
             return self._interop._size(key)
-        with self._google_errors(key):
+        with self._sdk_errors(key):
             return int(self._blob(key).size or 0)
 
     def _list(self, key_prefix: str) -> list[str]:
         if self._interop:
             return self._interop._list(key_prefix)
-        with self._google_errors(key_prefix):
+        with self._sdk_errors(key_prefix):
             return [blob.name for blob in self._client.list_blobs(self._bucket, prefix=key_prefix, retry=self._retry)]
 
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
         """GCS keeps an MD5 for objects uploaded whole, and a CRC32C for every object (composed ones too)."""
         if self._interop:
             return self._interop._checksum_matches(self.key(name), filename)
-        with self._google_errors(self.key(name)):
+        with self._sdk_errors(self.key(name)):
             blob = self._blob(self.key(name))
         if blob.md5_hash:
             return blob.md5_hash == _b64(bytes.fromhex(file_md5(filename)))
@@ -144,19 +142,6 @@ class GCSObjectStore(ObjectStore):
             return bool(self._bucket.exists(retry=self._retry))
         except Exception:
             return True
-
-    @contextlib.contextmanager
-    def _google_errors(self, key: str) -> Iterator[None]:
-        """Turn google-cloud-storage's exceptions into cairn's, naming the key."""
-        try:
-            yield
-        except ObjectStoreError:
-            raise
-        except Exception as error:
-            translated = self._translate(error, key)
-            if translated is None:
-                raise
-            raise translated from error
 
     def _translate(self, error: Exception, key: str) -> ObjectStoreError | None:
         import requests

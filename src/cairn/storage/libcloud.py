@@ -6,10 +6,9 @@ its own in cairn. Its exceptions are turned into cairn's here; provider secrets 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from typing import Any
 
 from cairn.errors import ObjectNotFoundError, ObjectStoreError
@@ -55,7 +54,7 @@ class LibcloudObjectStore(ObjectStore):
     def _upload(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
         """Without a callback, ``upload_object`` lets the driver check the MD5 the server computed; with one,
         the file goes through ``upload_object_via_stream``, the only route where libcloud shows how far it is."""
-        with self._translated(key):
+        with self._sdk_errors(key):
             container = self._get_container()
             if callback is None or os.path.getsize(filename) == 0:
                 self._driver.upload_object(file_path=filename, container=container, object_name=key, verify_hash=True)
@@ -71,7 +70,7 @@ class LibcloudObjectStore(ObjectStore):
     def _download(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
         """Streams into ``filename`` (a temporary name the base class renames), counting bytes for progress and to
         notice a connection that ended early."""
-        with self._translated(key):
+        with self._sdk_errors(key):
             obj = self._driver.get_object(self.bucket, key)
             total, done = int(obj.size), 0
             with open(filename, "wb") as file:
@@ -84,18 +83,18 @@ class LibcloudObjectStore(ObjectStore):
             raise TransientStoreError(f"the download of {key!r} stopped after {done} of {total} bytes")
 
     def _size(self, key: str) -> int:
-        with self._translated(key):
+        with self._sdk_errors(key):
             return int(self._driver.get_object(self.bucket, key).size)
 
     def _list(self, key_prefix: str) -> list[str]:
-        with self._translated(key_prefix):
+        with self._sdk_errors(key_prefix):
             container = self._get_container()
             return [obj.name for obj in self._driver.iterate_container_objects(container, prefix=key_prefix or None)]
 
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
         """Compare the MD5 the provider reports; None where it reports none (S3 multipart ETags, Azure's ETags)."""
         key = self.key(name)
-        with self._translated(key):
+        with self._sdk_errors(key):
             obj = self._driver.get_object(self.bucket, key)
         remote = self._reported_md5(obj)
         return None if remote is None else remote == file_md5(filename)
@@ -140,20 +139,7 @@ class LibcloudObjectStore(ObjectStore):
             text = text.replace(secret, "***")
         return text
 
-    @contextlib.contextmanager
-    def _translated(self, key: str) -> Iterator[None]:
-        """Turn libcloud's exceptions (and the network's) into cairn's, naming the key or the container."""
-        try:
-            yield
-        except ObjectStoreError:
-            raise
-        except Exception as error:
-            translated = self._cairn_error(key, error)
-            if translated is None:
-                raise
-            raise translated from None
-
-    def _cairn_error(self, key: str, error: Exception) -> ObjectStoreError | None:
+    def _translate(self, error: Exception, key: str) -> ObjectStoreError | None:
         from http.client import HTTPException
 
         from libcloud.common.exceptions import BaseHTTPError

@@ -160,19 +160,6 @@ class OCIObjectStore(ObjectStore):
                 assembler.abort()
             raise
 
-    @contextlib.contextmanager
-    def _sdk_errors(self, key: str) -> Iterator[None]:
-        """Turn the SDK's exceptions into cairn's, naming the key (and telling a missing bucket from an object)."""
-        try:
-            yield
-        except ObjectStoreError:
-            raise
-        except Exception as error:
-            translated = self._translate(error, key)
-            if translated is None:
-                raise
-            raise translated from error
-
     def _translate(self, error: Exception, key: str) -> ObjectStoreError | None:
         from circuitbreaker import CircuitBreakerError
         from oci._vendor.requests.exceptions import RequestException  # what the SDK's HTTP layer raises
