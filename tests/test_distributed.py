@@ -96,3 +96,56 @@ def test_fsdp_shards_the_model_saves_full_weights_and_resumes_bit_for_bit(tmp_pa
     )
     assert single.state.timestamp.batch == 24
     single.fit()
+
+
+def test_sharded_checkpoints_are_folders_that_resume_bit_for_bit_and_reshard(tmp_path: Path) -> None:
+    torchrun(tmp_path / "whole", "--fsdp")
+    ckpt = tmp_path / "ckpt"
+    sharded = ("--fsdp", "--sharded", "--save-folder", str(ckpt), "--save-interval", "1ba")
+    torchrun(tmp_path / "first", *sharded, "--max-duration", "11ba", "--keep", "2")
+    assert sorted(os.listdir(ckpt)) == ["ep1-ba10-rank0.pt", "ep1-ba11-rank0.pt", "latest-rank0.pt"], "whole folders"
+    folder = ckpt / "ep1-ba11-rank0.pt"
+    assert sorted(os.listdir(folder)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "cairn.pt"]
+    assert os.readlink(ckpt / "latest-rank0.pt") == "ep1-ba11-rank0.pt"
+    assert read_checkpoint(str(folder))["state"]["metadata"]["sharded"] is True
+
+    single = Trainer(  # two ranks' shards, resharded into one plain process
+        model=Classifier(TinyNet(dropout=0.3)),
+        train_dataloader=make_loader(),
+        max_duration="4ep",
+        load_path=str(folder),
+        progress_bar=False,
+    )
+    assert single.state.timestamp.batch == 11
+    single.fit()
+
+    joined = tmp_path / "joined.pt"  # and `cairn ckpt convert` joins the shards into one file for a plain module
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "cairn"),
+            "ckpt",
+            "convert",
+            str(folder),
+            "--to",
+            "single-file",
+            str(joined),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    converted = read_checkpoint(str(joined))
+    assert list(converted["state"])[:3] == ["model", "optimizers", "schedulers"]
+    net = TinyNet()
+    net.load_state_dict(converted["state"]["model"])
+    assert converted["state"]["timestamp"]["batch"] == 11 and len(converted["rng"]) == 2
+
+    torchrun(tmp_path / "four", "--fsdp", "--sharded", "--load-path", str(folder), nproc=4)  # and onto four ranks
+    assert (tmp_path / "four" / "timestamp.txt").read_text().split()[0] == "3"
+
+    torchrun(tmp_path / "resumed", *sharded, "--autoresume", "--keep", "2")
+    whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole), "same world size: bit for bit"

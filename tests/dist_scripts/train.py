@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--autoresume", action="store_true")
     parser.add_argument("--load-path")
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
+    parser.add_argument("--sharded", action="store_true", help="with --fsdp: sharded checkpoint folders")
+    parser.add_argument("--keep", type=int, default=-1, help="save_num_checkpoints_to_keep")
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", 0))
     torch.manual_seed(0)
@@ -80,8 +82,9 @@ def main() -> None:
         save_folder=args.save_folder,
         save_interval=args.save_interval,
         autoresume=args.autoresume,
+        save_num_checkpoints_to_keep=args.keep,
         load_path=args.load_path,
-        parallelism_config={"fsdp": {}} if args.fsdp else None,
+        parallelism_config={"fsdp": {"state_dict_type": "sharded" if args.sharded else "full"}} if args.fsdp else None,
     )
     trainer.fit()
     weights = model_state(model)  # every rank joins: FSDP gathers the shards to rank 0

@@ -34,17 +34,20 @@ FORMAT_VERSION = 1
 _HASH_NAME = "sha256"
 
 
-def build_checkpoint(state: State, *, weights_only: bool = False, ignore_keys: Sequence[str] = ()) -> dict[str, Any]:
+def build_checkpoint(
+    state: State, *, weights_only: bool = False, ignore_keys: Sequence[str] = (), sharded: bool = False
+) -> dict[str, Any]:
     """The checkpoint of ``state`` right now, hashed and ready to write.
 
-    In a distributed run every rank must call it: each rank's generators are gathered into ``rng``.
+    In a distributed run every rank must call it: each rank's generators are gathered into ``rng``. ``sharded``
+    leaves the model and optimizers out: they are written as shards beside this file.
     """
     if weights_only:
-        checkpoint: dict[str, Any] = {"state": {"model": state.state_dict()["model"]}}
+        checkpoint: dict[str, Any] = {"state": {} if sharded else {"model": state.state_dict()["model"]}}
     else:
-        checkpoint = {"state": state.state_dict(), "rng": all_gather_object(rng_state())}
+        checkpoint = {"state": state.state_dict(tensors=not sharded), "rng": all_gather_object(rng_state())}
     checkpoint = _on_cpu(drop_keys(checkpoint, ignore_keys))
-    checkpoint["state"]["metadata"] = _metadata(get_world_size(), weights_only)
+    checkpoint["state"]["metadata"] = {**_metadata(get_world_size(), weights_only), "sharded": sharded}
     checkpoint["state"]["metadata"]["content_hash"] = content_hash(checkpoint)
     return checkpoint
 
@@ -60,6 +63,10 @@ def _on_cpu(node: Any) -> Any:
     if isinstance(node, tuple):
         return tuple(_on_cpu(value) for value in node)
     return node
+
+
+def is_sharded(checkpoint: dict[str, Any]) -> bool:
+    return bool(checkpoint["state"].get("metadata", {}).get("sharded"))
 
 
 def is_weights_only(checkpoint: dict[str, Any]) -> bool:

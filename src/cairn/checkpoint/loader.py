@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from cairn.checkpoint.compat import check_compatible
-from cairn.checkpoint.content import content_hash, drop_keys, is_weights_only
+from cairn.checkpoint.content import content_hash, drop_keys, is_sharded, is_weights_only
+from cairn.checkpoint.sharded import METADATA_FILE, is_sharded_folder, load_shards
 from cairn.core.model_state import load_model_state
 from cairn.core.state import State
 from cairn.core.time import Timestamp
@@ -34,8 +35,10 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     """Load and verify the checkpoint at ``path`` without running any code from it."""
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"no checkpoint at {path!r}: check the path (and the working directory)")
-    if os.path.isdir(path):
-        raise CheckpointCorruptError(f"{path!r} is a folder, not a checkpoint file; name the .pt file inside it")
+    if is_sharded_folder(path):
+        path = os.path.join(path, METADATA_FILE)
+    elif os.path.isdir(path):
+        raise CheckpointCorruptError(f"{path!r} is a folder but not a sharded checkpoint (it has no {METADATA_FILE})")
     checkpoint = _torch_load_safely(path)
     _check_structure(checkpoint, path)
     _check_hash(checkpoint, path)
@@ -103,7 +106,8 @@ def _check_structure(checkpoint: Any, path: str) -> None:
     if not isinstance(metadata, dict) or not isinstance(metadata.get("content_hash"), str):
         raise fail("its 'state' has no 'metadata' with a content hash")
     model = state.get("model")
-    if not isinstance(model, dict) or not all(isinstance(k, str) for k in model):
+    sharded = metadata.get("sharded") is True  # its model lives in the shards beside this file
+    if not (sharded and model is None) and (not isinstance(model, dict) or not all(isinstance(k, str) for k in model)):
         raise fail("'state/model' is not a dict of named tensors")
     if "rng" in checkpoint and not isinstance(checkpoint["rng"], list):
         raise fail("'rng' is not a list with one entry per rank")
@@ -139,6 +143,8 @@ def apply_checkpoint(
     saved = {k: v for k, v in checkpoint["state"].items() if k != "metadata"}
     _check_restorable(saved, [] if weights_only else checkpoint.get("rng") or [], source)
     check_compatible(saved, state, weights_only=weights_only, strict=strict, source=source)
+    if is_sharded(checkpoint):
+        load_shards(source, state, weights_only=weights_only, strict=strict)  # checks the model fits first
     if weights_only:
         if "model" in saved:
             load_model_state(state.model, saved["model"], strict=strict)

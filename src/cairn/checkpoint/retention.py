@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 
 from cairn.checkpoint.commit import is_temporary
 
@@ -16,7 +17,8 @@ _ORDER = ("epoch", "batch", "sample", "token", "batch_in_epoch", "sample_in_epoc
 
 
 def list_checkpoints(folder: str, pattern: re.Pattern[str]) -> list[str]:
-    """Paths under ``folder`` whose relative name matches ``pattern``, oldest first.
+    """Paths under ``folder`` whose relative name matches ``pattern`` (files, and sharded checkpoint folders),
+    oldest first.
 
     Order comes from the progress numbers in the names (epoch, batch, ...), then from modification time.
     Links (such as ``latest``) and temporary files are never listed.
@@ -24,8 +26,10 @@ def list_checkpoints(folder: str, pattern: re.Pattern[str]) -> list[str]:
     found: list[tuple[tuple[float, ...], str]] = []
     if not os.path.isdir(folder):
         return []
-    for root, _, files in os.walk(folder):
-        for name in files:
+    for root, folders, files in os.walk(folder):
+        sharded = [name for name in folders if os.path.isfile(os.path.join(root, name, "cairn.pt"))]
+        folders[:] = [name for name in folders if name not in sharded]  # a sharded checkpoint is one entry
+        for name in [*files, *sharded]:
             path = os.path.join(root, name)
             relative = os.path.relpath(path, folder)
             match = pattern.match(relative.replace(os.sep, "/"))
@@ -48,7 +52,7 @@ def prune(folder: str, pattern: re.Pattern[str], keep: int, *, protect: str | No
         if protect is not None and os.path.abspath(path) == os.path.abspath(protect):
             continue
         try:
-            os.remove(path)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             removed.append(path)
         except OSError as err:
             log.warning("could not remove old checkpoint %s (%s); it will be retried at the next save", path, err)

@@ -16,6 +16,7 @@ from cairn.checkpoint.content import build_checkpoint
 from cairn.checkpoint.naming import check_format, format_name, name_pattern
 from cairn.checkpoint.policy import is_last_checkpoint_event, save_policy
 from cairn.checkpoint.retention import list_checkpoints, prune
+from cairn.checkpoint.sharded import save_sharded
 from cairn.core.callback import Callback
 from cairn.core.event import Event
 from cairn.core.interval import IntervalLike
@@ -81,6 +82,10 @@ class CheckpointSaver(Callback):
                 "num_checkpoints_to_keep=0 deletes each checkpoint once it is uploaded, but nothing uploads here; "
                 "save to an s3://, gs:// or oci:// save_folder, add a RemoteUploaderDownloader, or keep 1 or more"
             )
+        if state.sharded_checkpoints and logger.uploads_files:
+            raise ValueError(
+                "sharded checkpoints are folders, which cannot be uploaded yet; use state_dict_type='full'"
+            )
         folder = format_name(self.folder, state, rank=0)
         if get_rank() == 0:
             remove_stale_temporaries(folder)
@@ -120,9 +125,8 @@ class CheckpointSaver(Callback):
         """
         folder = format_name(self.folder, state, rank=0)
         path = os.path.join(folder, format_name(self.filename, state, rank=0))
-        save_checkpoint(
-            state, path, weights_only=self.weights_only, ignore_keys=self.ignore_keys, overwrite=self.overwrite
-        )
+        write = save_sharded if state.sharded_checkpoints else save_checkpoint
+        write(state, path, weights_only=self.weights_only, ignore_keys=self.ignore_keys, overwrite=self.overwrite)
         if get_rank() == 0:
             self._after_write(state, logger, folder, path)
         barrier()

@@ -1,4 +1,5 @@
-"""``cairn``: the console command. ``cairn demo`` trains the digits example; ``cairn --version`` says which."""
+"""``cairn``: the console command. ``cairn demo`` trains the digits example; ``cairn ckpt convert`` changes a
+checkpoint's form; ``cairn --version`` says which versions are installed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 import cairn
+from cairn.checkpoint.convert import FORMATS
 
 __all__ = ["main"]
 
@@ -14,6 +16,8 @@ _EXAMPLES = """examples:
   cairn --version          print cairn's and torch's versions
   cairn demo               train a small CNN on handwritten digits
   cairn demo --epochs 3    a shorter run
+  cairn ckpt convert ckpt/ep3-ba24-rank0.pt --to single-file ep3.pt
+                           join a sharded checkpoint folder into one file
 """
 
 
@@ -30,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     from cairn.demo import add_arguments
 
     add_arguments(demo)
+    ckpt = commands.add_parser("ckpt", help="look at and convert checkpoints")
+    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", metavar="COMMAND", required=True)
+    convert = ckpt_commands.add_parser(
+        "convert",
+        help="write a checkpoint in another form",
+        epilog="example: cairn ckpt convert ckpt/ep3-ba24-rank0.pt --to single-file ep3.pt",
+    )
+    convert.add_argument("source", help="a checkpoint file or sharded checkpoint folder")
+    convert.add_argument("--to", dest="target", required=True, choices=FORMATS, help="the form to write")
+    convert.add_argument("out", help="where to write it (must not exist)")
     return parser
 
 
@@ -45,8 +59,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cairn.demo import run
 
         return run(args)
+    if args.command == "ckpt":
+        return _convert(args)
     parser.print_help(sys.stderr)
     return 2
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from cairn.checkpoint.convert import convert
+    from cairn.errors import CairnError
+
+    try:
+        print(convert(args.source, args.target, args.out))
+    except (CairnError, FileExistsError, ValueError) as err:
+        print(f"cairn ckpt convert: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ class State:
         self.loss: torch.Tensor | None = None
         self.eval_label: str | None = None
         self.resumed_from: str | None = None  # the checkpoint a resumed run's full state came from
+        self.sharded_checkpoints = False  # FSDP with state_dict_type="sharded": checkpoints are DCP folders
         self._stop_requested = False
 
     # -- progress ---------------------------------------------------------------------------------------------
@@ -117,11 +118,19 @@ class State:
 
     # -- serialization ----------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """The serialized attributes (and ``integrations``) as plain data, in the order checkpoints store them."""
-        return {
+    def state_dict(self, *, tensors: bool = True) -> dict[str, Any]:
+        """The serialized attributes (and ``integrations``) as plain data, in the order checkpoints store them.
+
+        ``tensors=False`` leaves out the model and optimizers, for sharded checkpoints that store them as shards.
+        """
+        big = {
             "model": model_state(self.model),
             "optimizers": _keyed_by_class(self.optimizers, lambda o: optimizer_state(self.model, o)),
+        }
+        return {**(big if tensors else {}), **self._small_state_dict()}
+
+    def _small_state_dict(self) -> dict[str, Any]:
+        return {
             "schedulers": _keyed_by_class(self.schedulers, lambda s: s.state_dict()),
             "algorithms": _keyed_by_class(self.algorithms, lambda a: a.state_dict()),
             "callbacks": _keyed_by_class(self.callbacks, lambda c: c.state_dict()),

@@ -20,7 +20,7 @@ from cairn.utils.dist import is_distributed
 
 __all__ = ["FSDP_OPTIONS", "init_from_environment", "parse_parallelism_config", "shard_dataloader", "wrap_model"]
 
-FSDP_OPTIONS = {"state_dict_type": ("full",), "reshard_after_forward": (True, False)}
+FSDP_OPTIONS = {"state_dict_type": ("full", "sharded"), "reshard_after_forward": (True, False)}
 
 log = logging.getLogger(__name__)
 

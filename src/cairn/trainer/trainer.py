@@ -30,7 +30,7 @@ from cairn.trainer.distributed import init_from_environment, parse_parallelism_c
 from cairn.trainer.model_adapter import ModelAdapter
 from cairn.trainer.precision import autocast, make_grad_scaler, parse_precision
 from cairn.trainer.run_name import generate_run_name
-from cairn.utils.dist import broadcast_object, get_rank
+from cairn.utils.dist import broadcast_object, get_rank, is_distributed
 from cairn.utils.reproducibility import make_seed, rank_seed, seed_all
 
 __all__ = ["Trainer"]
@@ -137,6 +137,7 @@ class Trainer:
             eval_metrics={"eval": _on_device(self._model.metrics(is_train=False), torch_device)},
             device_train_microbatch_size=_check_microbatch_size(device_train_microbatch_size),
         )
+        self.state.sharded_checkpoints = bool(fsdp and fsdp["state_dict_type"] == "sharded" and is_distributed())
         self.state.train_dataloader = train_dataloader
         self.state.eval_dataloader = eval_dataloader
         self.state.dataloader_len = _len_or_none(train_dataloader)

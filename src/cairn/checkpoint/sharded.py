@@ -1,0 +1,132 @@
+"""Sharded checkpoints: a folder in which every rank writes its own shards with ``torch.distributed.checkpoint``.
+
+Layout of ``<name>/``: the DCP shard files (``__<rank>_0.distcp``) and ``.metadata`` hold the model and optimizer
+tensors; ``cairn.pt`` (written by rank 0) holds everything else, as in a single-file checkpoint, with its content
+hash. The folder is written under a hidden temporary name and renamed once every rank has finished, so a reader
+never sees a partial folder. DCP reshards on load: a folder written by N ranks loads on M ranks, or into a plain
+module in one process.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+from cairn.checkpoint.commit import TEMP_MARKER, fsync_folder, write_checkpoint
+from cairn.checkpoint.content import build_checkpoint
+from cairn.core.model_state import model_weights_module
+from cairn.core.state import State, class_keys
+from cairn.errors import CheckpointIncompatibleError
+from cairn.utils.dist import broadcast_object, get_rank
+
+__all__ = ["METADATA_FILE", "is_sharded_folder", "load_shards", "save_sharded"]
+
+METADATA_FILE = "cairn.pt"
+
+
+def is_sharded_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, METADATA_FILE))
+
+
+def save_sharded(
+    state: State, path: str, *, weights_only: bool = False, ignore_keys: Sequence[str] = (), overwrite: bool = True
+) -> str:
+    """Write ``path`` as a sharded checkpoint folder; every rank calls it, each writes its own shards."""
+    import torch.distributed.checkpoint as dcp
+
+    parent, name = os.path.split(path)
+    temporary = os.path.join(parent, f".{name}{TEMP_MARKER}{broadcast_object(secrets.token_hex(4))}")
+    tensors = _current_tensors(state, weights_only=weights_only)
+    dcp.save(tensors, checkpoint_id=temporary)  # every rank writes its shards; rank 0 the .metadata
+    rest = build_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys, sharded=True)
+    failure: BaseException | None = None
+    if get_rank() == 0:
+        try:
+            write_checkpoint(rest, os.path.join(temporary, METADATA_FILE))
+            _publish(temporary, path, overwrite=overwrite)
+        except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised
+            failure = err
+    reason = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if reason is not None:
+        raise OSError(f"rank 0 could not finish the sharded checkpoint {path!r} ({reason})")
+    return path
+
+
+def _publish(temporary: str, path: str, *, overwrite: bool) -> None:
+    """Rename the finished folder into place; an existing one is replaced only with ``overwrite``."""
+    if os.path.exists(path):
+        if not overwrite:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise FileExistsError(f"{path} already exists and overwrite is off; pass save_overwrite=True to replace it")
+        retired = f"{temporary}-old"
+        os.replace(path, retired)
+        os.replace(temporary, path)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(temporary, path)
+    fsync_folder(os.path.dirname(path) or ".")
+
+
+def _current_tensors(state: State, *, weights_only: bool) -> dict[str, Any]:
+    """The model's (and optimizers') state as DCP wants it: sharded tensors where the model is sharded."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    tensors: dict[str, Any] = {"model": get_model_state_dict(model_weights_module(state.model))}
+    if not weights_only:
+        optimizers = zip(class_keys(state.optimizers), state.optimizers, strict=True)
+        tensors["optimizers"] = {key: get_optimizer_state_dict(state.model, opt) for key, opt in optimizers}
+    return tensors
+
+
+def load_shards(folder: str, state: State, *, weights_only: bool, strict: bool) -> None:
+    """Read the shards of ``folder`` into this run's model (and optimizers), resharding to this run's ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    _check_model_fits(folder, state, strict=strict)
+    tensors = _current_tensors(state, weights_only=weights_only)
+    saved_keys = set(dcp.FileSystemReader(folder).read_metadata().state_dict_metadata)
+    if not strict:
+        tensors["model"] = {k: v for k, v in tensors["model"].items() if f"model.{k}" in saved_keys}
+    dcp.load(tensors, checkpoint_id=folder)
+    module = model_weights_module(state.model)
+    set_model_state_dict(module, tensors["model"], options=_options(strict=strict))
+    for key, optimizer in zip(class_keys(state.optimizers), state.optimizers, strict=True):
+        if not weights_only:
+            set_optimizer_state_dict(state.model, optimizer, tensors["optimizers"][key])
+
+
+def _options(*, strict: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(strict=strict)
+
+
+def _check_model_fits(folder: str, state: State, *, strict: bool) -> None:
+    """Name every missing, unexpected and mis-shaped weight, from the shards' metadata, before reading any."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = {
+        key.removeprefix("model."): tuple(meta.size)
+        for key, meta in dcp.FileSystemReader(folder).read_metadata().state_dict_metadata.items()
+        if key.startswith("model.") and hasattr(meta, "size")
+    }
+    expected = {k: tuple(v.shape) for k, v in model_weights_module(state.model).state_dict().items()}
+    problems = [
+        f"model weight {k!r}: checkpoint has shape {saved[k]}, model has {shape}"
+        for k, shape in expected.items()
+        if k in saved and saved[k] != shape
+    ]
+    if strict:
+        problems += [f"model weight {k!r} is missing from the checkpoint" for k in expected if k not in saved]
+        problems += [
+            f"model weight {k!r} is in the checkpoint but not in the model" for k in saved if k not in expected
+        ]
+    if problems:
+        listing = "\n  - ".join(problems)
+        raise CheckpointIncompatibleError(f"sharded checkpoint {folder} does not fit this run:\n  - {listing}")
