@@ -149,3 +149,18 @@ def test_sharded_checkpoints_are_folders_that_resume_bit_for_bit_and_reshard(tmp
     whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole), "same world size: bit for bit"
+
+
+def test_the_demo_runs_under_torchrun_and_resumes(tmp_path: Path) -> None:
+    def demo(epochs: int) -> str:
+        command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "cairn.demo", "--epochs", str(epochs)]
+        command += ["--no-progress", "--workdir", str(tmp_path)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    first = demo(1)
+    assert "run digits on 2 processes" in first and "started fresh" in first
+    second = demo(2)
+    assert f"resumed from {tmp_path}/distributed/ep1-ba23-rank0.pt" in second
+    assert second.count("epoch 2: test accuracy") == 1, "rank 0 alone reports"
