@@ -131,7 +131,9 @@ def instrument(stage: str, save_number: int) -> None:
     def save(obj: Any, file: Any, *args: Any, **kwargs: Any) -> None:
         saves["count"] += 1
         if stage == "write" and saves["count"] == save_number:
-            file = StallingFile(file)
+            with open(file, "wb") as opened:  # cairn hands torch.save the temporary file's path
+                real_save(obj, StallingFile(opened), *args, **kwargs)
+            return
         real_save(obj, file, *args, **kwargs)
 
     def fsync(fd: int) -> None:

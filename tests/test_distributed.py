@@ -75,6 +75,22 @@ def test_two_ranks_resume_mid_epoch_bit_for_bit(tmp_path: Path) -> None:
     assert first_batches + resumed_batches == _samples(tmp_path / "whole" / "samples-rank1.txt")
 
 
+@pytest.mark.parametrize("mode", [(), ("--fsdp", "--sharded")], ids=["ddp-single-file", "fsdp-sharded"])
+def test_async_saves_on_two_ranks_publish_whole_checkpoints_and_resume_bit_for_bit(
+    tmp_path: Path, mode: tuple[str, ...]
+) -> None:
+    torchrun(tmp_path / "whole", *mode)
+    folder = tmp_path / "ckpt"
+    saving = (*mode, "--save-folder", str(folder), "--save-interval", "1ba", "--async-save", "--keep", "2")
+    torchrun(tmp_path / "first", *saving, "--max-duration", "11ba")
+    assert sorted(os.listdir(folder)) == ["ep1-ba10-rank0.pt", "ep1-ba11-rank0.pt", "latest-rank0.pt"], "fit waited"
+    assert read_checkpoint(str(folder / "latest-rank0.pt"))["state"]["timestamp"]["batch"] == 11
+    torchrun(tmp_path / "resumed", *saving, "--autoresume")
+    whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_fsdp_shards_the_model_saves_full_weights_and_resumes_bit_for_bit(tmp_path: Path) -> None:
     torchrun(tmp_path / "whole", "--fsdp")
     folder = str(tmp_path / "ckpt")

@@ -102,3 +102,28 @@ def test_checkpoints_of_a_gpu_run_hold_cpu_tensors_and_resume_on_the_gpu(tmp_pat
     resumed.fit()
     assert resumed.state.timestamp.epoch == 2
     assert all(p.device.type == "cuda" for p in resumed.state.model.parameters())
+
+
+def test_async_saves_stage_gpu_tensors_in_pinned_memory_and_match_sync_saves(tmp_path) -> None:
+    from cairn.checkpoint import read_checkpoint
+    from cairn.checkpoint.snapshot import SnapshotBuffers
+
+    buffers = SnapshotBuffers()
+    staged = buffers.take({"w": torch.arange(4.0, device="cuda")})
+    assert staged["w"].device.type == "cpu" and staged["w"].is_pinned() and staged["w"].tolist() == [0, 1, 2, 3]
+
+    files = {}
+    for mode in ("sync", "async"):
+        torch.manual_seed(0)
+        Trainer(
+            model=Classifier(TinyNet(), num_classes=3),
+            train_dataloader=make_loader(),
+            max_duration="2ep",
+            seed=1,
+            save_folder=str(tmp_path / mode),
+            save_async=mode == "async",
+            progress_bar=False,
+        ).fit()
+        files[mode] = read_checkpoint(str(tmp_path / mode / "latest-rank0.pt"))
+    sync, background = files["sync"]["state"]["model"], files["async"]["state"]["model"]
+    assert all(v.device.type == "cpu" and torch.equal(v, background[k]) for k, v in sync.items())

@@ -87,3 +87,42 @@ def test_demo_through_the_console_script_without_progress_bars(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     assert "epoch 2: test accuracy" in result.stdout
     assert "ba/s" not in result.stderr
+
+
+def _trainer(max_duration: str, **kwargs: object) -> Trainer:
+    import torch
+
+    torch.manual_seed(0)
+    return Trainer(
+        model=Classifier(TinyNet(dropout=0.3), num_classes=3),
+        train_dataloader=make_loader(n=32, shuffle=True),
+        max_duration=max_duration,
+        seed=9,
+        progress_bar=False,
+        **kwargs,
+    )
+
+
+def test_convert_a_single_file_to_a_sharded_folder_and_back(tmp_path: Path) -> None:
+    import torch
+
+    from cairn.checkpoint import read_checkpoint
+
+    whole = _trainer("4ep")
+    whole.fit()
+    _trainer("2ep", save_folder=str(tmp_path), save_filename="ep{epoch}.pt").fit()
+    sharded, back = tmp_path / "ep2-sharded", tmp_path / "ep2-back.pt"
+    for source, form, out in ((tmp_path / "ep2.pt", "sharded", sharded), (sharded, "single-file", back)):
+        result = _run(str(BIN / "cairn"), "ckpt", "convert", str(source), "--to", form, str(out))
+        assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(sharded)) == [".metadata", "__0_0.distcp", "cairn.pt"]
+    original, returned = read_checkpoint(str(tmp_path / "ep2.pt")), read_checkpoint(str(back))
+    assert all(torch.equal(v, returned["state"]["model"][k]) for k, v in original["state"]["model"].items())
+
+    resumed = _trainer("4ep", load_path=str(sharded))  # the folder resumes, optimizer state and all
+    resumed.fit()
+    expected = whole.state.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in resumed.state.model.state_dict().items())
+
+    again = _run(str(BIN / "cairn"), "ckpt", "convert", str(back), "--to", "sharded", str(sharded))
+    assert again.returncode == 1 and "already exists" in again.stderr

@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
     parser.add_argument("--sharded", action="store_true", help="with --fsdp: sharded checkpoint folders")
     parser.add_argument("--keep", type=int, default=-1, help="save_num_checkpoints_to_keep")
+    parser.add_argument("--async-save", action="store_true", help="save_async=True")
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", 0))
     torch.manual_seed(0)
@@ -83,6 +84,7 @@ def main() -> None:
         save_interval=args.save_interval,
         autoresume=args.autoresume,
         save_num_checkpoints_to_keep=args.keep,
+        save_async=args.async_save,
         load_path=args.load_path,
         parallelism_config={"fsdp": {"state_dict_type": "sharded" if args.sharded else "full"}} if args.fsdp else None,
     )

@@ -39,16 +39,33 @@ def read_checkpoint(path: str) -> dict[str, Any]:
         path = os.path.join(path, METADATA_FILE)
     elif os.path.isdir(path):
         raise CheckpointCorruptError(f"{path!r} is a folder but not a sharded checkpoint (it has no {METADATA_FILE})")
+    _start_reading_ahead(path)
     checkpoint = _torch_load_safely(path)
     _check_structure(checkpoint, path)
     _check_hash(checkpoint, path)
     return checkpoint
 
 
+def _start_reading_ahead(path: str) -> None:
+    """Ask the kernel to read the whole file now, in large sequential requests, while torch parses it and the hash
+    threads walk it; page faults alone would fetch it in small pieces, at a fraction of the disk's speed."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(descriptor)
+
+
 def _torch_load_safely(path: str) -> Any:
     """``torch.load`` with ``weights_only=True``: any failure becomes one of cairn's errors, and no code runs."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # A torch archive is memory-mapped: tensors are read from the page cache as they are used (hashed, then
+        # copied into the model), not first copied whole into fresh memory. Anything else loads plainly, so
+        # that a foreign pickle still reaches the unpickler and is judged by what it holds.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         if _needs_code(str(err), is_archive=zipfile.is_zipfile(path)):
             raise UnsafeCheckpointError(

@@ -7,16 +7,20 @@ import itertools
 import logging
 import os
 import posixpath
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
+from cairn.checkpoint.background import BackgroundSaves
 from cairn.checkpoint.commit import atomic_symlink, remove_stale_temporaries, write_checkpoint
-from cairn.checkpoint.content import build_checkpoint
+from cairn.checkpoint.content import build_checkpoint, collect_checkpoint, seal
 from cairn.checkpoint.naming import check_format, format_name, name_pattern
 from cairn.checkpoint.policy import is_last_checkpoint_event, save_policy
 from cairn.checkpoint.retention import list_checkpoints, prune
-from cairn.checkpoint.sharded import save_sharded
+from cairn.checkpoint.sharded import ShardedAsyncSaves, save_sharded
+from cairn.checkpoint.snapshot import SnapshotBuffers
 from cairn.core.callback import Callback
 from cairn.core.event import Event
 from cairn.core.interval import IntervalLike
@@ -31,12 +35,29 @@ log = logging.getLogger(__name__)
 _SAVE_SEQUENCE = itertools.count()
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where one save goes, named from the state at the moment it was taken (training moves on during async saves)."""
+
+    folder: str
+    path: str
+    latest_link: str | None
+    retention_pattern: str
+    remote_name: str
+    remote_pointer: str | None
+
+
 class CheckpointSaver(Callback):
     """Saves checkpoints of the run into ``folder`` on a schedule.
 
     ``folder``, ``filename`` and ``latest_filename`` are format strings (``{run_name}``, ``{epoch}``, ``{batch}``,
     ``{rank}``, ... see ``cairn.checkpoint.naming.FORMAT_VARIABLES``); folders inside a name are created. The end of
     training is always saved once. ``num_checkpoints_to_keep`` counts the files matching ``filename`` on disk.
+
+    With ``async_save=True`` a save only copies the state into reused host buffers (pinned memory for GPU tensors)
+    and returns; a background thread hashes, writes, fsyncs and renames the file, then moves ``latest``, hands the
+    file to the uploaders and prunes. One save is in flight at a time; ``fit`` waits for the last one; a background
+    failure is raised at the next event. The buffers cost host memory about the size of the checkpoint.
     """
 
     def __init__(
@@ -52,6 +73,7 @@ class CheckpointSaver(Callback):
         num_checkpoints_to_keep: int = -1,
         overwrite: bool = False,
         ignore_keys: Sequence[str] | None = None,
+        async_save: bool = False,
     ) -> None:
         self.folder = check_format(str(folder), argument="folder")
         self.filename = check_format(filename, argument="filename")
@@ -73,8 +95,17 @@ class CheckpointSaver(Callback):
         self.save_order: list[int] = []  # a process-wide sequence number per save, to merge several savers' lists
         self._last_saved_batch: int | None = None
         self._uploading: list[tuple[Future[str], str]] = []  # (upload, local file it came from)
+        self._uploading_lock = threading.Lock()  # the background save appends, the training thread prunes
+        self.async_save = bool(async_save)
+        self._background = BackgroundSaves()
+        self._snapshot = SnapshotBuffers()
+        self._sharded_async: ShardedAsyncSaves | None = None
 
     # -- events -----------------------------------------------------------------------------------------------
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        self._background.raise_failure()  # a failed background save surfaces at the next event, on this thread
+        super().run_event(event, state, logger)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if self.num_checkpoints_to_keep == 0 and not logger.uploads_files:
@@ -106,8 +137,20 @@ class CheckpointSaver(Callback):
         self._maybe_save(state, logger, Event.EPOCH_CHECKPOINT)
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        cf.wait([future for future, _ in self._uploading])
+        self._finish_previous_save()
+        with self._uploading_lock:
+            uploads = [future for future, _ in self._uploading]
+        cf.wait(uploads)
         self._forget_uploaded()
+
+    def close(self, state: State, logger: Logger) -> None:
+        try:
+            self._background.close()
+        finally:
+            self._snapshot.release()
+            if self._sharded_async is not None:
+                self._sharded_async.close()
+                self._sharded_async = None
 
     def _maybe_save(self, state: State, logger: Logger, event: Event) -> None:
         self._forget_uploaded()
@@ -122,28 +165,102 @@ class CheckpointSaver(Callback):
         """Write a checkpoint of ``state`` now, hand it to the run's uploaders; return its path as given.
 
         In a distributed run every rank calls it; rank 0 writes the one file (named as rank 0), the others wait.
+        With ``async_save`` it returns once the state is copied; the file appears when the background write ends.
         """
-        folder = format_name(self.folder, state, rank=0)
-        path = os.path.join(folder, format_name(self.filename, state, rank=0))
-        write = save_sharded if state.sharded_checkpoints else save_checkpoint
-        write(state, path, weights_only=self.weights_only, ignore_keys=self.ignore_keys, overwrite=self.overwrite)
-        if get_rank() == 0:
-            self._after_write(state, logger, folder, path)
-        barrier()
-        self.saved_checkpoints.append(path)
+        target = self._target(state)
+        if self.async_save:
+            self._save_in_background(state, logger, target)
+        else:
+            write = save_sharded if state.sharded_checkpoints else save_checkpoint
+            write(
+                state,
+                target.path,
+                weights_only=self.weights_only,
+                ignore_keys=self.ignore_keys,
+                overwrite=self.overwrite,
+            )
+            if get_rank() == 0:
+                self._after_write(logger, target)
+            barrier()
+        self.saved_checkpoints.append(target.path)
         self.save_order.append(next(_SAVE_SEQUENCE))
         self._last_saved_batch = state.timestamp.batch
-        log.info("saved checkpoint %s", path)
-        return path
+        log.info("%s checkpoint %s", "saving" if self.async_save else "saved", target.path)
+        return target.path
 
-    def _after_write(self, state: State, logger: Logger | None, folder: str, path: str) -> None:
+    def _target(self, state: State) -> _Target:
+        folder = format_name(self.folder, state, rank=0)
+        latest = None if self.latest_filename is None else format_name(self.latest_filename, state, rank=0)
+        remote_name, remote_pointer = self.remote_names(state)
+        return _Target(
+            folder=folder,
+            path=os.path.join(folder, format_name(self.filename, state, rank=0)),
+            latest_link=None if latest is None else os.path.join(folder, latest),
+            retention_pattern=name_pattern(self.filename, state, rank=0),
+            remote_name=remote_name,
+            remote_pointer=remote_pointer,
+        )
+
+    def _save_in_background(self, state: State, logger: Logger | None, target: _Target) -> None:
+        """Take the snapshot here (every rank, collectives included); write and publish on the saver's thread."""
+        self._finish_previous_save()
+        if state.sharded_checkpoints:
+            if self._sharded_async is None:
+                self._sharded_async = ShardedAsyncSaves()
+            write = self._sharded_async.start(
+                state,
+                target.path,
+                weights_only=self.weights_only,
+                ignore_keys=self.ignore_keys,
+                overwrite=self.overwrite,
+            )
+        else:
+            write = self._start_single_file(state, target.path)
+
+        def finish() -> None:
+            write()
+            if get_rank() == 0:
+                self._after_write(logger, target)
+
+        self._background.start(finish)
+
+    def _start_single_file(self, state: State, path: str) -> Callable[[], None]:
+        checkpoint = collect_checkpoint(state, weights_only=self.weights_only, ignore_keys=self.ignore_keys)
+        if get_rank() != 0:
+            return lambda: None  # rank 0 alone writes; the others only took part in the collectives above
+        snapshot = self._snapshot.take(checkpoint)
+        overwrite = self.overwrite
+        return lambda: write_checkpoint(seal(snapshot), path, overwrite=overwrite)
+
+    def _finish_previous_save(self) -> None:
+        """Wait for the save in flight; every rank raises if rank 0's failed (else the others would wait forever)."""
+        failure: BaseException | None = None
+        try:
+            self._background.wait()
+        except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised
+            failure = err
+        if not self.async_save:
+            if failure is not None:
+                raise failure
+            return
+        reason = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        if reason is not None:
+            raise OSError(f"rank 0 could not finish writing a checkpoint in the background ({reason})")
+
+    def _after_write(self, logger: Logger | None, target: _Target) -> None:
         """Rank 0, once the file is complete: move the latest link, start uploads, prune old files."""
-        if self.latest_filename is not None:
-            atomic_symlink(os.path.join(folder, format_name(self.latest_filename, state, rank=0)), path)
+        if target.latest_link is not None:
+            atomic_symlink(target.latest_link, target.path)
         if logger is not None and logger.uploads_files:
-            self._upload(state, logger, path)
+            futures = logger.upload_file(
+                target.remote_name, target.path, overwrite=self.overwrite, pointer_name=target.remote_pointer
+            )
+            with self._uploading_lock:
+                self._uploading.extend((future, target.path) for future in futures)
         if self.num_checkpoints_to_keep > 0:
-            prune(folder, name_pattern(self.filename, state, rank=0), self.num_checkpoints_to_keep, protect=path)
+            prune(target.folder, target.retention_pattern, self.num_checkpoints_to_keep, protect=target.path)
 
     def remote_names(self, state: State) -> tuple[str, str | None]:
         """The checkpoint's name in the store, and its latest pointer's (``<latest name>.symlink``)."""
@@ -156,20 +273,14 @@ class CheckpointSaver(Callback):
         folder = posixpath.dirname(format_name(template, state, rank=0))
         return name, posixpath.join(folder, format_name(self.latest_filename, state, rank=0)) + ".symlink"
 
-    def _upload(self, state: State, logger: Logger, path: str) -> None:
-        name, pointer = self.remote_names(state)
-        for future in logger.upload_file(name, path, overwrite=self.overwrite, pointer_name=pointer):
-            self._uploading.append((future, path))
-
     def _forget_uploaded(self) -> None:
         """With ``num_checkpoints_to_keep=0``, delete local copies whose uploads succeeded; a failed one stays."""
-        still = []
-        for future, path in self._uploading:
-            if not future.done():
-                still.append((future, path))
-            elif future.exception() is None and self.num_checkpoints_to_keep == 0:
+        with self._uploading_lock:
+            finished = [(future, path) for future, path in self._uploading if future.done()]
+            self._uploading = [(future, path) for future, path in self._uploading if not future.done()]
+        for future, path in finished:
+            if future.exception() is None and self.num_checkpoints_to_keep == 0:
                 _remove_with_link(path)
-        self._uploading = still
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved_checkpoints": list(self.saved_checkpoints)}

@@ -9,11 +9,16 @@ module in one process.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+import torch
 
 from cairn.checkpoint.commit import TEMP_MARKER, fsync_folder, write_checkpoint
 from cairn.checkpoint.content import build_checkpoint
@@ -22,7 +27,14 @@ from cairn.core.state import State, class_keys
 from cairn.errors import CheckpointIncompatibleError
 from cairn.utils.dist import broadcast_object, get_rank
 
-__all__ = ["METADATA_FILE", "is_sharded_folder", "load_shards", "save_sharded"]
+__all__ = [
+    "METADATA_FILE",
+    "ShardedAsyncSaves",
+    "is_sharded_folder",
+    "load_shards",
+    "save_sharded",
+    "write_sharded_folder",
+]
 
 METADATA_FILE = "cairn.pt"
 
@@ -37,11 +49,76 @@ def save_sharded(
     """Write ``path`` as a sharded checkpoint folder; every rank calls it, each writes its own shards."""
     import torch.distributed.checkpoint as dcp
 
-    parent, name = os.path.split(path)
-    temporary = os.path.join(parent, f".{name}{TEMP_MARKER}{broadcast_object(secrets.token_hex(4))}")
-    tensors = _current_tensors(state, weights_only=weights_only)
-    dcp.save(tensors, checkpoint_id=temporary)  # every rank writes its shards; rank 0 the .metadata
+    temporary = _temporary_folder(path)
+    dcp.save(_current_tensors(state, weights_only=weights_only), checkpoint_id=temporary)  # rank 0 adds .metadata
     rest = build_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys, sharded=True)
+    _finish(rest, temporary, path, overwrite=overwrite)
+    return path
+
+
+def write_sharded_folder(tensors: dict[str, Any], rest: dict[str, Any], path: str) -> None:
+    """Write a sharded folder from one process (``cairn ckpt convert``): the same layout, published by rename."""
+    import torch.distributed.checkpoint as dcp
+
+    temporary = _temporary_folder(path)
+    try:
+        with _single_process_quietly():
+            dcp.save(tensors, checkpoint_id=temporary, no_dist=True)
+        write_checkpoint(rest, os.path.join(temporary, METADATA_FILE))
+        _publish(temporary, path, overwrite=False)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+class ShardedAsyncSaves:
+    """``torch.distributed.checkpoint.async_save`` for one saver: shards are staged to host memory (buffers kept
+    between saves, pinned for GPU tensors) and written by DCP's thread over a gloo group of their own, so the
+    background collectives never interleave with the training thread's."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        self._group = dist.new_group(backend="gloo")  # every rank reaches the first async save together
+        self._stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
+
+    def start(
+        self, state: State, path: str, *, weights_only: bool, ignore_keys: Sequence[str], overwrite: bool
+    ) -> Callable[[], None]:
+        """Stage this rank's shards and start writing them; the returned function (run in the background) waits
+        for every rank's shards, then rank 0 adds ``cairn.pt`` and publishes the folder."""
+        import torch.distributed.checkpoint as dcp
+
+        temporary = _temporary_folder(path)
+        tensors = _current_tensors(state, weights_only=weights_only)
+        response = dcp.async_save(
+            tensors, checkpoint_id=temporary, async_stager=self._stager, process_group=self._group
+        )
+        shards = getattr(response, "upload_completion", response)
+        rest = copy.deepcopy(build_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys, sharded=True))
+
+        def finish() -> None:
+            shards.result()  # on rank 0 this returns once every rank's shards and the .metadata are written
+            _finish(rest, temporary, path, overwrite=overwrite, collective=False)
+
+        return finish
+
+    def close(self) -> None:
+        self._stager.close()
+
+
+def _temporary_folder(path: str) -> str:
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}{TEMP_MARKER}{broadcast_object(secrets.token_hex(4))}")
+
+
+def _finish(rest: dict[str, Any], temporary: str, path: str, *, overwrite: bool, collective: bool = True) -> None:
+    """Rank 0 adds ``cairn.pt`` to the finished shards and renames the folder into place.
+
+    ``collective``: share rank 0's failure with every rank (the synchronous path); a background save reports it
+    through the saver instead.
+    """
     failure: BaseException | None = None
     if get_rank() == 0:
         try:
@@ -49,12 +126,15 @@ def save_sharded(
             _publish(temporary, path, overwrite=overwrite)
         except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised
             failure = err
+    if not collective:
+        if failure is not None:
+            raise failure
+        return
     reason = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
     if failure is not None:
         raise failure
     if reason is not None:
         raise OSError(f"rank 0 could not finish the sharded checkpoint {path!r} ({reason})")
-    return path
 
 
 def _publish(temporary: str, path: str, *, overwrite: bool) -> None:
@@ -76,10 +156,11 @@ def _current_tensors(state: State, *, weights_only: bool) -> dict[str, Any]:
     """The model's (and optimizers') state as DCP wants it: sharded tensors where the model is sharded."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    tensors: dict[str, Any] = {"model": get_model_state_dict(model_weights_module(state.model))}
+    module = model_weights_module(state.model)  # names as the user's network has them, as in single files
+    tensors: dict[str, Any] = {"model": get_model_state_dict(module)}
     if not weights_only:
         optimizers = zip(class_keys(state.optimizers), state.optimizers, strict=True)
-        tensors["optimizers"] = {key: get_optimizer_state_dict(state.model, opt) for key, opt in optimizers}
+        tensors["optimizers"] = {key: get_optimizer_state_dict(module, opt) for key, opt in optimizers}
     return tensors
 
 
@@ -93,12 +174,21 @@ def load_shards(folder: str, state: State, *, weights_only: bool, strict: bool) 
     saved_keys = set(dcp.FileSystemReader(folder).read_metadata().state_dict_metadata)
     if not strict:
         tensors["model"] = {k: v for k, v in tensors["model"].items() if f"model.{k}" in saved_keys}
-    dcp.load(tensors, checkpoint_id=folder)
+    with _single_process_quietly():
+        dcp.load(tensors, checkpoint_id=folder)
     module = model_weights_module(state.model)
     set_model_state_dict(module, tensors["model"], options=_options(strict=strict))
     for key, optimizer in zip(class_keys(state.optimizers), state.optimizers, strict=True):
         if not weights_only:
-            set_optimizer_state_dict(state.model, optimizer, tensors["optimizers"][key])
+            set_optimizer_state_dict(module, optimizer, tensors["optimizers"][key])
+
+
+@contextlib.contextmanager
+def _single_process_quietly() -> Iterator[None]:
+    """DCP warns each time it runs without a process group; loading into one process is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _options(*, strict: bool) -> Any:

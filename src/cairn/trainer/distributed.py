@@ -7,6 +7,8 @@ cairn has no launcher of its own. Under ``torchrun`` the environment holds ``RAN
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 from typing import Any
@@ -34,8 +36,17 @@ def init_from_environment(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
         log.info("joined process group: rank %d of %d", dist.get_rank(), dist.get_world_size())
     return device
+
+
+def _leave_process_group() -> None:
+    """Tear the group down while Python still runs: left to C++ static destructors at exit, gloo's worker threads
+    can be destroyed while joinable, and the process dies with SIGABRT after training succeeded."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()  # wrappers (DDP's reducer, FSDP) hold the group too: free them now, not during finalization
 
 
 def parse_parallelism_config(config: dict[str, Any] | None) -> dict[str, Any] | None:

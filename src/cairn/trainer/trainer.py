@@ -78,6 +78,7 @@ class Trainer:
         save_num_checkpoints_to_keep: int = -1,
         save_remote_file_name: str | None = None,
         save_ignore_keys: Sequence[str] | None = None,
+        save_async: bool = False,
         # loading and resuming (SPEC 6)
         load_path: str | None = None,
         load_object_store: ObjectStore | RemoteUploaderDownloader | None = None,
@@ -111,6 +112,7 @@ class Trainer:
             num_checkpoints_to_keep=save_num_checkpoints_to_keep,
             overwrite=save_overwrite,
             ignore_keys=save_ignore_keys,
+            async_save=save_async,
         )
         if uploader is not None:
             destinations.append(uploader)
@@ -131,7 +133,8 @@ class Trainer:
             optimizers=optimizer_list or [_default_optimizer(model)],
             schedulers=_as_list(schedulers, object, "schedulers"),
             algorithms=_as_list(algorithms, Algorithm, "algorithms"),
-            callbacks=[*_as_list(callbacks, Callback, "callbacks"), *destinations, *([saver] if saver else [])],
+            # the saver before the loggers: at FIT_END its last async save reaches the uploaders before they wait
+            callbacks=[*_as_list(callbacks, Callback, "callbacks"), *([saver] if saver else []), *destinations],
             scaler=make_grad_scaler(precision_, torch_device),
             train_metrics=_on_device(self._model.metrics(is_train=True), torch_device),
             eval_metrics={"eval": _on_device(self._model.metrics(is_train=False), torch_device)},
