@@ -129,9 +129,9 @@ def _stamp_for(name: str, recipe: PeerRecipe) -> dict[str, object]:
     return {"peer": name, "digest": hashlib.sha256(built_from.encode()).hexdigest()}
 
 
-def _run(command: list[str], log: Callable[[str], object]) -> str:
-    """Run one install step, log it with its duration, and fail with pip's own words if it fails."""
-    log("$ " + shlex.join(command))
+def _run(command: list[str], log: Callable[[str], object], label: str | None = None) -> str:
+    """Run one install step, log it (or its label) with its duration, and fail with the tool's own words if it fails."""
+    log(label or "$ " + shlex.join(command))
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     log(f"  ({time.perf_counter() - started:.1f} s, exit {done.returncode})")
@@ -161,12 +161,14 @@ def ensure_peer(name: str, log: Callable[[str], object] = print) -> str:
     if recipe.no_deps:
         _run([*pip, "--no-deps", TORCH_PIN, *recipe.no_deps], log)
     if recipe.torchvision_stand_in:
-        site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], log).strip())
+        where = [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+        site = Path(_run(where, log, f"{name}: finding site-packages").strip())
         for relative, source in _stand_in_files().items():
             (site / relative).parent.mkdir(parents=True, exist_ok=True)
             (site / relative).write_text(source)
         log(f"{name}: wrote a stand-in torchvision into {site}")
-    log(_run([str(python), "-c", _import_check(recipe)], log).strip())
+    checked = _run([str(python), "-c", _import_check(recipe)], log, f"{name}: importing {', '.join(recipe.imports)}")
+    log("  " + checked.strip())
     stamp_path.write_text(json.dumps(stamp) + "\n")
     log(f"{name}: ready in {time.perf_counter() - started:.0f} s: {python}")
     return str(python)
