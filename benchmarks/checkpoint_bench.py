@@ -139,13 +139,15 @@ class Row:
 def _table(rows: list[Row], nbytes: int, cairn_save: float, cairn_resume: float) -> str:
     disk = {row.kind: row.result.median_s for row in rows if row.name.startswith("disk")}
     lines = [
-        f"{'':34} {'median s':>9} {'GiB/s':>7} {'vs disk':>8} {'vs cairn':>9} {'extra RSS':>10} {'% state':>8}",
+        f"{'':34} {'median s':>9} {'best s':>7} {'GiB/s':>7} {'vs disk':>8} {'vs cairn':>9} {'extra RSS':>10}"
+        f" {'% state':>8}",
     ]
     for row in rows:
         seconds, extra = row.result.median_s, row.result.median_extra_rss
         versus_cairn = seconds / (cairn_resume if row.kind == "read" else cairn_save)
         lines.append(
-            f"{row.name:34} {seconds:9.3f} {nbytes / seconds / GIB:7.2f} {disk[row.kind] / seconds:7.2f}x "
+            f"{row.name:34} {seconds:9.3f} {min(row.result.seconds):7.3f} {nbytes / seconds / GIB:7.2f} "
+            f"{disk[row.kind] / seconds:7.2f}x "
             f"{versus_cairn:8.2f}x {extra / MIB:8.0f}Mi {100 * extra / nbytes:7.1f}%"
             + (f"  {row.note}" if row.note else "")
         )
@@ -168,76 +170,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     state = trainer.state
     nbytes = state_bytes(state.model, state.optimizers[0])
     print(f"state: {nbytes / GIB:.2f} GiB ({nbytes:,} bytes) of weights and AdamW moments; {runs} runs each\n")
-    rows: list[Row] = []
-
     plain = str(scratch / "plain.bin")
-    rows.append(
-        Row(
-            "disk write (plain file + fsync)",
-            "write",
-            measure(lambda: _write_plain(plain, nbytes), runs, before=_remove(plain)),
-        )
-    )
     floor = str(scratch / "torch.pt")
+    cairn_file = str(scratch / "cairn-sync" / "ckpt.pt")
     torch_state = {"model": state.model.weights_module().state_dict(), "optimizer": state.optimizers[0].state_dict()}
+    sync_saver = CheckpointSaver(folder=str(scratch / "cairn-sync"), filename="ckpt.pt", overwrite=True)
+    async_saver = CheckpointSaver(
+        folder=str(scratch / "cairn-async"), filename="ckpt.pt", overwrite=True, async_save=True
+    )
+    async_saver.save(state)  # the first async save allocates the buffers later ones reuse: the steady state is shown
+    async_saver._background.wait()
+    async_totals: list[float] = []
 
     def torch_save() -> None:
         torch.save(torch_state, floor)
         fsync_path(floor)
 
-    rows.append(Row("torch.save + fsync", "write", measure(torch_save, runs, before=_remove(floor))))
-
-    sync_saver = CheckpointSaver(folder=str(scratch / "cairn-sync"), filename="ckpt.pt", overwrite=True)
-    rows.append(
-        Row(
-            "cairn save (sync)",
-            "write",
-            measure(lambda: sync_saver.save(state), runs, before=_remove(str(scratch / "cairn-sync" / "ckpt.pt"))),
-        )
-    )
-
-    async_saver = CheckpointSaver(
-        folder=str(scratch / "cairn-async"), filename="ckpt.pt", overwrite=True, async_save=True
-    )
-    stall = _stall_of_async_saves(async_saver, state, runs)
-    rows.append(
-        Row(
-            "cairn save (async): training stall",
-            "write",
-            stall.stall,
-            note=f"background write done after {stall.total_median:.2f}s",
-        )
-    )
-
-    rows.append(
-        Row(
-            "disk read (plain file)",
-            "read",
-            measure(lambda: _read_plain(plain), runs, before=lambda: evict_from_page_cache(plain)),
-        )
-    )
+    def async_stall() -> None:
+        started = time.perf_counter()
+        async_saver.save(state)
+        async_totals.append(time.perf_counter() - started)  # finished below, outside the timed part
 
     def torch_load() -> None:
         loaded = torch.load(floor, map_location=device, weights_only=True)
         state.model.weights_module().load_state_dict(loaded["model"])
         state.optimizers[0].load_state_dict(loaded["optimizer"])
 
-    rows.append(
-        Row(
-            "torch.load + load_state_dict",
-            "read",
-            measure(torch_load, runs, before=lambda: evict_from_page_cache(floor)),
-        )
-    )
+    def finish_async() -> None:
+        started = time.perf_counter()
+        async_saver._background.wait()
+        async_totals[-1] += time.perf_counter() - started
 
-    cairn_file = str(scratch / "cairn-sync" / "ckpt.pt")
-    rows.append(
-        Row(
+    contenders = [
+        _Contender("disk write (plain file + fsync)", "write", lambda: _write_plain(plain, nbytes), _remove(plain)),
+        _Contender("torch.save + fsync", "write", torch_save, _remove(floor)),
+        _Contender("cairn save (sync)", "write", lambda: sync_saver.save(state), _remove(cairn_file)),
+        _Contender("cairn save (async): training stall", "write", async_stall, after=finish_async),
+        _Contender("disk read (plain file)", "read", lambda: _read_plain(plain), lambda: evict_from_page_cache(plain)),
+        _Contender("torch.load + load_state_dict", "read", torch_load, lambda: evict_from_page_cache(floor)),
+        _Contender(
             "cairn load (read, verify)",
             "read",
-            measure(lambda: read_checkpoint(cairn_file), runs, before=lambda: evict_from_page_cache(cairn_file)),
-        )
-    )
+            lambda: read_checkpoint(cairn_file),
+            lambda: evict_from_page_cache(cairn_file),
+        ),
+    ]
+    rows = _round_robin(contenders, runs)
+    rows[3].note = f"background write done after {sorted(async_totals)[len(async_totals) // 2]:.2f}s"
     rows.append(Row("cairn resume to first step", "read", _resume_to_first_step(args, device, cairn_file, runs)))
 
     peers = {} if args.no_peers else _run_peers(args, scratch)
@@ -257,36 +236,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": _machine(),
         "state_bytes": nbytes,
         "rows": {row.name: row.result.as_dict() for row in rows},
-        "async_total_seconds": stall.totals,
+        "async_total_seconds": async_totals,
     }
 
 
 @dataclass
-class _AsyncResult:
-    stall: Measurement
-    totals: list[float]
+class _Contender:
+    name: str
+    kind: str
+    action: Callable[[], object]
+    before: Callable[[], object] | None = None
+    after: Callable[[], object] | None = None
 
-    @property
-    def total_median(self) -> float:
-        return sorted(self.totals)[len(self.totals) // 2]
 
-
-def _stall_of_async_saves(saver: CheckpointSaver, state: Any, runs: int) -> _AsyncResult:
-    """Training's stall is the time ``save`` blocks; the rest happens on the saver's thread and is waited for
-    (untimed) before the next run, as the next save would. The first save allocates the reused buffers; it is
-    run once untimed so the figures show the steady state."""
-    saver.save(state)
-    saver._background.wait()
-    stall, totals = Measurement(), []
+def _round_robin(contenders: list[_Contender], runs: int) -> list[Row]:
+    """One run of each contender in turn, ``runs`` rounds: the machine's moods (page-cache reclaim, writeback) fall
+    on all of them alike instead of on whichever ran first."""
+    results = {c.name: Measurement() for c in contenders}
     for _ in range(runs):
-        with peak_rss() as memory:
-            started = time.perf_counter()
-            saver.save(state)
-            stall.seconds.append(time.perf_counter() - started)
-            saver._background.wait()
-            totals.append(time.perf_counter() - started)
-        stall.extra_rss.append(memory.extra)
-    return _AsyncResult(stall, totals)
+        for contender in contenders:
+            os.sync()  # untimed: no contender pays for the writeback of the one before it
+            once = measure(contender.action, 1, before=contender.before)
+            if contender.after is not None:
+                contender.after()
+            results[contender.name].seconds += once.seconds
+            results[contender.name].extra_rss += once.extra_rss
+    return [Row(c.name, c.kind, results[c.name]) for c in contenders]
 
 
 def _resume_to_first_step(args: argparse.Namespace, device: torch.device, path: str, runs: int) -> Measurement:

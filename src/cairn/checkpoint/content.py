@@ -10,16 +10,13 @@ but the hash itself, so a flipped bit anywhere in the data is caught when the fi
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import fnmatch
-import hashlib
-import os
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+import xxhash
 
 from cairn.core.model_state import model_state, model_weights_module
 from cairn.core.state import State, class_keys
@@ -37,7 +34,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-_HASH_NAME = "sha256"
+HASH_NAME = "xxh3-128"
 
 
 def build_checkpoint(
@@ -131,66 +128,32 @@ def _metadata(world_size: int, weights_only: bool) -> dict[str, Any]:
 
 
 def content_hash(checkpoint: dict[str, Any]) -> str:
-    """``sha256:<hex>`` over every leaf's path, type and value; a tensor counts by dtype, shape and the digests of
-    its bytes in 64 MiB chunks.
+    """``xxh3-128:<hex>`` over every leaf's path, type and value (tensors by dtype, shape and raw bytes).
 
-    Chunk digests are computed on a thread pool (hashlib releases the GIL), so hashing a large checkpoint takes a
-    fraction of the time its write or read takes instead of adding a full single-core pass to it.
+    The hash guards against damage (a flipped bit, a truncated copy, a bad transfer), not against forgery: anyone
+    who can rewrite the file can rewrite its hash, whatever the algorithm, so a cryptographic hash would buy
+    nothing here. XXH3 runs at memory speed (about 20 GiB/s on one core, against under 2 for SHA-256), so checking
+    a checkpoint costs a small fraction of reading or writing it.
     """
-    leaves = list(_leaves(_without_hash(checkpoint), ""))
-    tensors = [value for _, value in leaves if isinstance(value, torch.Tensor)]
-    tensor_digests = iter(_tensor_digests(tensors))
-    digest = hashlib.new(_HASH_NAME)
-    for path, value in leaves:
+    digest = xxhash.xxh3_128()
+    for path, value in _leaves(_without_hash(checkpoint), ""):
         digest.update(path.encode())
         if isinstance(value, torch.Tensor):
             digest.update(f"|tensor|{value.dtype}|{tuple(value.shape)}|".encode())
-            digest.update(next(tensor_digests))
+            digest.update(_raw_bytes(value))
         else:
             digest.update(f"|{type(value).__name__}|{value!r}|".encode())
-    return f"{_HASH_NAME}:{digest.hexdigest()}"
+    return f"{HASH_NAME}:{digest.hexdigest()}"
 
 
-_CHUNK_BYTES = 64 << 20
-_hash_pool: cf.ThreadPoolExecutor | None = None
-_hash_pool_lock = threading.Lock()
-
-
-def _tensor_digests(tensors: list[torch.Tensor]) -> list[bytes]:
-    """One digest per tensor: of its chunks' digests, hashed in parallel."""
-    chunks_per_tensor = [_chunks(tensor) for tensor in tensors]
-    flat = [chunk for chunks in chunks_per_tensor for chunk in chunks]
-    if sum(len(chunk) for chunk in flat) < _CHUNK_BYTES:  # small checkpoints: threads would cost more than they save
-        chunk_digests = [hashlib.new(_HASH_NAME, chunk).digest() for chunk in flat]
-    else:
-        chunk_digests = list(_pool().map(lambda chunk: hashlib.new(_HASH_NAME, chunk).digest(), flat))
-    digests, at = [], 0
-    for chunks in chunks_per_tensor:
-        combined = hashlib.new(_HASH_NAME)
-        for chunk_digest in chunk_digests[at : at + len(chunks)]:
-            combined.update(chunk_digest)
-        digests.append(combined.digest())
-        at += len(chunks)
-    return digests
-
-
-def _chunks(tensor: torch.Tensor) -> list[memoryview]:
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     tensor = tensor.detach()
     if not tensor.numel():
-        return []
+        return memoryview(b"")
     flat = tensor.cpu().reshape(-1)
     if flat.stride(0) != 1:  # a strided view (even of one element) must be packed before reading bytes
         flat = flat.clone(memory_format=torch.contiguous_format)
-    data = memoryview(flat.view(torch.uint8).numpy())
-    return [data[i : i + _CHUNK_BYTES] for i in range(0, len(data), _CHUNK_BYTES)]
-
-
-def _pool() -> cf.ThreadPoolExecutor:
-    global _hash_pool
-    with _hash_pool_lock:
-        if _hash_pool is None:
-            _hash_pool = cf.ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="cairn-hash")
-        return _hash_pool
+    return memoryview(flat.view(torch.uint8).numpy())
 
 
 def _without_hash(checkpoint: dict[str, Any]) -> dict[str, Any]:
