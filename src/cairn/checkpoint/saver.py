@@ -26,7 +26,7 @@ from cairn.core.event import Event
 from cairn.core.interval import IntervalLike
 from cairn.core.state import State
 from cairn.loggers.logger import Logger
-from cairn.utils.dist import barrier, broadcast_object, get_rank
+from cairn.utils.dist import barrier, broadcast_object, get_rank, share_rank_zero_failure
 
 __all__ = ["CheckpointSaver", "save_checkpoint"]
 
@@ -243,11 +243,7 @@ class CheckpointSaver(Callback):
             if failure is not None:
                 raise failure
             return
-        reason = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
-        if failure is not None:
-            raise failure
-        if reason is not None:
-            raise OSError(f"rank 0 could not finish writing a checkpoint in the background ({reason})")
+        share_rank_zero_failure(failure, "finish writing a checkpoint in the background")
 
     def _after_write(self, logger: Logger | None, target: _Target) -> None:
         """Rank 0, once the file is complete: move the latest link, start uploads, prune old files."""
@@ -313,9 +309,5 @@ def save_checkpoint(
             write_checkpoint(checkpoint, path, overwrite=overwrite)
         except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised
             failure = err
-    reason = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
-    if reason is not None:  # another rank's view of rank 0's failure: stop too, rather than wait forever
-        raise OSError(f"rank 0 could not write the checkpoint {path!r} ({reason})")
+    share_rank_zero_failure(failure, f"write the checkpoint {path!r}")
     return path

@@ -25,7 +25,7 @@ from cairn.checkpoint.content import build_checkpoint
 from cairn.core.model_state import model_weights_module
 from cairn.core.state import State, class_keys
 from cairn.errors import CheckpointIncompatibleError
-from cairn.utils.dist import broadcast_object, get_rank
+from cairn.utils.dist import broadcast_object, get_rank, share_rank_zero_failure
 
 __all__ = [
     "METADATA_FILE",
@@ -130,11 +130,7 @@ def _finish(rest: dict[str, Any], temporary: str, path: str, *, overwrite: bool,
         if failure is not None:
             raise failure
         return
-    reason = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
-    if reason is not None:
-        raise OSError(f"rank 0 could not finish the sharded checkpoint {path!r} ({reason})")
+    share_rank_zero_failure(failure, f"finish the sharded checkpoint {path!r}")
 
 
 def _publish(temporary: str, path: str, *, overwrite: bool) -> None:

@@ -6,7 +6,15 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-__all__ = ["all_gather_object", "barrier", "broadcast_object", "get_rank", "get_world_size", "is_distributed"]
+__all__ = [
+    "all_gather_object",
+    "barrier",
+    "broadcast_object",
+    "get_rank",
+    "get_world_size",
+    "is_distributed",
+    "share_rank_zero_failure",
+]
 
 T = TypeVar("T")
 
@@ -43,3 +51,13 @@ def all_gather_object(value: T) -> list[T]:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def share_rank_zero_failure(failure: BaseException | None, what: str) -> None:
+    """Every rank calls this after rank 0 tried ``what`` alone: rank 0 re-raises its own error, the others raise an
+    ``OSError`` naming it, instead of waiting forever at the next collective for a rank that has stopped."""
+    reason = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if reason is not None:
+        raise OSError(f"rank 0 could not {what} ({reason})")
