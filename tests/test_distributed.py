@@ -91,6 +91,21 @@ def test_async_saves_on_two_ranks_publish_whole_checkpoints_and_resume_bit_for_b
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path: Path) -> None:
+    torchrun(tmp_path / "whole")
+    folder = tmp_path / "ckpt"
+    saving = ("--save-folder", str(folder), "--save-interval", "100ep")
+    torchrun(tmp_path / "first", *saving, "--preempt-at", "5")  # exits 0 on both ranks
+    assert sorted(os.listdir(folder)) == ["ep0-ba5-rank0.pt", "latest-rank0.pt"]
+    assert not (tmp_path / "first" / "final.pt").exists(), "fit() ended the process: nothing after it ran"
+    for rank in (0, 1):
+        assert len(_samples(tmp_path / "first" / f"samples-rank{rank}.txt")) == 5, "both ranks stopped at batch 5"
+    torchrun(tmp_path / "resumed", *saving, "--autoresume")
+    whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_fsdp_shards_the_model_saves_full_weights_and_resumes_bit_for_bit(tmp_path: Path) -> None:
     torchrun(tmp_path / "whole", "--fsdp")
     folder = str(tmp_path / "ckpt")

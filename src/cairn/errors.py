@@ -7,6 +7,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointIncompatibleError",
     "CheckpointNotFoundError",
+    "CheckpointWriteError",
     "ObjectNotFoundError",
     "ObjectStoreError",
     "UnsafeCheckpointError",
@@ -27,6 +28,11 @@ class CheckpointCorruptError(CairnError):
 
 class CheckpointIncompatibleError(CairnError):
     """The checkpoint does not fit the model or optimizer it is loaded into; the message lists every mismatch."""
+
+
+class CheckpointWriteError(CairnError, OSError):
+    """A checkpoint could not be written (a full disk, a file size limit, an unwritable folder); nothing was
+    replaced, so earlier checkpoints are intact."""
 
 
 class UnsafeCheckpointError(CairnError):

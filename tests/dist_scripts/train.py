@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import torch
@@ -44,6 +45,17 @@ class SeenSamples(Callback):
             file.write(" ".join(str(int(i)) for i in state.batch[2]) + "\n")
 
 
+class SignalRankOne(Callback):
+    """Sends SIGTERM to rank 1 alone at one batch, as a scheduler reaching one node first would."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def batch_end(self, state, logger) -> None:
+        if state.timestamp.batch == self.batch and int(os.environ.get("RANK", 0)) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class TripleClassifier(Classifier):
     def forward(self, batch):
         return self.module(batch[0])
@@ -67,6 +79,7 @@ def main() -> None:
     parser.add_argument("--sharded", action="store_true", help="with --fsdp: sharded checkpoint folders")
     parser.add_argument("--keep", type=int, default=-1, help="save_num_checkpoints_to_keep")
     parser.add_argument("--async-save", action="store_true", help="save_async=True")
+    parser.add_argument("--preempt-at", type=int, help="SIGTERM rank 1 at this batch (save_on_preemption=True)")
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", 0))
     torch.manual_seed(0)
@@ -79,7 +92,9 @@ def main() -> None:
         seed=11,
         run_name="dist",
         progress_bar=False,
-        callbacks=SeenSamples(os.path.join(args.out, f"samples-rank{rank}.txt")),
+        callbacks=[SeenSamples(os.path.join(args.out, f"samples-rank{rank}.txt"))]
+        + ([SignalRankOne(args.preempt_at)] if args.preempt_at else []),
+        save_on_preemption=args.preempt_at is not None,
         save_folder=args.save_folder,
         save_interval=args.save_interval,
         autoresume=args.autoresume,

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from cairn.errors import CheckpointWriteError
+
 __all__ = [
     "TEMP_MARKER",
     "atomic_symlink",
@@ -47,8 +49,11 @@ def atomic_write(target: str, write: Callable[[str], None], *, overwrite: bool =
     os.makedirs(folder, exist_ok=True)
     temporary = _temporary_name(target)
     try:
-        write(temporary)
-        _fsync_file(temporary)
+        try:
+            write(temporary)
+            _fsync_file(temporary)
+        except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError
+            raise _write_failed(target, folder, err) from err
         if overwrite:
             os.replace(temporary, target)
         else:
@@ -57,6 +62,20 @@ def atomic_write(target: str, write: Callable[[str], None], *, overwrite: bool =
         _remove_quietly(temporary)
         raise
     fsync_folder(folder)
+
+
+def _write_failed(target: str, folder: str, err: BaseException) -> CheckpointWriteError:
+    """One sentence on what happened and what to do; the free space is the usual suspect, so it is stated."""
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointWriteError(
+        f"could not write the checkpoint {target} ({reason}; {free}): the disk may be full, a file size limit "
+        "reached or the folder not writable. Nothing was replaced, earlier checkpoints are intact; free space or "
+        "choose another save_folder, then resume"
+    )
 
 
 def _fsync_file(path: str) -> None:
@@ -91,6 +110,7 @@ def write_checkpoint(checkpoint: dict[str, Any], path: str, *, overwrite: bool =
     sequential writes: no second copy of the state is built, and it runs at the disk's speed (a Python file object
     would route every record through Python).
     """
+
     def save(temporary: str) -> None:
         with _without_zip_crc():
             torch.save(checkpoint, temporary)

@@ -188,6 +188,12 @@ class CheckpointSaver(Callback):
         log.info("%s checkpoint %s", "saving" if self.async_save else "saved", target.path)
         return target.path
 
+    def save_unless_saved(self, state: State, logger: Logger | None = None) -> str | None:
+        """Save now unless this batch is already saved (a preemption arriving right after a scheduled save)."""
+        if broadcast_object(self._last_saved_batch == state.timestamp.batch):
+            return None
+        return self.save(state, logger)
+
     def _target(self, state: State) -> _Target:
         folder = format_name(self.folder, state, rank=0)
         latest = None if self.latest_filename is None else format_name(self.latest_filename, state, rank=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +30,7 @@ from cairn.trainer.devices import move_to_device, resolve_device
 from cairn.trainer.distributed import init_from_environment, parse_parallelism_config, shard_dataloader, wrap_model
 from cairn.trainer.model_adapter import ModelAdapter
 from cairn.trainer.precision import autocast, make_grad_scaler, parse_precision
+from cairn.trainer.preemption import Preempted, PreemptionWatch
 from cairn.trainer.run_name import generate_run_name
 from cairn.utils.dist import broadcast_object, get_rank, is_distributed
 from cairn.utils.reproducibility import make_seed, rank_seed, seed_all
@@ -87,6 +89,8 @@ class Trainer:
         load_ignore_keys: Sequence[str] | None = None,
         load_progress_bar: bool = True,
         autoresume: bool = False,
+        # stopping cleanly (docs/checkpointing.md#preemption)
+        save_on_preemption: bool = False,
     ) -> None:
         fsdp = parse_parallelism_config(parallelism_config)
         self._model = ModelAdapter(model)
@@ -140,6 +144,13 @@ class Trainer:
             eval_metrics={"eval": _on_device(self._model.metrics(is_train=False), torch_device)},
             device_train_microbatch_size=_check_microbatch_size(device_train_microbatch_size),
         )
+        if (
+            save_on_preemption
+            and saver is None
+            and not any(isinstance(c, CheckpointSaver) for c in self.state.callbacks)
+        ):
+            raise ValueError("save_on_preemption=True needs somewhere to save: pass save_folder (or a CheckpointSaver)")
+        self._preemption = PreemptionWatch() if save_on_preemption else None
         self.state.sharded_checkpoints = bool(fsdp and fsdp["state_dict_type"] == "sharded" and is_distributed())
         self.state.train_dataloader = train_dataloader
         self.state.eval_dataloader = eval_dataloader
@@ -184,10 +195,23 @@ class Trainer:
         state = self.state
         self.engine.run_event(Event.FIT_START)
         state.model.train()
-        while not state.is_done():
-            if not self._train_epoch():
-                break
+        with self._preemption.installed() if self._preemption else contextlib.nullcontext():
+            try:
+                while not state.is_done():
+                    if not self._train_epoch():
+                        break
+            except Preempted:
+                self._stop_for_preemption()
         self.engine.run_event(Event.FIT_END)
+
+    def _stop_for_preemption(self) -> None:
+        """Checkpoint the step just finished, let FIT_END wait for writes and uploads, then exit with code 0."""
+        for saver in self._savers():
+            saver.save_unless_saved(self.state, self.logger)
+        self.engine.run_event(Event.FIT_END)
+        self.close()
+        log.warning("preempted: saved at batch %d; exiting with code 0", self.state.timestamp.batch)
+        raise SystemExit(0)
 
     def eval(self) -> dict[str, float]:
         """Evaluate on ``eval_dataloader`` now and return the metrics, as logged."""
@@ -211,6 +235,8 @@ class Trainer:
         for batch in self._batches():
             ran_any = True
             self._train_batch(batch)
+            if self._preemption is not None:
+                self._preemption.check()
             if state.is_done() and not state.is_epoch_exhausted():
                 return True
         if not ran_any and state.timestamp.batch_in_epoch == 0:
