@@ -56,6 +56,17 @@ class SignalRankOne(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class Announce(Callback):
+    """Rank 0 prints each finished batch, then waits for a line on stdin: the test paces the run, so its kill lands
+    at a moment it chose (the other ranks wait at the next collective)."""
+
+    def batch_end(self, state, logger) -> None:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"BATCH {state.timestamp.batch}", flush=True)
+            if not sys.stdin.readline():  # the test is gone
+                os._exit(3)
+
+
 class TripleClassifier(Classifier):
     def forward(self, batch):
         return self.module(batch[0])
@@ -79,6 +90,7 @@ def main() -> None:
     parser.add_argument("--sharded", action="store_true", help="with --fsdp: sharded checkpoint folders")
     parser.add_argument("--keep", type=int, default=-1, help="save_num_checkpoints_to_keep")
     parser.add_argument("--async-save", action="store_true", help="save_async=True")
+    parser.add_argument("--announce", action="store_true", help="print BATCH n, wait for a stdin line")
     parser.add_argument("--preempt-at", type=int, help="SIGTERM rank 1 at this batch (save_on_preemption=True)")
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", 0))
@@ -93,7 +105,8 @@ def main() -> None:
         run_name="dist",
         progress_bar=False,
         callbacks=[SeenSamples(os.path.join(args.out, f"samples-rank{rank}.txt"))]
-        + ([SignalRankOne(args.preempt_at)] if args.preempt_at else []),
+        + ([SignalRankOne(args.preempt_at)] if args.preempt_at else [])
+        + ([Announce()] if args.announce else []),
         save_on_preemption=args.preempt_at is not None,
         save_folder=args.save_folder,
         save_interval=args.save_interval,
