@@ -24,7 +24,7 @@ __all__ = [
     "atomic_symlink",
     "atomic_write",
     "write_checkpoint",
-    "fsync_folder",
+    "fsync_path",
     "is_temporary",
     "remove_stale_temporaries",
 ]
@@ -51,7 +51,7 @@ def atomic_write(target: str, write: Callable[[str], None], *, overwrite: bool =
     try:
         try:
             write(temporary)
-            _fsync_file(temporary)
+            fsync_path(temporary)
         except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError
             raise _write_failed(target, folder, err) from err
         if overwrite:
@@ -61,7 +61,7 @@ def atomic_write(target: str, write: Callable[[str], None], *, overwrite: bool =
     except BaseException:
         _remove_quietly(temporary)
         raise
-    fsync_folder(folder)
+    fsync_path(folder)
 
 
 def _write_failed(target: str, folder: str, err: BaseException) -> CheckpointWriteError:
@@ -76,14 +76,6 @@ def _write_failed(target: str, folder: str, err: BaseException) -> CheckpointWri
         "reached or the folder not writable. Nothing was replaced, earlier checkpoints are intact; free space or "
         "choose another save_folder, then resume"
     )
-
-
-def _fsync_file(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _rename_without_replacing(source: str, target: str) -> None:
@@ -148,11 +140,12 @@ def atomic_symlink(link: str, target: str) -> None:
     except BaseException:
         _remove_quietly(temporary)
         raise
-    fsync_folder(folder)
+    fsync_path(folder)
 
 
-def fsync_folder(folder: str) -> None:
-    descriptor = os.open(folder or ".", os.O_RDONLY)
+def fsync_path(path: str) -> None:
+    """fsync a file's data, or a folder's entries (so a rename in it survives a power cut)."""
+    descriptor = os.open(path or ".", os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ __all__ = [
     "content_hash",
     "drop_keys",
     "is_weights_only",
+    "map_tensors",
     "seal",
 ]
 
@@ -90,17 +91,22 @@ def seal(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
+def map_tensors(node: Any, change: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """A copy of nested dicts, lists and tuples with every tensor replaced by ``change(tensor)``."""
+    if isinstance(node, torch.Tensor):
+        return change(node)
+    if isinstance(node, dict):
+        return {key: map_tensors(value, change) for key, value in node.items()}
+    if isinstance(node, list):
+        return [map_tensors(value, change) for value in node]
+    if isinstance(node, tuple):
+        return tuple(map_tensors(value, change) for value in node)
+    return node
+
+
 def _on_cpu(node: Any) -> Any:
     """Files hold CPU tensors, so a checkpoint from a GPU run opens on any machine with plain ``torch.load``."""
-    if isinstance(node, torch.Tensor):
-        return node.detach().cpu() if node.device.type != "cpu" else node
-    if isinstance(node, dict):
-        return {key: _on_cpu(value) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_on_cpu(value) for value in node]
-    if isinstance(node, tuple):
-        return tuple(_on_cpu(value) for value in node)
-    return node
+    return map_tensors(node, lambda tensor: tensor.detach().cpu() if tensor.device.type != "cpu" else tensor)
 
 
 def is_sharded(checkpoint: dict[str, Any]) -> bool:

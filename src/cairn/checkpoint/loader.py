@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cairn.checkpoint.compat import check_compatible
-from cairn.checkpoint.content import content_hash, drop_keys, is_sharded, is_weights_only
+from cairn.checkpoint.content import content_hash, drop_keys, is_sharded, is_weights_only, map_tensors
 from cairn.checkpoint.sharded import METADATA_FILE, is_sharded_folder, load_shards
 from cairn.core.model_state import load_model_state
 from cairn.core.state import State
@@ -48,7 +48,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 
 def _start_reading_ahead(path: str) -> None:
     """Ask the kernel to read the whole file now, in large sequential requests, while torch parses it and the hash
-    threads walk it; page faults alone would fetch it in small pieces, at a fraction of the disk's speed."""
+    walks it; page faults alone would fetch it in small pieces, at a fraction of the disk's speed."""
     if not hasattr(os, "posix_fadvise"):
         return
     descriptor = os.open(path, os.O_RDONLY)
@@ -167,7 +167,9 @@ def apply_checkpoint(
             load_model_state(state.model, saved["model"], strict=strict)
         return
     if "optimizers" in saved:
-        saved["optimizers"] = _owned(saved["optimizers"])
+        # optimizer.load_state_dict keeps the tensors it is given: left on the file's private mapping, the first
+        # step would fault every page in copy-on-write, 4 KiB at a time, several times slower than one bulk copy
+        saved["optimizers"] = map_tensors(saved["optimizers"], torch.Tensor.clone)
     try:
         state.load_state_dict(saved, strict=strict)
     except (KeyError, TypeError, ValueError) as err:
@@ -176,21 +178,6 @@ def apply_checkpoint(
     if ranks:
         load_rng_state(ranks[get_rank()] if get_rank() < len(ranks) else ranks[0])
     state.resumed_from = source
-
-
-def _owned(node: Any) -> Any:
-    """Copies of memory-mapped tensors, for state the optimizer keeps and updates in place.
-
-    ``optimizer.load_state_dict`` keeps the tensors it is given; left on the file's private mapping, the first
-    step would fault every page in copy-on-write, one 4 KiB page at a time (several times slower than one bulk copy).
-    """
-    if isinstance(node, torch.Tensor):
-        return node.clone()
-    if isinstance(node, dict):
-        return {key: _owned(value) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_owned(value) for value in node]
-    return node
 
 
 def _check_restorable(saved: dict[str, Any], ranks: list[Any], source: str) -> None:

@@ -26,7 +26,7 @@ from cairn.core.event import Event
 from cairn.core.interval import IntervalLike
 from cairn.core.state import State
 from cairn.loggers.logger import Logger
-from cairn.utils.dist import barrier, broadcast_object, get_rank, share_rank_zero_failure
+from cairn.utils.dist import barrier, broadcast_object, get_rank, on_rank_zero, share_rank_zero_failure
 
 __all__ = ["CheckpointSaver", "save_checkpoint"]
 
@@ -240,15 +240,13 @@ class CheckpointSaver(Callback):
 
     def _finish_previous_save(self) -> None:
         """Wait for the save in flight; every rank raises if rank 0's failed (else the others would wait forever)."""
+        if not self.async_save:
+            return  # a synchronous saver never has one
         failure: BaseException | None = None
         try:
             self._background.wait()
         except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised
             failure = err
-        if not self.async_save:
-            if failure is not None:
-                raise failure
-            return
         share_rank_zero_failure(failure, "finish writing a checkpoint in the background")
 
     def _after_write(self, logger: Logger | None, target: _Target) -> None:
@@ -309,11 +307,5 @@ def save_checkpoint(
     Every rank of a distributed run must call it (the RNG states are gathered); rank 0 alone writes.
     """
     checkpoint = build_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys)
-    failure: BaseException | None = None
-    if get_rank() == 0:
-        try:
-            write_checkpoint(checkpoint, path, overwrite=overwrite)
-        except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised
-            failure = err
-    share_rank_zero_failure(failure, f"write the checkpoint {path!r}")
+    on_rank_zero(lambda: write_checkpoint(checkpoint, path, overwrite=overwrite), f"write the checkpoint {path!r}")
     return path

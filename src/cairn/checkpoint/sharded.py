@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from cairn.checkpoint.commit import TEMP_MARKER, fsync_folder, write_checkpoint
+from cairn.checkpoint.commit import TEMP_MARKER, fsync_path, write_checkpoint
 from cairn.checkpoint.content import build_checkpoint
 from cairn.core.model_state import model_weights_module
 from cairn.core.state import State, class_keys
 from cairn.errors import CheckpointIncompatibleError
-from cairn.utils.dist import broadcast_object, get_rank, share_rank_zero_failure
+from cairn.utils.dist import broadcast_object, get_rank, on_rank_zero
 
 __all__ = [
     "METADATA_FILE",
@@ -52,7 +52,9 @@ def save_sharded(
     temporary = _temporary_folder(path)
     dcp.save(_current_tensors(state, weights_only=weights_only), checkpoint_id=temporary)  # rank 0 adds .metadata
     rest = build_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys, sharded=True)
-    _finish(rest, temporary, path, overwrite=overwrite)
+    on_rank_zero(
+        lambda: _complete(rest, temporary, path, overwrite=overwrite), f"finish the sharded checkpoint {path!r}"
+    )
     return path
 
 
@@ -64,8 +66,7 @@ def write_sharded_folder(tensors: dict[str, Any], rest: dict[str, Any], path: st
     try:
         with _single_process_quietly():
             dcp.save(tensors, checkpoint_id=temporary, no_dist=True)
-        write_checkpoint(rest, os.path.join(temporary, METADATA_FILE))
-        _publish(temporary, path, overwrite=False)
+        _complete(rest, temporary, path, overwrite=False)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -100,7 +101,8 @@ class ShardedAsyncSaves:
 
         def finish() -> None:
             shards.result()  # on rank 0 this returns once every rank's shards and the .metadata are written
-            _finish(rest, temporary, path, overwrite=overwrite, collective=False)
+            if get_rank() == 0:  # a failure is reported through the saver, at its next event or save
+                _complete(rest, temporary, path, overwrite=overwrite)
 
         return finish
 
@@ -113,24 +115,10 @@ def _temporary_folder(path: str) -> str:
     return os.path.join(parent, f".{name}{TEMP_MARKER}{broadcast_object(secrets.token_hex(4))}")
 
 
-def _finish(rest: dict[str, Any], temporary: str, path: str, *, overwrite: bool, collective: bool = True) -> None:
-    """Rank 0 adds ``cairn.pt`` to the finished shards and renames the folder into place.
-
-    ``collective``: share rank 0's failure with every rank (the synchronous path); a background save reports it
-    through the saver instead.
-    """
-    failure: BaseException | None = None
-    if get_rank() == 0:
-        try:
-            write_checkpoint(rest, os.path.join(temporary, METADATA_FILE))
-            _publish(temporary, path, overwrite=overwrite)
-        except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised
-            failure = err
-    if not collective:
-        if failure is not None:
-            raise failure
-        return
-    share_rank_zero_failure(failure, f"finish the sharded checkpoint {path!r}")
+def _complete(rest: dict[str, Any], temporary: str, path: str, *, overwrite: bool) -> None:
+    """Add ``cairn.pt`` to the finished shards and rename the folder into place (one process does it)."""
+    write_checkpoint(rest, os.path.join(temporary, METADATA_FILE))
+    _publish(temporary, path, overwrite=overwrite)
 
 
 def _publish(temporary: str, path: str, *, overwrite: bool) -> None:
@@ -145,7 +133,7 @@ def _publish(temporary: str, path: str, *, overwrite: bool) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(temporary, path)
-    fsync_folder(os.path.dirname(path) or ".")
+    fsync_path(os.path.dirname(path) or ".")
 
 
 def _current_tensors(state: State, *, weights_only: bool) -> dict[str, Any]:

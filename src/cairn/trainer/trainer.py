@@ -144,11 +144,7 @@ class Trainer:
             eval_metrics={"eval": _on_device(self._model.metrics(is_train=False), torch_device)},
             device_train_microbatch_size=_check_microbatch_size(device_train_microbatch_size),
         )
-        if (
-            save_on_preemption
-            and saver is None
-            and not any(isinstance(c, CheckpointSaver) for c in self.state.callbacks)
-        ):
+        if save_on_preemption and not self._savers():
             raise ValueError("save_on_preemption=True needs somewhere to save: pass save_folder (or a CheckpointSaver)")
         self._preemption = PreemptionWatch() if save_on_preemption else None
         self.state.sharded_checkpoints = bool(fsdp and fsdp["state_dict_type"] == "sharded" and is_distributed())

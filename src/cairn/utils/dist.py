@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch.distributed as dist
@@ -13,6 +14,7 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "is_distributed",
+    "on_rank_zero",
     "share_rank_zero_failure",
 ]
 
@@ -61,3 +63,14 @@ def share_rank_zero_failure(failure: BaseException | None, what: str) -> None:
         raise failure
     if reason is not None:
         raise OSError(f"rank 0 could not {what} ({reason})")
+
+
+def on_rank_zero(action: Callable[[], object], what: str) -> None:
+    """Rank 0 alone runs ``action`` (writing a file, publishing a folder); then every rank raises if it failed."""
+    failure: BaseException | None = None
+    if get_rank() == 0:
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - shared with every rank, then raised
+            failure = err
+    share_rank_zero_failure(failure, what)
