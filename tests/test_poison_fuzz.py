@@ -3,7 +3,9 @@ that carry no meaning, loads exactly the original content); nothing runs, nothin
 
 from __future__ import annotations
 
+import copy
 import functools
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -14,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cairn import Trainer
-from cairn.checkpoint import read_checkpoint
+from cairn.checkpoint import load_checkpoint, read_checkpoint
 from cairn.checkpoint.content import content_hash
 from cairn.errors import CairnError
 from cairn.models import Classifier
@@ -77,3 +79,77 @@ def test_a_damaged_checkpoint_is_refused_or_loads_unchanged(tmp_path: Path, dama
         assert content_hash(checkpoint) == _original()[1]
     assert os.listdir(folder) == ["damaged.pt"], "loading wrote nothing"
     path.unlink()
+
+
+# -- well-hashed checkpoints with a wrong type in one field ------------------------------------------------------
+# The hash vouches for the bytes, not for their sense: someone who rewrites a file can re-hash it. Every field is
+# replaced in turn by a value of another type; the loader must refuse it before anything changes, or accept it
+# only when training then carries on.
+
+WRONG = [None, True, -3, 2.5, "x", [], {}, [1, "a"], torch.zeros(3), torch.zeros(()), torch.zeros(2, 2)]
+
+
+def _fields(node: object, path: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Every path into the checkpoint, containers included (a whole optimizer can be replaced too)."""
+    paths = [path] if path else []
+    if isinstance(node, dict):
+        children = node.items()
+    elif isinstance(node, list):
+        children = enumerate(node)
+    else:
+        return paths
+    for key, child in children:
+        paths += _fields(child, (*path, key))
+    return paths
+
+
+@functools.cache
+def _original_content() -> dict:
+    return torch.load(io.BytesIO(_original()[0]), weights_only=True)
+
+
+def _fresh_trainer(**kwargs: object) -> Trainer:
+    torch.manual_seed(0)
+    return Trainer(
+        model=Classifier(TinyNet(hidden=64), num_classes=3),
+        train_dataloader=make_loader(),
+        max_duration="2ep",
+        progress_bar=False,
+        **kwargs,
+    )
+
+
+@st.composite
+def retyped(draw: st.DrawFn) -> tuple[tuple[object, ...], object]:
+    paths = [p for p in _fields(_original_content()) if p[-1] != "content_hash"]
+    path = draw(st.sampled_from(paths))
+    return path, draw(st.sampled_from(WRONG))
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(change=retyped())
+def test_a_rehashed_checkpoint_with_a_wrong_type_anywhere_is_refused_before_anything_changes(
+    tmp_path: Path, change: tuple[tuple[object, ...], object]
+) -> None:
+    path, value = change
+    checkpoint = copy.deepcopy(_original_content())
+    parent = functools.reduce(lambda node, key: node[key], path[:-1], checkpoint)
+    if type(parent[path[-1]]) is type(value):
+        return  # not a change of type
+    parent[path[-1]] = value
+    if path not in {("state",), ("state", "metadata")}:  # otherwise there is nowhere left to keep a hash
+        checkpoint["state"]["metadata"]["content_hash"] = content_hash(checkpoint)
+    file = tmp_path / "retyped.pt"
+    torch.save(checkpoint, file)
+    trainer = _fresh_trainer()
+    before = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
+    try:
+        load_checkpoint(str(file), trainer.state)
+    except CairnError:
+        after = trainer.state.model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), f"refusing {path} changed the weights"
+        assert trainer.state.resumed_from is None and trainer.state.timestamp.batch == 0
+    else:  # accepted: then it must be harmless, and training goes on
+        trainer.fit()
+        assert trainer.state.timestamp.epoch == 2

@@ -25,6 +25,7 @@ def check_compatible(saved: Mapping[str, Any], state: State, *, weights_only: bo
         for key, optimizer in zip(class_keys(state.optimizers), state.optimizers, strict=True):
             if isinstance(saved.get("optimizers"), Mapping) and key in saved["optimizers"]:
                 problems += _optimizer_problems(key, saved["optimizers"][key], optimizer)
+        problems += _metric_problems(saved, state)
     if problems:
         listing = "\n  - ".join(problems)
         raise CheckpointIncompatibleError(
@@ -80,6 +81,12 @@ def _optimizer_problems(key: str, saved: Mapping[str, Any], optimizer: torch.opt
                 f"optimizer {key} group {index}: the checkpoint has {len(saved_group['params'])} parameters, "
                 f"this run {len(group['params'])}"
             )
+        problems += [
+            f"optimizer {key} group {index} {name!r}: the checkpoint holds {_kind(saved_group[name])}, "
+            f"this run {_kind(value)}"
+            for name, value in group.items()
+            if name != "params" and name in saved_group and not _same_kind(saved_group[name], value)
+        ]
     if problems:
         return problems
     parameters = [p for group in groups for p in group["params"]]
@@ -92,6 +99,51 @@ def _optimizer_problems(key: str, saved: Mapping[str, Any], optimizer: torch.opt
                     f"{tuple(value.shape)}, parameter shape {tuple(parameter.shape)}"
                 )
     return problems
+
+
+def _metric_problems(saved: Mapping[str, Any], state: State) -> list[str]:
+    """A metric's saved values must be what the live metric accumulates: a list where it gathers, a tensor of the
+    same shape where it sums (torchmetrics would only fail at the next ``update``)."""
+    pairs = [(f"train metric {n}", state.train_metrics.get(n), v) for n, v in saved.get("train_metrics", {}).items()]
+    for label, metrics in saved.get("eval_metrics", {}).items():
+        live = state.eval_metrics.get(label, {})
+        pairs += [(f"eval metric {label}/{n}", live.get(n), v) for n, v in metrics.items()]
+    problems = []
+    for what, metric, values in pairs:
+        for name, live_value in (metric.metric_state if metric is not None else {}).items():
+            if (
+                name in values
+                and _shape(values[name]) != _shape(live_value)
+                and not (isinstance(values[name], list) and isinstance(live_value, list))
+            ):
+                problems.append(
+                    f"{what} {name!r}: checkpoint has {_shape(values[name])}, this run {_shape(live_value)}"
+                )
+    return problems
+
+
+def _kind(value: Any) -> str:
+    """What a hyperparameter holds, as far as an optimizer cares: a 0-d tensor may stand for a number."""
+    if isinstance(value, bool) or value is None:
+        return "a flag" if isinstance(value, bool) else "None"
+    if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.dim() == 0):
+        return "a number"
+    if isinstance(value, (tuple, list)):
+        return "a sequence"
+    return f"a {type(value).__name__}"
+
+
+def _same_kind(saved: Any, live: Any) -> bool:
+    """Whether ``saved`` can stand where the optimizer now holds ``live``; None and flags stand for each other
+    (``foreach=None`` means "let torch choose")."""
+    kinds = {_kind(saved), _kind(live)}
+    if kinds <= {"None", "a flag"} or len(kinds) == 1 and kinds != {"a sequence"}:
+        return True
+    return (
+        kinds == {"a sequence"}
+        and len(saved) == len(live)
+        and all(_same_kind(a, b) for a, b in zip(saved, live, strict=True))
+    )
 
 
 def _shape(value: Any) -> tuple[int, ...] | str:

@@ -133,6 +133,15 @@ def _metadata(world_size: int, weights_only: bool) -> dict[str, Any]:
     }
 
 
+def file_digest(path: str) -> str:
+    """``xxh3-128:<hex>`` of a file's bytes: how a sharded folder's shards, which DCP writes, are vouched for."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as file:
+        while chunk := file.read(8 << 20):
+            digest.update(chunk)
+    return f"{HASH_NAME}:{digest.hexdigest()}"
+
+
 def content_hash(checkpoint: dict[str, Any]) -> str:
     """``xxh3-128:<hex>`` over every leaf's path, type and value (tensors by dtype, shape and raw bytes).
 

@@ -32,18 +32,60 @@ log = logging.getLogger(__name__)
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """Load and verify the checkpoint at ``path`` without running any code from it."""
+    """Load and verify the checkpoint at ``path`` (a file, or a sharded folder) without running any code from it."""
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"no checkpoint at {path!r}: check the path (and the working directory)")
     if is_sharded_folder(path):
-        path = os.path.join(path, METADATA_FILE)
-    elif os.path.isdir(path):
+        return _read_sharded_folder(path)
+    if os.path.isdir(path):
         raise CheckpointCorruptError(f"{path!r} is a folder but not a sharded checkpoint (it has no {METADATA_FILE})")
+    return _read_file(path)
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    is_archive = _is_zip_archive(path)
+    if is_archive:
+        _check_archive(path)
     _start_reading_ahead(path)
-    checkpoint = _torch_load_safely(path)
+    checkpoint = _torch_load_safely(path, is_archive=is_archive)
     _check_structure(checkpoint, path)
     _check_hash(checkpoint, path)
     return checkpoint
+
+
+def _read_sharded_folder(folder: str) -> dict[str, Any]:
+    """The index first (it could run code or point outside the folder), then ``cairn.pt``, then every shard's
+    digest: a damaged shard is found before any of its bytes reach a model."""
+    from cairn.checkpoint.shard_index import read_shard_index, verify_shard_digests  # slow to import: only here
+
+    read_shard_index(folder)
+    checkpoint = _read_file(os.path.join(folder, METADATA_FILE))
+    verify_shard_digests(folder, checkpoint["state"]["metadata"].get("shards"))
+    return checkpoint
+
+
+def _is_zip_archive(path: str) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile as err:  # its end record is there, but claims what no torch archive has
+        raise CheckpointCorruptError(f"{path!r} is a damaged archive ({err}); load an earlier checkpoint") from None
+
+
+def _check_archive(path: str) -> None:
+    """torch stores every record of its archive uncompressed, so a compressed record, or one that claims more
+    bytes than the whole file, is a zip bomb or damage: refuse it before torch inflates anything into memory."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except Exception as err:  # noqa: BLE001 - a damaged directory fails in many ways (versions, sizes, names)
+        raise CheckpointCorruptError(f"{path!r} is a damaged archive ({err}); load an earlier checkpoint") from None
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED or record.file_size > size:
+            raise CheckpointCorruptError(
+                f"{path!r} has a record {record.filename!r} that would inflate to {record.file_size} bytes (the "
+                f"file is {size}): a zip bomb or damage, which torch never writes; refused before reading it"
+            )
 
 
 def _start_reading_ahead(path: str) -> None:
@@ -59,27 +101,27 @@ def _start_reading_ahead(path: str) -> None:
         os.close(descriptor)
 
 
-def _torch_load_safely(path: str) -> Any:
+def _torch_load_safely(path: str, *, is_archive: bool) -> Any:
     """``torch.load`` with ``weights_only=True``: any failure becomes one of cairn's errors, and no code runs."""
     try:
         # A torch archive is memory-mapped: tensors are read from the page cache as they are used (hashed, then
         # copied into the model), not first copied whole into fresh memory. Anything else loads plainly, so
         # that a foreign pickle still reaches the unpickler and is judged by what it holds.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_archive)
     except pickle.UnpicklingError as err:
-        if _needs_code(str(err), is_archive=zipfile.is_zipfile(path)):
+        if needs_code(str(err), is_archive=is_archive):
             raise UnsafeCheckpointError(
-                f"{path!r} holds Python objects that would need code to run to load ({_reason(err)}); nothing was "
+                f"{path!r} holds Python objects that would need code to run to load ({error_reason(err)}); nothing was "
                 "executed. cairn checkpoints hold only plain data: re-save it with cairn, or load it yourself with "
                 "torch.load(weights_only=False) only if you trust its source"
             ) from None
         raise CheckpointCorruptError(
-            f"{path!r} is not a checkpoint torch can read as plain data ({_reason(err)}); it is damaged or of "
+            f"{path!r} is not a checkpoint torch can read as plain data ({error_reason(err)}); it is damaged or of "
             "another format: load an earlier checkpoint"
         ) from None
     except Exception as err:  # noqa: BLE001 - a damaged pickle can surface as almost any exception
         raise CheckpointCorruptError(
-            f"{path!r} is truncated or corrupt ({_reason(err)}); load an earlier checkpoint"
+            f"{path!r} is truncated or corrupt ({error_reason(err)}); load an earlier checkpoint"
         ) from None
 
 
@@ -87,7 +129,7 @@ def _torch_load_safely(path: str) -> Any:
 _CODE_OPCODES = {ord(c) for c in "c\x93io\x81\x92\x82\x83\x84R"}
 
 
-def _needs_code(message: str, *, is_archive: bool) -> bool:
+def needs_code(message: str, *, is_archive: bool) -> bool:
     """A named global, or (inside a well-formed torch archive) an opcode that imports or calls something.
 
     Outside an archive an odd opcode is far more likely noise than a payload, so it counts as damage.
@@ -98,7 +140,7 @@ def _needs_code(message: str, *, is_archive: bool) -> bool:
     return is_archive and operand is not None and int(operand.group(1)) in _CODE_OPCODES
 
 
-def _reason(err: BaseException) -> str:
+def error_reason(err: BaseException) -> str:
     """The line of torch's (long) message that says what was wrong; the offending global when there is one."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch's message carries terminal bold codes
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -122,6 +164,9 @@ def _check_structure(checkpoint: Any, path: str) -> None:
     metadata = state.get("metadata")
     if not isinstance(metadata, dict) or not isinstance(metadata.get("content_hash"), str):
         raise fail("its 'state' has no 'metadata' with a content hash")
+    flags = ("sharded", "weights_only")
+    if not all(isinstance(metadata.get(flag, False), bool) for flag in flags):
+        raise fail(f"its metadata's {' and '.join(flags)} must be true or false")
     model = state.get("model")
     sharded = metadata.get("sharded") is True  # its model lives in the shards beside this file
     if not (sharded and model is None) and (not isinstance(model, dict) or not all(isinstance(k, str) for k in model)):
@@ -172,7 +217,7 @@ def apply_checkpoint(
         saved["optimizers"] = map_tensors(saved["optimizers"], torch.Tensor.clone)
     try:
         state.load_state_dict(saved, strict=strict)
-    except (KeyError, TypeError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - the checks above should leave none; if one slips through, say so plainly
         raise CheckpointCorruptError(f"{source!r} holds state cairn cannot restore ({err}); load another") from err
     ranks = checkpoint.get("rng") or []
     if ranks:
@@ -192,27 +237,30 @@ def _check_restorable(saved: dict[str, Any], ranks: list[Any], source: str) -> N
         raise CheckpointCorruptError(f"{source!r} holds malformed state ({err}); load another checkpoint") from None
 
 
-def _check_types(saved: dict[str, Any]) -> None:
-    def require(condition: bool, what: str) -> None:
-        if not condition:
-            raise TypeError(what)
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise TypeError(what)
 
-    require(all(isinstance(v, torch.Tensor) for v in saved.get("model", {}).values()), "model values must be tensors")
+
+def _check_types(saved: dict[str, Any]) -> None:
+    _require(all(isinstance(v, torch.Tensor) for v in saved.get("model", {}).values()), "model values must be tensors")
     for key in ("optimizers", "schedulers", "algorithms", "callbacks"):
         entries = saved.get(key, {})
-        require(isinstance(entries, dict) and all(isinstance(v, dict) for v in entries.values()), f"{key} entries")
-    require(isinstance(saved.get("scaler", {}), dict), "scaler must be a dict")
+        _require(isinstance(entries, dict) and all(isinstance(v, dict) for v in entries.values()), f"{key} entries")
+    for key, optimizer in saved.get("optimizers", {}).items():
+        _check_optimizer_types(key, optimizer)
+    _require(isinstance(saved.get("scaler", {}), dict), "scaler must be a dict")
     if "timestamp" in saved:
         Timestamp.from_state_dict(saved["timestamp"])
     seed = saved.get("rank_zero_seed", 0)
-    require(isinstance(seed, int) and not isinstance(seed, bool), "rank_zero_seed must be an int")
-    require(isinstance(saved.get("run_name", ""), str), "run_name must be a string")
-    require(isinstance(saved.get("dataset_state", {}), dict), "dataset_state must be a dict")
+    _require(isinstance(seed, int) and not isinstance(seed, bool), "rank_zero_seed must be an int")
+    _require(isinstance(saved.get("run_name", ""), str), "run_name must be a string")
+    _require(isinstance(saved.get("dataset_state", {}), dict), "dataset_state must be a dict")
     metric_groups = [saved.get("train_metrics", {}), *dict(saved.get("eval_metrics", {})).values()]
     for metrics in metric_groups:
-        require(isinstance(metrics, dict), "metrics must be dicts")
+        _require(isinstance(metrics, dict), "metrics must be dicts")
         for metric in metrics.values():
-            require(isinstance(metric, dict), "a metric's state must be a dict")
+            _require(isinstance(metric, dict), "a metric's state must be a dict")
             for name, value in metric.items():
                 tensors = value if isinstance(value, list) else [value]
                 ok = (
@@ -220,7 +268,26 @@ def _check_types(saved: dict[str, Any]) -> None:
                     if name == "_update_count"
                     else all(isinstance(t, torch.Tensor) for t in tensors)
                 )
-                require(ok, f"metric state {name!r} has the wrong type")
+                _require(ok, f"metric state {name!r} has the wrong type")
+
+
+def _check_optimizer_types(key: str, saved: dict[str, Any]) -> None:
+    """The shape torch's ``Optimizer.load_state_dict`` relies on without checking: groups of parameter ids
+    (positions, or names under FSDP), per-parameter state keyed by those ids, and one kind of value per state
+    name (a tensor for every parameter's ``exp_avg``, not a number for one of them)."""
+    groups, per_parameter = saved.get("param_groups"), saved.get("state", {})
+    _require(isinstance(groups, list) and all(isinstance(g, dict) for g in groups), f"optimizer {key} param_groups")
+    ids = [i for group in groups for i in (group.get("params") if isinstance(group.get("params"), list) else [None])]
+    ids_ok = all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in ids)  # str: names, under FSDP
+    _require(ids_ok, f"optimizer {key} parameter ids")
+    _require(isinstance(per_parameter, dict) and set(per_parameter) <= set(ids), f"optimizer {key} state keys")
+    kinds: dict[str, set[type]] = {}
+    for values in per_parameter.values():
+        _require(isinstance(values, dict) and all(isinstance(k, str) for k in values), f"optimizer {key} state")
+        for name, value in values.items():
+            kinds.setdefault(name, set()).add(torch.Tensor if isinstance(value, torch.Tensor) else type(value))
+    mixed = sorted(name for name, found in kinds.items() if len(found) > 1)
+    _require(not mixed, f"optimizer {key} state {mixed} holds different kinds of values for different parameters")
 
 
 def load_checkpoint(

@@ -36,13 +36,23 @@ def find_latest_checkpoint(saver: CheckpointSaver, state: State) -> tuple[str, d
     if saver.latest_filename is not None:
         link = os.path.join(folder, format_name(saver.latest_filename, state, rank=0))
         if os.path.islink(link):
-            candidates.append(os.path.join(folder, os.readlink(link)))
+            target = os.path.join(folder, os.readlink(link))
+            if _inside(target, folder):
+                candidates.append(target)
+            else:
+                log.warning("autoresume ignores %s: it points outside %s, to %s", link, folder, target)
     for path in candidates:
         try:
             return path, read_checkpoint(path)
         except (CheckpointCorruptError, FileNotFoundError) as err:
             log.warning("autoresume skips %s: %s", path, err)
     return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path``, with every symlink followed, lies under ``folder``: autoresume reads nothing else."""
+    real_folder = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(path), real_folder]) == real_folder
 
 
 def find_remote_latest(

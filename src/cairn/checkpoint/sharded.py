@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from cairn.checkpoint.commit import TEMP_MARKER, fsync_path, write_checkpoint
-from cairn.checkpoint.content import build_checkpoint
+from cairn.checkpoint.content import build_checkpoint, file_digest, seal
 from cairn.core.model_state import model_weights_module
 from cairn.core.state import State, class_keys
-from cairn.errors import CheckpointIncompatibleError
+from cairn.errors import CairnError, CheckpointCorruptError, CheckpointIncompatibleError
 from cairn.utils.dist import broadcast_object, get_rank, on_rank_zero
 
 __all__ = [
@@ -116,8 +116,14 @@ def _temporary_folder(path: str) -> str:
 
 
 def _complete(rest: dict[str, Any], temporary: str, path: str, *, overwrite: bool) -> None:
-    """Add ``cairn.pt`` to the finished shards and rename the folder into place (one process does it)."""
-    write_checkpoint(rest, os.path.join(temporary, METADATA_FILE))
+    """Add ``cairn.pt`` to the finished shards and rename the folder into place (one process does it).
+
+    ``cairn.pt`` records a digest of every file DCP wrote, so that a reader can vouch for the shards (DCP keeps no
+    checksum of its own) before any of their bytes reach the model.
+    """
+    metadata = rest["state"]["metadata"]
+    metadata["shards"] = {name: file_digest(os.path.join(temporary, name)) for name in sorted(os.listdir(temporary))}
+    write_checkpoint(seal(rest), os.path.join(temporary, METADATA_FILE))
     _publish(temporary, path, overwrite=overwrite)
 
 
@@ -151,20 +157,39 @@ def _current_tensors(state: State, *, weights_only: bool) -> dict[str, Any]:
 def load_shards(folder: str, state: State, *, weights_only: bool, strict: bool) -> None:
     """Read the shards of ``folder`` into this run's model (and optimizers), resharding to this run's ranks."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    _check_model_fits(folder, state, strict=strict)
+    from cairn.checkpoint.shard_index import SafeLoadPlanner, SafeReader, read_shard_index
+
+    saved = read_shard_index(folder).state_dict_metadata
+    _check_model_fits(folder, saved, state, strict=strict)
     tensors = _current_tensors(state, weights_only=weights_only)
-    saved_keys = set(dcp.FileSystemReader(folder).read_metadata().state_dict_metadata)
     if not strict:
-        tensors["model"] = {k: v for k, v in tensors["model"].items() if f"model.{k}" in saved_keys}
-    with _single_process_quietly():
-        dcp.load(tensors, checkpoint_id=folder)
+        tensors["model"] = {k: v for k, v in tensors["model"].items() if f"model.{k}" in saved}
+    try:
+        with _single_process_quietly():
+            dcp.load(tensors, storage_reader=SafeReader(folder), planner=SafeLoadPlanner())
+    except CheckpointException as err:  # DCP gathers every rank's failure into one exception (a BaseException)
+        raise _diagnosis(err, folder) from None
     module = model_weights_module(state.model)
     set_model_state_dict(module, tensors["model"], options=_options(strict=strict))
     for key, optimizer in zip(class_keys(state.optimizers), state.optimizers, strict=True):
         if not weights_only:
             set_optimizer_state_dict(module, optimizer, tensors["optimizers"][key])
+
+
+def _diagnosis(failure: BaseException, folder: str) -> CairnError:
+    """cairn's own error from the first rank that raised one; otherwise the shards are damaged."""
+    causes = [cause for cause, _ in getattr(failure, "failures", {}).values()]
+    for cause in causes:
+        if isinstance(cause, CairnError):
+            return cause
+    first = causes[0] if causes else failure
+    reason = (str(first).splitlines() or [type(first).__name__])[0][:200]
+    return CheckpointCorruptError(
+        f"the shards of {folder!r} could not be read ({reason}); they are damaged: load an earlier checkpoint"
+    )
 
 
 @contextlib.contextmanager
@@ -181,13 +206,11 @@ def _options(*, strict: bool) -> Any:
     return StateDictOptions(strict=strict)
 
 
-def _check_model_fits(folder: str, state: State, *, strict: bool) -> None:
+def _check_model_fits(folder: str, index: dict[str, Any], state: State, *, strict: bool) -> None:
     """Name every missing, unexpected and mis-shaped weight, from the shards' metadata, before reading any."""
-    import torch.distributed.checkpoint as dcp
-
     saved = {
         key.removeprefix("model."): tuple(meta.size)
-        for key, meta in dcp.FileSystemReader(folder).read_metadata().state_dict_metadata.items()
+        for key, meta in index.items()
         if key.startswith("model.") and hasattr(meta, "size")
     }
     expected = {k: tuple(v.shape) for k, v in model_weights_module(state.model).state_dict().items()}

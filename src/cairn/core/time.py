@@ -293,7 +293,8 @@ class Timestamp:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Timestamp:
-        """Rebuild a timestamp, refusing anything but known names holding numbers."""
+        """Rebuild a timestamp, refusing anything but known names holding counts (whole numbers, never negative)
+        and durations (numbers)."""
         known = {f.name: f.type for f in fields(cls)}
         unknown = sorted(set(state) - set(known))
         if unknown:
@@ -301,4 +302,6 @@ class Timestamp:
         for key, value in state.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"timestamp field {key!r} must be a number, not {type(value).__name__}")
+            if known[key] in (int, "int") and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"timestamp field {key!r} must be a whole number of at least 0, not {value!r}")
         return cls(**state)

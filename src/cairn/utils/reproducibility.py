@@ -55,22 +55,27 @@ def rng_state() -> dict[str, Any]:
 
 def load_rng_state(state: dict[str, Any]) -> None:
     """Put every generator back where :func:`rng_state` found it."""
-    python = state["python"]
-    random.setstate((int(python["version"]), tuple(int(v) for v in python["state"]), python["gauss"]))
-    numpy = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": numpy["bit_generator"],
-            "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": int(numpy["pos"])},
-            "has_gauss": int(numpy["has_gauss"]),
-            "gauss": float(numpy["gauss"]),
-        }
-    )
-    torch.set_rng_state(state["torch"])
+    _set_generators(state, random, np.random, torch.default_generator)
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _set_generators(state: dict[str, Any], python: Any, numpy: Any, generator: torch.Generator) -> None:
+    """Load ``state`` into the given generators: the global ones to restore, throwaway ones to try it first."""
+    saved = state["python"]
+    python.setstate((int(saved["version"]), tuple(int(v) for v in saved["state"]), saved["gauss"]))
+    saved = state["numpy"]
+    numpy.set_state(
+        {
+            "bit_generator": saved["bit_generator"],
+            "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": int(saved["pos"])},
+            "has_gauss": int(saved["has_gauss"]),
+            "gauss": float(saved["gauss"]),
+        }
+    )
+    generator.set_state(state["torch"])
 
 
 def check_rng_state(state: Any) -> None:
@@ -96,3 +101,8 @@ def check_rng_state(state: Any) -> None:
     require(
         isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda), "cuda"
     )
+    require(not isinstance(python["version"], bool), "python version is not a number")
+    try:  # the types are right; the generators themselves judge the values
+        _set_generators(state, random.Random(), np.random.RandomState(), torch.Generator())
+    except (TypeError, ValueError, RuntimeError, KeyError) as err:
+        raise ValueError(f"rng state: the generators refuse it ({err})") from None
