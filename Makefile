@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test campaign bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The full SIGKILL campaign: 50 kills per mode (sync/async, single file/sharded); about 25 minutes on 2 cores.
+campaign: $(STAMP)
+	CAIRN_KILLS=$${CAIRN_KILLS:-50} $(PY) -m pytest -s tests/test_kill_campaign.py $(PYTEST_ARGS)
 
 # Speed and memory of a checkpoint, against the disk, plain torch, Lightning and Composer (peers in benchmarks/.peers).
 bench: $(STAMP)

@@ -58,9 +58,9 @@ def _read_sharded_folder(folder: str) -> dict[str, Any]:
     digest: a damaged shard is found before any of its bytes reach a model."""
     from cairn.checkpoint.shard_index import read_shard_index, verify_shard_digests  # slow to import: only here
 
-    read_shard_index(folder)
+    index = read_shard_index(folder)
     checkpoint = _read_file(os.path.join(folder, METADATA_FILE))
-    verify_shard_digests(folder, checkpoint["state"]["metadata"].get("shards"))
+    verify_shard_digests(folder, index, checkpoint["state"]["metadata"].get("shards"))
     return checkpoint
 
 

@@ -2,9 +2,9 @@
 
 ``torch.distributed.checkpoint`` reads ``.metadata`` with plain ``pickle.load`` and unpickles non-tensor entries
 (an optimizer's learning rate, its betas) with ``torch.load(weights_only=False)``: a folder from elsewhere could
-run code on load. ``cairn.pt``'s content hash does not cover those files. So cairn reads the index itself, with an
-unpickler that knows only DCP's own metadata classes, checks that every shard it names is a regular file inside
-the folder holding the bytes it promises, and loads byte entries as plain data.
+run code on load, and DCP keeps no checksum. So cairn reads the index itself, with an unpickler that knows only
+DCP's own metadata classes, checks that every shard it names is a regular file inside the folder holding the bytes
+it promises, loads byte entries as plain data, and compares every file with the digest ``cairn.pt`` recorded.
 """
 
 from __future__ import annotations
@@ -87,14 +87,14 @@ def read_shard_index(folder: str) -> Metadata:
     return index
 
 
-def verify_shard_digests(folder: str, digests: Any) -> None:
+def verify_shard_digests(folder: str, index: Metadata, digests: Any) -> None:
     """Every file of the folder's index holds the bytes ``cairn.pt`` recorded when the folder was written."""
     if not isinstance(digests, dict) or INDEX_FILE not in digests:
         raise CheckpointCorruptError(
             f"{os.path.join(folder, METADATA_FILE)!r} records no digests of its shards, so they cannot be verified; "
             "it was not written by this version of cairn: load an earlier checkpoint"
         )
-    for name in _shard_files(folder):
+    for name in [INDEX_FILE, *sorted({entry.relative_path for entry in index.storage_data.values()})]:
         if name not in digests:
             raise CheckpointCorruptError(f"shard {name!r} of {folder!r} was not there when the folder was written")
         if file_digest(os.path.join(folder, name)) != digests[name]:
@@ -102,11 +102,6 @@ def verify_shard_digests(folder: str, digests: Any) -> None:
                 f"shard {name!r} of {folder!r} fails its digest: its bytes changed after it was written (disk or "
                 "transfer damage, or an edit); load an earlier checkpoint"
             )
-
-
-def _shard_files(folder: str) -> list[str]:
-    index = read_shard_index(folder)
-    return [INDEX_FILE, *sorted({entry.relative_path for entry in index.storage_data.values()})]
 
 
 def _check_storage(storage: dict[Any, Any], folder: str) -> None:
