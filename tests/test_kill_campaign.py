@@ -9,6 +9,7 @@ runs the full campaign. Each kill's seed, batch and delay are printed (shown wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import random
@@ -87,8 +88,12 @@ class Run:
             pass
 
     def kill(self) -> None:
+        """SIGKILL the run and every process under it at once, as a lost node would. torchrun starts each rank in a
+        session of its own, so killing torchrun's process group alone would leave the ranks running (and saving)."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            for pid in [*_descendants(self.process.pid), self.process.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         self.process.wait(timeout=60)
         self._log.close()
         if self.process.stdin is not None:
@@ -100,6 +105,23 @@ class Run:
         code = self.process.wait(timeout=300)
         self._log.close()
         return code
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), deepest last."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # it exited meanwhile
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for parent in frontier for child in children.get(parent, [])]
+        found += frontier
+    return found
 
 
 def _temporaries(folder: Path) -> list[str]:
