@@ -36,7 +36,10 @@ MODES = {
     "sharded-async": (("--fsdp", "--sharded", "--async-save"), 2, 3),
 }
 
-pytestmark = pytest.mark.slow
+# pytest-timeout's 300 s covers the default run; the full campaign gets half a minute a kill (a sharded kill, with
+# its torchrun start and resume, takes about ten seconds on two cores)
+_KILLS = int(os.environ.get("CAIRN_KILLS", 0))
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(max(300, 120 + 30 * _KILLS))]
 
 
 def _command(out: Path, nproc: int, *args: str) -> list[str]:

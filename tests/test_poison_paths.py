@@ -310,3 +310,28 @@ def test_poison_cases_write_nothing_beside_them(real_file: Path, tmp_path: Path)
     before = sorted(os.listdir(folder))
     refused_quickly(load_into_fresh_trainer(bad), CheckpointCorruptError)
     assert sorted(os.listdir(folder)) == before
+
+
+@pytest.mark.parametrize("name", ["run/..", "run/.", "run/ep1\x1b[2J.pt"])
+def test_a_store_object_named_with_dot_dot_or_control_characters_downloads_inside_a_private_folder(
+    moto_endpoint: str, s3_bucket: str, real_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """The object's name never chooses where its download lands: ``run/..`` must not write beside the temporary
+    folder, whatever the store answers."""
+    from cairn.checkpoint.remote import read_remote_checkpoint
+    from cairn.utils import S3ObjectStore
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr("tempfile.tempdir", None)  # tempfile reads TMPDIR again
+    store = S3ObjectStore(bucket=s3_bucket, endpoint_url=moto_endpoint)
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").put_object(
+        Bucket=s3_bucket, Key=name, Body=real_file.read_bytes()
+    )
+    checkpoint = read_remote_checkpoint(store, name, progress=False)
+    assert (
+        checkpoint["state"]["metadata"]["content_hash"]
+        == read_checkpoint(str(real_file))["state"]["metadata"]["content_hash"]
+    )
+    assert list(scratch.iterdir()) == [], "the download stayed inside its private folder, which is gone"

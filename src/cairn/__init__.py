@@ -1,9 +1,9 @@
 """cairn: PyTorch training whose checkpoints you can trust."""
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from cairn.core import Algorithm, Callback, Event, State, Time, Timestamp, TimeUnit
-from cairn.trainer import Trainer
 
 try:
     __version__ = version("cairn")
@@ -11,3 +11,13 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0"
 
 __all__ = ["Algorithm", "Callback", "Event", "State", "Time", "TimeUnit", "Timestamp", "Trainer", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """``cairn.Trainer`` is imported on first use: it pulls in torchmetrics (a second), which the ``cairn``
+    command's checkpoint tools never need."""
+    if name == "Trainer":
+        from cairn.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'cairn' has no attribute {name!r}")

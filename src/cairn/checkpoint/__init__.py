@@ -6,6 +6,8 @@
 - how many: :mod:`~cairn.checkpoint.retention` prunes from what is on disk;
 - reading back: :mod:`~cairn.checkpoint.loader` (safe, verified) and :mod:`~cairn.checkpoint.compat` (does it fit);
 - resuming: :mod:`~cairn.checkpoint.resume` finds the newest good checkpoint and wires the Trainer's arguments.
+- looking inside: :mod:`~cairn.checkpoint.inspect` lists and summarizes checkpoints, :mod:`~cairn.checkpoint.compare`
+  diffs two (``cairn ckpt ls / show / diff``).
 """
 
 from cairn.checkpoint.loader import load_checkpoint, read_checkpoint

@@ -1,21 +1,26 @@
-"""Turning one kind of checkpoint into another, offline and in one process."""
+"""Turning one kind of checkpoint into another, offline and in one process.
+
+Forms: ``single-file`` (everything in one file), ``weights-only`` (the model and metadata), ``sharded`` (a folder of
+DCP shards, :mod:`~cairn.checkpoint.sharded`), and ``safetensors`` (the model's tensors for other tools, with
+``pip install 'cairn[safetensors]'``). Every output is written through :func:`~cairn.checkpoint.commit.atomic_write`.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-import tempfile
 from typing import Any
 
 import torch
 
-from cairn.checkpoint.commit import write_checkpoint
+from cairn.checkpoint.commit import atomic_write, write_checkpoint
 from cairn.checkpoint.content import content_hash, is_sharded
 from cairn.checkpoint.loader import read_checkpoint
-from cairn.checkpoint.sharded import is_sharded_folder, write_sharded_folder
+from cairn.checkpoint.sharded import is_sharded_folder, read_whole_shards, write_sharded_folder
 
 __all__ = ["FORMATS", "convert"]
 
-FORMATS = ("single-file", "weights-only", "sharded")
+FORMATS = ("single-file", "weights-only", "sharded", "safetensors")
 
 
 def convert(source: str, target_format: str, out: str) -> str:
@@ -25,6 +30,9 @@ def convert(source: str, target_format: str, out: str) -> str:
     if os.path.exists(out):
         raise FileExistsError(f"{out} already exists; choose another output path or remove it first")
     checkpoint = read_checkpoint(source)  # verified, safe
+    if target_format == "safetensors":
+        _write_safetensors(source, checkpoint, out)
+        return out
     if target_format == "sharded":
         if is_sharded(checkpoint):
             raise ValueError(f"{source} is already a sharded checkpoint; copy the folder instead")
@@ -41,16 +49,58 @@ def convert(source: str, target_format: str, out: str) -> str:
     return out
 
 
+def _write_safetensors(source: str, checkpoint: dict[str, Any], out: str) -> None:
+    """The model's tensors as a safetensors file; small facts (run name, timestamp, versions) go in its header.
+
+    safetensors stores only tensors, each with storage of its own: tensors that share memory (tied weights) are
+    written as separate copies, and a view is written as the part it sees.
+    """
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ValueError("--to safetensors needs the safetensors package: pip install 'cairn[safetensors]'") from None
+    if is_sharded(checkpoint):
+        model = read_whole_shards(source)["model"]
+    else:
+        model = checkpoint["state"]["model"]
+    tensors = _unshared(model)
+    header = _safetensors_header(checkpoint)
+    atomic_write(out, lambda temporary: save_file(tensors, temporary, metadata=header), overwrite=False)
+
+
+def _unshared(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, none sharing memory with another (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in model.items():
+        tensor = tensor.detach().cpu()
+        storage = tensor.untyped_storage().data_ptr()
+        shared = storage in seen or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()
+        seen.add(storage)
+        tensors[name] = tensor.clone(memory_format=torch.contiguous_format) if shared else tensor.contiguous()
+    return tensors
+
+
+def _safetensors_header(checkpoint: dict[str, Any]) -> dict[str, str]:
+    """String metadata for the file's header: ``format: pt`` (what other tools look for), and cairn's facts."""
+    state = checkpoint["state"]
+    metadata = state["metadata"]
+    header = {"format": "pt", "cairn_source_hash": str(metadata["content_hash"])}
+    for key in ("cairn_version", "torch_version", "created_at", "world_size"):
+        if key in metadata:
+            header[key if key.startswith("cairn_") else f"cairn_{key}"] = str(metadata[key])
+    if "run_name" in state:
+        header["cairn_run_name"] = str(state["run_name"])
+    if "timestamp" in state:
+        header["cairn_timestamp"] = json.dumps(state["timestamp"], sort_keys=True)
+    return header
+
+
 def _gathered(folder: str, checkpoint: dict[str, Any]) -> dict[str, Any]:
     """A sharded folder's tensors joined into full ones, put back in the order a single file keeps its keys."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     if not is_sharded_folder(folder):
         raise ValueError(f"{folder} is not a sharded checkpoint folder")
-    with tempfile.TemporaryDirectory(prefix="cairn-convert-") as scratch:
-        joined = os.path.join(scratch, "joined.pt")
-        dcp_to_torch_save(folder, joined)
-        tensors = torch.load(joined, map_location="cpu", weights_only=True)
+    tensors = read_whole_shards(folder)
     state = {"model": tensors["model"]}
     if "optimizers" in tensors:
         state["optimizers"] = tensors["optimizers"]

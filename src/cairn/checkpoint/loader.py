@@ -26,7 +26,7 @@ from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, Unsafe
 from cairn.utils.dist import get_rank
 from cairn.utils.reproducibility import check_rng_state, load_rng_state
 
-__all__ = ["apply_checkpoint", "load_checkpoint", "read_checkpoint"]
+__all__ = ["apply_checkpoint", "check_archive", "load_checkpoint", "read_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 
 
 def _read_file(path: str) -> dict[str, Any]:
-    is_archive = _is_zip_archive(path)
-    if is_archive:
-        _check_archive(path)
+    is_archive = check_archive(path)
     _start_reading_ahead(path)
     checkpoint = _torch_load_safely(path, is_archive=is_archive)
     _check_structure(checkpoint, path)
@@ -64,18 +62,16 @@ def _read_sharded_folder(folder: str) -> dict[str, Any]:
     return checkpoint
 
 
-def _is_zip_archive(path: str) -> bool:
-    try:
-        return zipfile.is_zipfile(path)
-    except zipfile.BadZipFile as err:  # its end record is there, but claims what no torch archive has
-        raise CheckpointCorruptError(f"{path!r} is a damaged archive ({err}); load an earlier checkpoint") from None
+def check_archive(path: str) -> bool:
+    """Whether ``path`` is a zip archive (torch's format, read memory-mapped), refusing a damaged one and a zip bomb.
 
-
-def _check_archive(path: str) -> None:
-    """torch stores every record of its archive uncompressed, so a compressed record, or one that claims more
-    bytes than the whole file, is a zip bomb or damage: refuse it before torch inflates anything into memory."""
-    size = os.path.getsize(path)
+    torch stores every record of its archive uncompressed, so a compressed record, or one that claims more bytes
+    than the whole file, is a zip bomb or damage: it is refused before torch inflates anything into memory.
+    """
     try:
+        if not zipfile.is_zipfile(path):
+            return False  # an old-style pickle, or not a checkpoint at all: torch.load judges it
+        size = os.path.getsize(path)
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
     except Exception as err:  # noqa: BLE001 - a damaged directory fails in many ways (versions, sizes, names)
@@ -86,6 +82,7 @@ def _check_archive(path: str) -> None:
                 f"{path!r} has a record {record.filename!r} that would inflate to {record.file_size} bytes (the "
                 f"file is {size}): a zip bomb or damage, which torch never writes; refused before reading it"
             )
+    return True
 
 
 def _start_reading_ahead(path: str) -> None:

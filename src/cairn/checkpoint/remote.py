@@ -20,7 +20,7 @@ _POINTER_LIMIT = 4096  # a pointer holds one object name
 def read_remote_checkpoint(store: ObjectStore, name: str, *, progress: bool = True) -> dict[str, Any]:
     """Download ``name`` to a private temporary folder, verify and read it, and delete the download."""
     with tempfile.TemporaryDirectory(prefix="cairn-download-") as folder:
-        local = os.path.join(folder, posixpath.basename(name) or "checkpoint.pt")
+        local = os.path.join(folder, _local_name(name))
         try:
             download_with_progress(store, name, local, overwrite=False, progress=progress)
         except ObjectNotFoundError:
@@ -29,6 +29,13 @@ def read_remote_checkpoint(store: ObjectStore, name: str, *, progress: bool = Tr
             ) from None
         checkpoint = read_checkpoint(local)
     return checkpoint
+
+
+def _local_name(name: str) -> str:
+    """The object's own base name when it is a plain one (errors then name the file the user knows), else a fixed
+    one: a listing or pointer may hold ``..`` or control characters, which must never choose where a file lands."""
+    base = posixpath.basename(name)
+    return base if base not in ("", ".", "..") and base.isprintable() else "checkpoint.pt"
 
 
 def read_pointer(store: ObjectStore, pointer: str) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
@@ -26,7 +27,14 @@ from cairn.checkpoint.loader import error_reason, needs_code
 from cairn.checkpoint.sharded import METADATA_FILE
 from cairn.errors import CheckpointCorruptError, UnsafeCheckpointError
 
-__all__ = ["INDEX_FILE", "SafeLoadPlanner", "SafeReader", "read_shard_index", "verify_shard_digests"]
+__all__ = [
+    "INDEX_FILE",
+    "SafeLoadPlanner",
+    "SafeReader",
+    "SafeWholeLoadPlanner",
+    "read_shard_index",
+    "verify_shard_digests",
+]
 
 INDEX_FILE = ".metadata"
 
@@ -181,11 +189,21 @@ class SafeReader(FileSystemReader):
         return index
 
 
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner, except that byte entries must load as plain data before DCP unpickles them."""
+class _PlainBytes:
+    """A load-planner mixin: byte entries must load as plain data before DCP unpickles them (it would use
+    ``weights_only=False``). :func:`read_shard_index` checked them already; this closes the gap should a file change
+    between that check and the load."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        # read_shard_index checked these bytes already; this closes the gap if the file changed since
         _load_plain(value, read_item.dest_index.fqn, "this folder")
         value.seek(0)
-        super().load_bytes(read_item, value)  # the same bytes, now known to hold only plain data
+        super().load_bytes(read_item, value)  # type: ignore[misc] - the same bytes, now known to be plain data
+
+
+class SafeLoadPlanner(_PlainBytes, DefaultLoadPlanner):
+    """DCP's default load planner (into a model's own tensors), with byte entries loaded as plain data."""
+
+
+class SafeWholeLoadPlanner(_PlainBytes, _EmptyStateDictLoadPlanner):
+    """DCP's planner that builds the whole state from the index (no model needed), with byte entries loaded as
+    plain data."""

@@ -32,6 +32,7 @@ __all__ = [
     "ShardedAsyncSaves",
     "is_sharded_folder",
     "load_shards",
+    "read_whole_shards",
     "save_sharded",
     "write_sharded_folder",
 ]
@@ -157,7 +158,6 @@ def _current_tensors(state: State, *, weights_only: bool) -> dict[str, Any]:
 def load_shards(folder: str, state: State, *, weights_only: bool, strict: bool) -> None:
     """Read the shards of ``folder`` into this run's model (and optimizers), resharding to this run's ranks."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     from cairn.checkpoint.shard_index import SafeLoadPlanner, SafeReader, read_shard_index
@@ -167,16 +167,41 @@ def load_shards(folder: str, state: State, *, weights_only: bool, strict: bool) 
     tensors = _current_tensors(state, weights_only=weights_only)
     if not strict:
         tensors["model"] = {k: v for k, v in tensors["model"].items() if f"model.{k}" in saved}
-    try:
-        with _single_process_quietly():
-            dcp.load(tensors, storage_reader=SafeReader(folder), planner=SafeLoadPlanner())
-    except CheckpointException as err:  # DCP gathers every rank's failure into one exception (a BaseException)
-        raise _diagnosis(err, folder) from None
+    with _shard_errors(folder):
+        dcp.load(tensors, storage_reader=SafeReader(folder), planner=SafeLoadPlanner())
     module = model_weights_module(state.model)
     set_model_state_dict(module, tensors["model"], options=_options(strict=strict))
     for key, optimizer in zip(class_keys(state.optimizers), state.optimizers, strict=True):
         if not weights_only:
             set_optimizer_state_dict(module, optimizer, tensors["optimizers"][key])
+
+
+def read_whole_shards(folder: str) -> dict[str, Any]:
+    """A sharded folder's tensors (``model``, and ``optimizers`` when it has them) joined into whole CPU tensors,
+    in one process, without a model to load into: what ``cairn ckpt convert`` and ``diff`` need. Call it on a
+    folder :func:`~cairn.checkpoint.read_checkpoint` has verified."""
+    # dcp.load copies the top-level dict it is given, so the planner that builds the state from the index fills a
+    # copy; torch's own dcp_to_torch_save calls the function beneath it, as this does
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from cairn.checkpoint.shard_index import SafeReader, SafeWholeLoadPlanner
+
+    tensors: dict[str, Any] = {}
+    with _shard_errors(folder):
+        _load_state_dict(tensors, storage_reader=SafeReader(folder), planner=SafeWholeLoadPlanner(), no_dist=True)
+    return tensors
+
+
+@contextlib.contextmanager
+def _shard_errors(folder: str) -> Iterator[None]:
+    """DCP's load, quietly in one process; any failure, on any rank, becomes one of cairn's errors."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _single_process_quietly():
+            yield
+    except CheckpointException as err:  # DCP gathers every rank's failure into one exception (a BaseException)
+        raise _diagnosis(err, folder) from None
 
 
 def _diagnosis(failure: BaseException, folder: str) -> CairnError:

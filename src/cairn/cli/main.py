@@ -1,14 +1,20 @@
-"""``cairn``: the console command. ``cairn demo`` trains the digits example; ``cairn ckpt convert`` changes a
-checkpoint's form; ``cairn --version`` says which versions are installed."""
+"""``cairn``: the console command. ``cairn demo`` trains the digits example; ``cairn ckpt ls / show / verify /
+convert / diff`` look at, check and convert checkpoints (one module each in this package); ``cairn --version`` says
+which versions are installed.
+
+Exit status: 0 success, 1 failure (one line on stderr: ``cairn ckpt <command>: <what went wrong>``), 2 a usage
+error (argparse's). ``diff`` follows ``diff``: 0 identical, 1 different, 2 trouble.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import cairn
-from cairn.checkpoint.convert import FORMATS
+from cairn.cli import convert, diff, ls, show, verify
 
 __all__ = ["main"]
 
@@ -16,8 +22,25 @@ _EXAMPLES = """examples:
   cairn --version          print cairn's and torch's versions
   cairn demo               train a small CNN on handwritten digits
   cairn demo --epochs 3    a shorter run
+  cairn ckpt ls runs       the checkpoints in a folder, newest first
+  cairn ckpt show ep3.pt   what a checkpoint holds
+  cairn ckpt verify runs   check every checkpoint in a folder
   cairn ckpt convert ckpt/ep3-ba24-rank0.pt --to single-file ep3.pt
                            join a sharded checkpoint folder into one file
+  cairn ckpt diff ep2.pt ep3.pt
+                           which tensors and metadata differ
+"""
+
+_CKPT_EXAMPLES = """examples:
+  cairn ckpt ls runs/first                  list, newest first; * marks what latest points to
+  cairn ckpt show runs/first/latest-rank0.pt
+  cairn ckpt show --json ep3.pt             one JSON object, for scripts
+  cairn ckpt verify runs/first s3://bucket/run/
+  cairn ckpt convert ep3.pt --to safetensors model.safetensors
+  cairn ckpt diff ep2.pt ep3.pt
+
+Each command has its own --help. Colours only on a terminal (NO_COLOR turns them off); reads of 256 MiB or
+more show a progress bar on stderr unless --no-progress.
 """
 
 
@@ -34,16 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     from cairn.demo import add_arguments
 
     add_arguments(demo)
-    ckpt = commands.add_parser("ckpt", help="look at and convert checkpoints")
-    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", metavar="COMMAND", required=True)
-    convert = ckpt_commands.add_parser(
-        "convert",
-        help="write a checkpoint in another form",
-        epilog="example: cairn ckpt convert ckpt/ep3-ba24-rank0.pt --to single-file ep3.pt",
+    ckpt = commands.add_parser(
+        "ckpt",
+        help="look at, check, convert and compare checkpoints",
+        description="Look at, check, convert and compare checkpoints: local files, sharded folders, or URIs.",
+        epilog=_CKPT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    convert.add_argument("source", help="a checkpoint file or sharded checkpoint folder")
-    convert.add_argument("--to", dest="target", required=True, choices=FORMATS, help="the form to write")
-    convert.add_argument("out", help="where to write it (must not exist)")
+    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", metavar="COMMAND", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars, even on a terminal"
+    )
+    for command in (ls, show, verify, convert, diff):
+        command.add_parser(ckpt_commands, common)
     return parser
 
 
@@ -60,21 +87,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run(args)
     if args.command == "ckpt":
-        return _convert(args)
+        return _run_quietly_on_a_closed_pipe(args)
     parser.print_help(sys.stderr)
     return 2
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from cairn.checkpoint.convert import convert
-    from cairn.errors import CairnError
-
+def _run_quietly_on_a_closed_pipe(args: argparse.Namespace) -> int:
+    """Run a ``cairn ckpt`` command; ``| head`` closing the pipe, or Ctrl-C, ends it without a traceback."""
     try:
-        print(convert(args.source, args.target, args.out))
-    except (CairnError, FileExistsError, ValueError) as err:
-        print(f"cairn ckpt convert: {err}", file=sys.stderr)
+        code = args.handler(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
         return 1
-    return 0
+    except KeyboardInterrupt:
+        print(f"cairn ckpt {args.ckpt_command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torchmetrics import Metric
 
 from cairn.core.callback import Algorithm, Callback
 from cairn.core.model_state import (
@@ -18,6 +17,9 @@ from cairn.core.model_state import (
     optimizer_state,
 )
 from cairn.core.time import Time, Timestamp
+
+if TYPE_CHECKING:  # torchmetrics takes a second to import; cairn's command line needs none of it
+    from torchmetrics import Metric
 
 __all__ = ["State", "class_keys", "model_weights_module"]
 

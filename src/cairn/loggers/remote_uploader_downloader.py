@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing
 import os
+import posixpath
 import secrets
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ from cairn.errors import ObjectNotFoundError, ObjectStoreError
 from cairn.loggers.logger import LoggerDestination
 from cairn.storage.base import ObjectStore, TransientStoreError
 from cairn.storage.uri import parse_uri, store_from_uri
+from cairn.utils.text import printable
 
 if TYPE_CHECKING:
     from cairn.core.state import State
@@ -289,7 +291,7 @@ def _write_pointer(store: ObjectStore, pointer: str, target: str) -> None:
 
 def download_with_progress(store: ObjectStore, name: str, destination: str, *, overwrite: bool, progress: bool) -> None:
     size = store.get_object_size(name) if progress else 0
-    with _progress(f"download {os.path.basename(name)}", size if progress else 0) as callback:
+    with _progress(f"download {printable(posixpath.basename(name))}", size if progress else 0) as callback:
         store.download_object(name, destination, overwrite=overwrite, callback=callback)
 
 

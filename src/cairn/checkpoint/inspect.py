@@ -1,0 +1,440 @@
+"""Looking at checkpoints without training: what a folder or bucket prefix holds, and what one checkpoint holds.
+
+Two questions come up when a run misbehaves: *which checkpoints are there, and which one would a resume pick?*
+(:func:`list_checkpoints_at`) and *what is inside this one?* (:func:`summarize`). Both serve ``cairn ckpt ls`` and
+``cairn ckpt show`` and are plain functions for Python users.
+
+Listing reads as little as it can. A local file is opened with ``torch.load(weights_only=True, mmap=True)``: only
+its small pickled structure is read (tensors stay on disk) and its hash is *not* checked, so a listing costs
+milliseconds per checkpoint whatever its size; ``cairn ckpt verify`` is the command that checks. A listed object in
+a store is not downloaded at all: its size comes from the store and its epoch and batch from its name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import posixpath
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cairn.checkpoint.commit import is_temporary
+from cairn.checkpoint.content import is_sharded, is_weights_only
+from cairn.checkpoint.loader import check_archive
+from cairn.checkpoint.sharded import METADATA_FILE, is_sharded_folder
+from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
+from cairn.storage.base import ObjectStore
+
+__all__ = [
+    "CheckpointSummary",
+    "Listing",
+    "ListedCheckpoint",
+    "ModuleSize",
+    "checkpoint_kind",
+    "list_checkpoints_at",
+    "list_local_checkpoints",
+    "list_remote_checkpoints",
+    "model_tensor_sizes",
+    "peek_checkpoint",
+    "progress_from_name",
+    "summarize",
+]
+
+#: A file with one of these suffixes is listed even when it cannot be read (as ``unreadable``), so that damage is
+#: seen; any other file that is not a checkpoint is left out of a listing.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+POINTER_SUFFIX = ".symlink"  # a store's latest pointer: an object `<latest name>.symlink` holding the target's name
+
+_PROGRESS_KEYS = ("epoch", "batch", "sample", "token")
+
+
+# -- listing ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListedCheckpoint:
+    """One checkpoint in a listing. Fields that could not be learnt cheaply are ``None``."""
+
+    name: str  #: relative to the listed folder or prefix, ``/``-separated; for display only
+    location: str  #: a local path or a URI, to pass to ``cairn ckpt show`` or :func:`~cairn.checkpoint.read_checkpoint`
+    kind: str  #: ``full``, ``weights-only``, ``sharded``, ``unreadable`` (a damaged file) or ``?`` (not read)
+    size: int | None  #: bytes (a sharded folder: all its files)
+    created_at: float | None  #: when the run wrote it (the checkpoint's metadata), else the file's mtime
+    epoch: int | None
+    batch: int | None
+    latest: tuple[str, ...] = ()  #: the ``latest`` links or pointers that name it
+    modified: float | None = field(default=None, compare=False, repr=False)  #: the file's mtime (local only)
+    progress: tuple[int, ...] = field(default=(), compare=False, repr=False)  #: epoch, batch, sample, token
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Checkpoints newest first, and anything worth telling about the listing itself (a broken pointer)."""
+
+    entries: list[ListedCheckpoint]
+    notes: list[str]
+
+
+def list_checkpoints_at(target: str, *, recursive: bool = False) -> Listing:
+    """The checkpoints in a local folder, or under a ``scheme://bucket/prefix`` URI, newest first.
+
+    Newest means furthest in training (epoch, batch, sample, token), then most recently written. A path or URI that
+    names one checkpoint lists just that one, as ``ls`` does with a file.
+    """
+    from cairn.storage.uri import is_uri, store_from_uri
+
+    if not is_uri(target):
+        return list_local_checkpoints(target, recursive=recursive)
+    store, path = store_from_uri(target)
+    try:
+        return list_remote_checkpoints(store, path, recursive=recursive)
+    finally:
+        store.close()
+
+
+def list_local_checkpoints(folder: str, *, recursive: bool = False) -> Listing:
+    """Files torch can open as cairn checkpoints, and sharded checkpoint folders, in ``folder``.
+
+    Symlinks are never listed themselves: a link (such as ``latest-rank0.pt``) marks the checkpoint it points to.
+    Temporary files of unfinished writes are skipped.
+    """
+    if os.path.isfile(folder) or is_sharded_folder(folder):
+        entry = _local_entry(os.path.basename(folder.rstrip(os.sep)), folder)
+        return Listing([entry] if entry else [], [])
+    if not os.path.isdir(folder):
+        raise CheckpointNotFoundError(f"no folder or checkpoint at {folder!r}: check the path")
+    candidates, links = _scan(folder, recursive=recursive)
+    entries = [entry for path in candidates if (entry := _local_entry(_relative(path, folder), path))]
+    latest: dict[str, list[str]] = {}
+    for link in links:
+        latest.setdefault(os.path.realpath(link), []).append(_relative(link, folder))
+    entries = [_with_latest(e, latest.get(os.path.realpath(e.location), [])) for e in entries]
+    return Listing(_newest_first(entries), [])
+
+
+def _scan(folder: str, *, recursive: bool) -> tuple[list[str], list[str]]:
+    """Candidate checkpoint paths and symlinks under ``folder``; a sharded folder is one candidate."""
+    candidates: list[str] = []
+    links: list[str] = []
+    pending = [folder]
+    while pending:
+        with os.scandir(pending.pop()) as scan:
+            for item in sorted(scan, key=lambda entry: entry.name):
+                if is_temporary(item.name):
+                    continue
+                if item.is_symlink():
+                    links.append(item.path)
+                elif item.is_dir():
+                    if is_sharded_folder(item.path):
+                        candidates.append(item.path)
+                    elif recursive:
+                        pending.append(item.path)
+                elif item.is_file():
+                    candidates.append(item.path)
+    return candidates, links
+
+
+def _relative(path: str, folder: str) -> str:
+    return os.path.relpath(path, folder).replace(os.sep, "/")
+
+
+def _local_entry(name: str, path: str) -> ListedCheckpoint | None:
+    checkpoint = peek_checkpoint(path)
+    size = _size_on_disk(path)
+    if checkpoint is None:
+        if not name.endswith(CHECKPOINT_SUFFIXES):
+            return None  # some other file: a log, a config
+        modified = os.path.getmtime(path)
+        return ListedCheckpoint(name, path, "unreadable", size, modified, None, None, modified=modified)
+    state = checkpoint["state"]
+    timestamp = state.get("timestamp") if isinstance(state.get("timestamp"), dict) else {}
+    created = state["metadata"].get("created_at")
+    modified = os.path.getmtime(path)
+    progress = tuple(_count(timestamp.get(key)) for key in _PROGRESS_KEYS)
+    return ListedCheckpoint(
+        name=name,
+        location=path,
+        kind=checkpoint_kind(checkpoint),
+        size=size,
+        created_at=float(created) if _is_number(created) else modified,
+        epoch=_count(timestamp.get("epoch"), None),
+        batch=_count(timestamp.get("batch"), None),
+        modified=modified,
+        progress=progress,
+    )
+
+
+def peek_checkpoint(path: str) -> dict[str, Any] | None:
+    """A checkpoint's structure, read cheaply and safely but *not verified*; ``None`` when it is not a checkpoint.
+
+    Tensors are memory-mapped, not read, and the content hash is not checked: use it to describe, never to trust.
+    For a sharded folder this is its ``cairn.pt`` (the tensors are in the shards).
+    """
+    file = os.path.join(path, METADATA_FILE) if os.path.isdir(path) else path
+    if not _is_plain_torch_archive(file):
+        return None
+    try:
+        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - damage can surface as almost any exception; the file is then unreadable
+        return None
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("state"), dict):
+        return None
+    if not isinstance(loaded["state"].get("metadata"), dict):
+        return None
+    return loaded
+
+
+def _is_plain_torch_archive(path: str) -> bool:
+    """What torch writes, checked as the loader checks it: a listing never inflates a zip bomb or parses an
+    old-style pickle."""
+    try:
+        return os.path.isfile(path) and check_archive(path)
+    except CairnError:
+        return False
+
+
+def _size_on_disk(path: str) -> int:
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    with os.scandir(path) as scan:
+        return sum(item.stat(follow_symlinks=False).st_size for item in scan if item.is_file(follow_symlinks=False))
+
+
+def list_remote_checkpoints(store: ObjectStore, prefix: str, *, recursive: bool = False) -> Listing:
+    """The checkpoints under ``prefix`` in ``store``, without downloading any of them.
+
+    A store cannot say what an object holds without a download, so checkpoints are told by their names: objects
+    ending in ``.pt``, ``.pth`` or ``.ckpt`` (the others are counted in a note). ``kind`` is ``?``, ``created_at``
+    is ``None``, and epoch and batch come from the name (``ep3``, ``ba24``) where it has them. A latest pointer
+    (``<name>.symlink``) marks the object it names; temporary names are skipped.
+    """
+    folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+    names = store.list_objects(folder)
+    if not names and prefix and not prefix.endswith("/"):
+        return _single_object(store, prefix)
+    if not recursive:
+        names = [name for name in names if "/" not in name[len(folder) :]]
+    pointers = [name for name in names if name.endswith(POINTER_SUFFIX)]
+    objects = [name for name in names if name.endswith(CHECKPOINT_SUFFIXES) and not is_temporary(name)]
+    latest, notes = _pointer_targets(store, pointers, folder)
+    others = [name for name in names if not name.endswith((POINTER_SUFFIX, *CHECKPOINT_SUFFIXES))]
+    if others:
+        endings = ", ".join(CHECKPOINT_SUFFIXES)
+        notes.append(f"{len(others)} other object(s) not listed: their names do not end in {endings}")
+    entries = [_remote_entry(store, name, name[len(folder) :], tuple(latest.get(name, ()))) for name in objects]
+    return Listing(_newest_first(entries), notes)
+
+
+def _single_object(store: ObjectStore, name: str) -> Listing:
+    try:
+        entry = _remote_entry(store, name, posixpath.basename(name), ())
+    except ObjectNotFoundError:
+        raise CheckpointNotFoundError(f"nothing at {store.get_uri(name)}: check the bucket and prefix") from None
+    return Listing([entry], [])
+
+
+def _pointer_targets(
+    store: ObjectStore, pointers: Iterable[str], folder: str
+) -> tuple[dict[str, list[str]], list[str]]:
+    """Which object each latest pointer names (pointer names shown without ``.symlink``), and broken pointers."""
+    from cairn.checkpoint.remote import read_pointer
+
+    targets: dict[str, list[str]] = {}
+    notes: list[str] = []
+    for pointer in pointers:
+        try:
+            target = read_pointer(store, pointer)
+        except CairnError as err:
+            notes.append(str(err))
+            continue
+        if target is not None:
+            targets.setdefault(target, []).append(pointer[len(folder) : -len(POINTER_SUFFIX)])
+    return targets, notes
+
+
+def _remote_entry(store: ObjectStore, name: str, shown: str, latest: tuple[str, ...]) -> ListedCheckpoint:
+    epoch, batch = progress_from_name(name)
+    return ListedCheckpoint(
+        name=shown,
+        location=store.get_uri(name),
+        kind="?",
+        size=store.get_object_size(name),
+        created_at=None,
+        epoch=epoch,
+        batch=batch,
+        latest=latest,
+        progress=(_count(epoch), _count(batch)),
+    )
+
+
+_EPOCH_IN_NAME = re.compile(r"(?<![A-Za-z])ep(\d+)(?!\d)")
+_BATCH_IN_NAME = re.compile(r"(?<![A-Za-z])ba(\d+)(?!\d)")
+
+
+def progress_from_name(name: str) -> tuple[int | None, int | None]:
+    """Epoch and batch as cairn's default names carry them (``ep3-ba24-rank0.pt``), from the last path part."""
+    base = posixpath.basename(name)
+    epoch, batch = _EPOCH_IN_NAME.search(base), _BATCH_IN_NAME.search(base)
+    return (int(epoch.group(1)) if epoch else None, int(batch.group(1)) if batch else None)
+
+
+def _with_latest(entry: ListedCheckpoint, links: list[str]) -> ListedCheckpoint:
+    if not links:
+        return entry
+    return dataclasses.replace(entry, latest=tuple(sorted(links)))
+
+
+def _newest_first(entries: list[ListedCheckpoint]) -> list[ListedCheckpoint]:
+    """Furthest in training first; among equals (a checkpoint and its converted copy), the latest written."""
+    return sorted(entries, key=lambda e: (e.progress, e.created_at or 0.0, e.modified or 0.0, e.name), reverse=True)
+
+
+def _count(value: Any, default: int | None = -1) -> Any:
+    """An unverified progress number, or ``default`` when it is not a non-negative int."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# -- one checkpoint -----------------------------------------------------------------------------------------------
+
+
+def checkpoint_kind(checkpoint: Mapping[str, Any]) -> str:
+    """``sharded`` (a folder of shards), ``weights-only`` (model and metadata) or ``full`` (everything to resume)."""
+    if is_sharded(dict(checkpoint)):
+        return "sharded"
+    return "weights-only" if is_weights_only(dict(checkpoint)) else "full"
+
+
+@dataclass(frozen=True)
+class ModuleSize:
+    """Elements and bytes of the tensors under one top-level module (parameters and buffers alike)."""
+
+    parameters: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What ``cairn ckpt show`` prints; :meth:`to_json` gives its ``--json`` form (keys documented in docs/cli.md)."""
+
+    source: str
+    kind: str
+    weights_only: bool
+    size: int | None
+    created_at: float | None
+    run_name: str | None
+    timestamp: dict[str, Any]
+    versions: dict[str, Any]
+    world_size: int | None
+    modules: dict[str, ModuleSize]
+    optimizers: list[str]
+    schedulers: list[str]
+    rng_ranks: int
+    content_hash: str
+    shard_files: int = 0  #: a sharded folder: files vouched for by digests in its ``cairn.pt`` (the index included)
+
+    @property
+    def parameters(self) -> int:
+        return sum(size.parameters for size in self.modules.values())
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(size.bytes for size in self.modules.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "weights_only": self.weights_only,
+            "size_bytes": self.size,
+            "created_at": self.created_at,
+            "run_name": self.run_name,
+            "timestamp": self.timestamp,
+            "versions": self.versions,
+            "world_size": self.world_size,
+            "modules": {name: {"parameters": s.parameters, "bytes": s.bytes} for name, s in self.modules.items()},
+            "parameters": self.parameters,
+            "parameter_bytes": self.parameter_bytes,
+            "optimizers": self.optimizers,
+            "schedulers": self.schedulers,
+            "rng": {"present": self.rng_ranks > 0, "ranks": self.rng_ranks},
+            "hash": {"value": self.content_hash, "status": "ok", "shard_files": self.shard_files},
+        }
+
+
+def summarize(
+    checkpoint: Mapping[str, Any],
+    *,
+    source: str,
+    size: int | None = None,
+    tensor_sizes: Mapping[str, tuple[int, int]] | None = None,
+) -> CheckpointSummary:
+    """Describe a checkpoint that :func:`~cairn.checkpoint.read_checkpoint` returned (so its hash was verified).
+
+    ``tensor_sizes`` (name -> elements, bytes) describes the model when its tensors are elsewhere: a sharded
+    folder's are in its shards (:func:`model_tensor_sizes` reads them from the shard index). Optimizer names of a
+    sharded folder come from ``parameter_names`` in its metadata, since their state is in the shards too.
+    """
+    state = checkpoint["state"]
+    metadata = state["metadata"]
+    if tensor_sizes is None:
+        tensor_sizes = {name: _tensor_size(t) for name, t in (state.get("model") or {}).items()}
+    in_shards = metadata.get("parameter_names") if is_sharded(dict(checkpoint)) else None
+    optimizers = state.get("optimizers") or in_shards or {}
+    return CheckpointSummary(
+        source=source,
+        kind=checkpoint_kind(checkpoint),
+        weights_only=bool(metadata.get("weights_only")) or is_weights_only(dict(checkpoint)),
+        size=size,
+        created_at=metadata.get("created_at"),
+        run_name=state.get("run_name"),
+        timestamp=dict(state.get("timestamp") or {}),
+        versions={
+            "cairn": metadata.get("cairn_version"),
+            "torch": metadata.get("torch_version"),
+            "format": metadata.get("format_version"),
+        },
+        world_size=metadata.get("world_size"),
+        modules=_by_module(tensor_sizes),
+        optimizers=list(optimizers),
+        schedulers=list(state.get("schedulers") or {}),
+        rng_ranks=len(checkpoint.get("rng") or []),
+        content_hash=metadata["content_hash"],
+        shard_files=len(metadata.get("shards") or {}) if is_sharded(dict(checkpoint)) else 0,
+    )
+
+
+def _tensor_size(tensor: torch.Tensor) -> tuple[int, int]:
+    return tensor.numel(), tensor.numel() * tensor.element_size()
+
+
+def _by_module(tensor_sizes: Mapping[str, tuple[int, int]]) -> dict[str, ModuleSize]:
+    """Sizes summed per top-level module: the first part of each state-dict name (``encoder`` of ``encoder.0.w``)."""
+    totals: dict[str, list[int]] = {}
+    for name, (elements, nbytes) in tensor_sizes.items():
+        total = totals.setdefault(name.split(".", 1)[0], [0, 0])
+        total[0] += elements
+        total[1] += nbytes
+    return {name: ModuleSize(elements, nbytes) for name, (elements, nbytes) in totals.items()}
+
+
+def model_tensor_sizes(folder: str) -> dict[str, tuple[int, int]]:
+    """A sharded folder's model tensors (name -> elements, bytes), from its shard index alone: no shard is read."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from cairn.checkpoint.shard_index import read_shard_index  # torch.distributed.checkpoint is slow to import
+
+    sizes = {}
+    for key, meta in read_shard_index(folder).state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
+            elements = math.prod(meta.size)
+            sizes[key.removeprefix("model.")] = (elements, elements * meta.properties.dtype.itemsize)
+    return sizes

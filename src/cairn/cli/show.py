@@ -1,0 +1,123 @@
+"""``cairn ckpt show``: what one checkpoint holds, for a person or (``--json``) for a script."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from cairn.checkpoint.inspect import CheckpointSummary, model_tensor_sizes, summarize
+from cairn.cli.output import Style, fail, human_size, local_time, printable, table
+from cairn.cli.sources import opened
+from cairn.errors import CairnError
+
+__all__ = ["add_parser", "run"]
+
+EXAMPLES = """examples:
+  cairn ckpt show runs/first/ep3.pt           a readable summary
+  cairn ckpt show runs/first/latest-rank0.pt  the one latest points to
+  cairn ckpt show s3://bucket/run/latest-rank0.pt
+                                              downloads it (following the latest pointer) and reads it
+  cairn ckpt show --json ep3.pt | jq .parameters
+                                              one JSON object, for scripts
+
+The checkpoint is read safely and its content hash checked: show fails (exit 1) on a damaged file, with the reason.
+"""
+
+
+def add_parser(commands: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    parser = commands.add_parser(
+        "show",
+        parents=[parent],
+        help="summarize one checkpoint: progress, versions, sizes per module, optimizers",
+        description="Summarize a checkpoint file, sharded folder or object (read safely, hash verified).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("target", metavar="CKPT", help="a checkpoint file, sharded folder or URI")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (keys in docs/cli.md)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with opened(args.target, progress=args.progress) as source:
+            sizes = model_tensor_sizes(source.path) if source.checkpoint["state"]["metadata"].get("sharded") else None
+            summary = summarize(source.checkpoint, source=source.label, size=source.size, tensor_sizes=sizes)
+    except (CairnError, ValueError, OSError) as err:
+        return fail("show", err)
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        print("\n".join(_report(summary, Style.for_stream(sys.stdout))))
+    return 0
+
+
+def _report(summary: CheckpointSummary, style: Style) -> list[str]:
+    facts = [
+        ("kind", summary.kind + (" (weights only)" if summary.weights_only and summary.kind == "sharded" else "")),
+        ("size", human_size(summary.size)),
+        ("created", local_time(summary.created_at)),
+        ("run name", summary.run_name or "-"),
+        ("timestamp", _timestamp(summary.timestamp)),
+        ("versions", _versions(summary.versions)),
+        ("world size", "-" if summary.world_size is None else str(summary.world_size)),
+        ("optimizers", ", ".join(summary.optimizers) or "none"),
+        ("schedulers", ", ".join(summary.schedulers) or "none"),
+        ("rng", f"saved for {_count(summary.rng_ranks, 'rank')}" if summary.rng_ranks else "none"),
+        ("hash", style("OK", "green") + f" {summary.content_hash}" + _hash_scope(summary)),
+    ]
+    width = max(len(key) for key, _ in facts)
+    title = printable(summary.source)
+    if os.path.islink(summary.source):
+        title += f" -> {printable(os.readlink(summary.source))}"
+    lines = [style(title, "bold")]
+    lines += [f"  {key:<{width}}  {value}" for key, value in facts]
+    return [*lines, "", *_modules(summary, style)]
+
+
+def _timestamp(timestamp: dict[str, object]) -> str:
+    if not timestamp:
+        return "-"
+    order = ("epoch", "batch", "sample", "token")
+    shown = [
+        key for key in order if key in timestamp and (timestamp[key] or key != "token")
+    ]  # most runs count no tokens
+    text = ", ".join(f"{key} {timestamp[key]}" for key in shown)
+    within = [
+        f"{key.removesuffix('_in_epoch')} {timestamp[key]}"
+        for key in ("batch_in_epoch", "sample_in_epoch")
+        if timestamp.get(key)
+    ]
+    if within:
+        text += f" ({', '.join(within)} into the epoch)"
+    seconds = timestamp.get("total_wct")
+    if isinstance(seconds, (int, float)):
+        text += f"; {seconds:.1f} s of training"
+    return text
+
+
+def _versions(versions: dict[str, object]) -> str:
+    cairn, torch, form = (versions.get(key) or "?" for key in ("cairn", "torch", "format"))
+    return f"cairn {cairn}, torch {torch}, format {form}"
+
+
+def _hash_scope(summary: CheckpointSummary) -> str:
+    """A sharded folder's hash covers its cairn.pt, which records a digest of each shard file (all checked)."""
+    if summary.kind != "sharded":
+        return ""
+    return f" (cairn.pt, and {_count(summary.shard_files, 'shard file')} by digest)"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _modules(summary: CheckpointSummary, style: Style) -> list[str]:
+    header = ["module", "parameters", "bytes"]
+    rows = [[printable(name), f"{size.parameters:,}", human_size(size.bytes)] for name, size in summary.modules.items()]
+    rows.append(["total", f"{summary.parameters:,}", human_size(summary.parameter_bytes)])
+    plain = [header, *rows]
+    painted = [[style(cell, "bold") for cell in header], *rows[:-1], [style(cell, "bold") for cell in rows[-1]]]
+    return ["  " + line for line in table(painted, right=(1, 2), widths_from=plain)]

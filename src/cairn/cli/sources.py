@@ -1,0 +1,136 @@
+"""Where the ``cairn ckpt`` commands read a checkpoint from: a local file or folder, or an object in a store.
+
+Every read goes through :func:`~cairn.checkpoint.read_checkpoint` (no code runs, the content hash must match). A
+URI's object is first downloaded into a private temporary folder under a fixed name: object names come from a
+listing, and a name such as ``../x`` (or one holding terminal escapes) must never choose where a file lands. The
+download is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from cairn.checkpoint import read_checkpoint
+from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
+from cairn.storage.base import ObjectStore
+from cairn.storage.uri import is_uri, parse_uri, store_from_uri
+
+__all__ = ["PROGRESS_BYTES", "Opened", "opened", "local_copy", "store_for"]
+
+#: Reads of at least this many bytes show a progress bar on stderr (when it is a terminal).
+PROGRESS_BYTES = 256 << 20
+_POINTER_SUFFIX = ".symlink"
+
+_stores: dict[str, ObjectStore] = {}
+
+
+def store_for(uri: str) -> tuple[ObjectStore, str]:
+    """The store for ``uri``'s bucket (one per bucket for the whole command), and the name inside it."""
+    parsed = parse_uri(uri)
+    if parsed.bucket_uri not in _stores:
+        _stores[parsed.bucket_uri] = store_from_uri(parsed.bucket_uri)[0]
+    return _stores[parsed.bucket_uri], parsed.path
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A verified checkpoint, the local path it was read from, and the name to show for it."""
+
+    checkpoint: dict[str, Any]
+    path: str  #: local: the path given, or the temporary download of a URI (gone once the ``with`` ends)
+    label: str  #: what the user named (a URI's latest pointer replaced by the object it names)
+    size: int
+
+
+@contextlib.contextmanager
+def opened(target: str, *, progress: bool) -> Iterator[Opened]:
+    """Read and verify ``target`` (path or URI); errors name ``target``, never the temporary download."""
+    with local_copy(target, progress=progress) as (path, label):
+        _read_ahead(path, progress=progress)
+        yield Opened(read_checkpoint(path), path, label, _size(path))
+
+
+@contextlib.contextmanager
+def local_copy(target: str, *, progress: bool) -> Iterator[tuple[str, str]]:
+    """A local path holding ``target``, and the label to show for it. A local path is used as it is."""
+    if not is_uri(target):
+        yield target, target
+        return
+    store, name = store_for(target)
+    name = _follow_pointer(store, name)
+    label = store.get_uri(name)
+    with tempfile.TemporaryDirectory(prefix="cairn-cli-") as folder:
+        local = os.path.join(folder, "checkpoint.pt")
+        _download(store, name, local, progress=progress)
+        try:
+            yield local, label
+        except CairnError as err:
+            raise type(err)(str(err).replace(local, label)) from None
+
+
+def _follow_pointer(store: ObjectStore, name: str) -> str:
+    """``name`` itself when it is an object; the object a latest pointer names when ``name`` is the pointer, or the
+    latest name that the pointer stands for (``run/latest-rank0.pt`` for ``run/latest-rank0.pt.symlink``)."""
+    from cairn.checkpoint.remote import read_pointer
+
+    if name.endswith(_POINTER_SUFFIX):
+        pointer = name
+    else:
+        try:
+            store.get_object_size(name)
+            return name
+        except ObjectNotFoundError:
+            pointer = name + _POINTER_SUFFIX
+    target = read_pointer(store, pointer)
+    if target is None:
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {store.get_uri(name)}: check the name (cairn ckpt ls on its prefix shows what is there)"
+        )
+    return target
+
+
+def _download(store: ObjectStore, name: str, local: str, *, progress: bool) -> None:
+    from cairn.loggers.remote_uploader_downloader import download_with_progress
+
+    try:
+        download_with_progress(store, name, local, overwrite=False, progress=progress and sys.stderr.isatty())
+    except ObjectNotFoundError:
+        raise CheckpointNotFoundError(f"no checkpoint at {store.get_uri(name)}: check the name") from None
+
+
+def _files(path: str) -> list[str]:
+    if not os.path.isdir(path):
+        return [path]
+    with os.scandir(path) as scan:
+        return sorted(item.path for item in scan if item.is_file(follow_symlinks=False))
+
+
+def _size(path: str) -> int:
+    return sum(os.path.getsize(file) for file in _files(path)) if os.path.exists(path) else 0
+
+
+def _read_ahead(path: str, *, progress: bool) -> None:
+    """Read a large checkpoint once with a progress bar, so that the verified read after it comes from the page
+    cache: a person sees it moving instead of a silent wait. Skipped for small files, with ``--no-progress``, and
+    when stderr is not a terminal (nobody would see the bar; the read would be wasted)."""
+    if not progress or not sys.stderr.isatty() or not os.path.exists(path):
+        return
+    files = _files(path)
+    total = sum(os.path.getsize(file) for file in files)
+    if total < PROGRESS_BYTES:
+        return
+    from tqdm import tqdm
+
+    buffer = bytearray(16 << 20)
+    name = os.path.basename(path.rstrip(os.sep))
+    with tqdm(total=total, desc=f"read {name}", unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
+        for file in files:
+            with open(file, "rb", buffering=0) as stream:
+                while count := stream.readinto(buffer):
+                    bar.update(count)
