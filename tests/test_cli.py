@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
@@ -11,6 +12,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import termios
 import zipfile
 from pathlib import Path
 
@@ -371,10 +373,12 @@ def test_usage_errors_exit_2() -> None:
     assert result.returncode == 2 and "invalid choice: 'onnx'" in result.stderr
 
 
-def _on_a_terminal(*args: str, env: dict[str, str]) -> str:
-    """What the command writes to stdout when stdout is a terminal (a pseudo-terminal here)."""
+def _on_a_terminal(*args: str, env: dict[str, str], stderr_too: bool = False) -> str:
+    """What the command writes to stdout (and stderr, when asked) when it is a terminal (a pseudo-terminal here)."""
     leader, follower = pty.openpty()
-    process = subprocess.Popen([CAIRN, *args], stdout=follower, stderr=subprocess.DEVNULL, env=env)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a window, as terminals have
+    stderr = follower if stderr_too else subprocess.DEVNULL
+    process = subprocess.Popen([CAIRN, *args], stdout=follower, stderr=stderr, env=env)
     os.close(follower)
     chunks = []
     while True:
@@ -396,6 +400,21 @@ def test_colours_only_on_a_terminal_and_never_with_no_color(run_dir: Path) -> No
     assert f"{ANSI}32mOK{ANSI}0m" in coloured
     plain = _on_a_terminal("ckpt", "verify", str(run_dir / "ep1-ba4-rank0.pt"), env=env | {"NO_COLOR": "1"})
     assert plain.startswith("OK") and ANSI not in plain
+
+
+@pytest.mark.slow
+def test_a_large_read_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    """A checkpoint over the 256 MiB threshold: a bar on a terminal, none with --no-progress."""
+    from cairn.checkpoint.commit import write_checkpoint
+    from cairn.checkpoint.content import seal
+
+    big = tmp_path / "big.pt"
+    model = {"w": torch.zeros(65 << 20)}  # 260 MiB of float32
+    write_checkpoint(seal({"state": {"model": model, "metadata": {"weights_only": True}}}), str(big))
+    shown = _on_a_terminal("ckpt", "verify", str(big), env=dict(os.environ), stderr_too=True)
+    assert "read big.pt:" in shown and "260M" in shown and "OK" in shown
+    quiet = _on_a_terminal("ckpt", "verify", "--no-progress", str(big), env=dict(os.environ), stderr_too=True)
+    assert "read big.pt" not in quiet and "OK" in quiet
 
 
 # -- the library under the commands (in-process: no console script needed) ----------------------------------------
