@@ -4,7 +4,8 @@ that finally reaches the end must hold the same weights, bit for bit, as a run n
 
 Modes: sync and async single files (one process), sync and async sharded folders (torchrun, 2 ranks, FSDP).
 The default run (``make test``) kills a few times per mode; ``make campaign`` runs the full campaign, 50 kills per
-mode (``CAIRN_KILLS=N`` for another count). Every process of a run is killed at once, torchrun and each rank. Each kill's seed, batch and delay are printed (shown with ``-s`` or on failure).
+mode (``CAIRN_KILLS=N`` for another count). Every process of a run is killed at once, torchrun and each rank.
+Each kill's seed, batch and delay are printed (shown with ``-s`` or on failure).
 """
 
 from __future__ import annotations
