@@ -1,4 +1,4 @@
-"""Every field of a real checkpoint replaced, in turn, by each of eight values of other types, re-hashed, and loaded
+"""Every field of a real checkpoint replaced, in turn, by each of eleven values of other types, re-hashed, and loaded
 into a fresh run: the exhaustive companion of the hypothesis test in ``test_poison_fuzz.py`` (which draws 300 of
 these per ``make test``). Run it by hand: ``.venv/bin/python tests/wrong_type_sweep.py``; it prints one line per
 case that was neither refused nor harmless, then the counts (docs/reliability.md quotes them).
@@ -21,12 +21,13 @@ from cairn.checkpoint.content import content_hash  # noqa: E402
 from cairn.errors import CairnError  # noqa: E402
 from conftest import TinyNet  # noqa: E402
 from test_checkpoint_errors import make_trainer, save_real_checkpoint  # noqa: E402
-
-WRONG = [None, "x", 7, 2.5, [], {}, torch.zeros(3), True]
+from test_poison_fuzz import WRONG  # noqa: E402 - the same eleven values the hypothesis test draws from
 
 
 def fields(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
     if isinstance(node, dict):
+        if path:  # a whole section can be replaced too
+            yield path, node
         for key, value in node.items():
             yield from fields(value, (*path, key))
     elif isinstance(node, list) and node:
@@ -50,7 +51,8 @@ def main() -> int:
             for key in path[:-1]:
                 parent = parent[key]
             parent[path[-1]] = wrong
-            checkpoint["state"]["metadata"]["content_hash"] = content_hash(checkpoint)
+            if path not in {("state",), ("state", "metadata")}:  # otherwise there is nowhere left to keep a hash
+                checkpoint["state"]["metadata"]["content_hash"] = content_hash(checkpoint)
             torch.save(checkpoint, folder / "case.pt")
             trainer = make_trainer(TinyNet(), max_duration="4ba")
             try:

@@ -24,7 +24,7 @@ from cairn.core.state import State
 from cairn.core.time import Timestamp
 from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
 from cairn.utils.dist import get_rank
-from cairn.utils.reproducibility import check_rng_state, load_rng_state
+from cairn.utils.reproducibility import check_generator_states, check_rng_state, load_rng_state
 
 __all__ = ["apply_checkpoint", "check_archive", "load_checkpoint", "read_checkpoint"]
 
@@ -228,8 +228,11 @@ def _check_restorable(saved: dict[str, Any], ranks: list[Any], source: str) -> N
         _check_types(saved)
         for rank_state in ranks:
             check_rng_state(rank_state)
-        if "epoch_start_rng" in saved.get("dataset_state", {}):
-            check_rng_state(saved["dataset_state"]["epoch_start_rng"])
+        position = saved.get("dataset_state", {})
+        if "epoch_start_rng" in position:
+            check_rng_state(position["epoch_start_rng"])
+        for key in ("epoch_start_generators", "generators"):  # the data loader's own generators (trainer.dataloader)
+            check_generator_states(position.get(key, {}))
     except (TypeError, ValueError) as err:
         raise CheckpointCorruptError(f"{source!r} holds malformed state ({err}); load another checkpoint") from None
 
@@ -253,7 +256,8 @@ def _check_types(saved: dict[str, Any]) -> None:
     _require(isinstance(seed, int) and not isinstance(seed, bool), "rank_zero_seed must be an int")
     _require(isinstance(saved.get("run_name", ""), str), "run_name must be a string")
     _require(isinstance(saved.get("dataset_state", {}), dict), "dataset_state must be a dict")
-    metric_groups = [saved.get("train_metrics", {}), *dict(saved.get("eval_metrics", {})).values()]
+    _require(isinstance(saved.get("eval_metrics", {}), dict), "eval_metrics must be a dict of labels")
+    metric_groups = [saved.get("train_metrics", {}), *saved.get("eval_metrics", {}).values()]
     for metrics in metric_groups:
         _require(isinstance(metrics, dict), "metrics must be dicts")
         for metric in metrics.values():

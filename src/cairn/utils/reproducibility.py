@@ -9,7 +9,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["check_rng_state", "load_rng_state", "make_seed", "rank_seed", "rng_state", "seed_all"]
+__all__ = [
+    "check_generator_states",
+    "check_rng_state",
+    "load_rng_state",
+    "make_seed",
+    "rank_seed",
+    "rng_state",
+    "seed_all",
+]
 
 _MAX_SEED = 2**31 - 1
 
@@ -76,6 +84,18 @@ def _set_generators(state: dict[str, Any], python: Any, numpy: Any, generator: t
         }
     )
     generator.set_state(state["torch"])
+
+
+def check_generator_states(states: Any) -> None:
+    """Raise ``ValueError`` unless ``states`` maps names to states a ``torch.Generator`` accepts (tried on a
+    throwaway one), as a data loader's generators were saved."""
+    if not isinstance(states, dict) or not all(isinstance(s, torch.Tensor) for s in states.values()):
+        raise ValueError("generator states must be a dict of tensors")
+    for name, state in states.items():
+        try:
+            torch.Generator().set_state(state)
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(f"generator state {name!r} is refused by torch ({err})") from None
 
 
 def check_rng_state(state: Any) -> None:
