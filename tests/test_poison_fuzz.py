@@ -42,6 +42,13 @@ def _original() -> tuple[bytes, str]:
     return Path(path).read_bytes(), read_checkpoint(path)["state"]["metadata"]["content_hash"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _original_built_before_any_draw() -> None:
+    """Train the original outside hypothesis's draws: training seeds Python's ``random``, which hypothesis warns
+    about when a strategy does it."""
+    _original()
+
+
 @st.composite
 def mutations(draw: st.DrawFn) -> bytes:
     data = bytearray(_original()[0])
