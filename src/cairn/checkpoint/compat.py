@@ -137,7 +137,7 @@ def _same_kind(saved: Any, live: Any) -> bool:
     """Whether ``saved`` can stand where the optimizer now holds ``live``; None and flags stand for each other
     (``foreach=None`` means "let torch choose")."""
     kinds = {_kind(saved), _kind(live)}
-    if kinds <= {"None", "a flag"} or len(kinds) == 1 and kinds != {"a sequence"}:
+    if kinds <= {"None", "a flag"} or (len(kinds) == 1 and kinds != {"a sequence"}):
         return True
     return (
         kinds == {"a sequence"}

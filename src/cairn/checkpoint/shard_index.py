@@ -181,10 +181,15 @@ def _require_regular_file(path: str, folder: str) -> int:
 
 
 class SafeReader(FileSystemReader):
-    """DCP's file reader, with the index read by :func:`read_shard_index`."""
+    """DCP's file reader, with the index read by :func:`read_shard_index`, or the one the caller already read and
+    checked (the byte entries are checked again as they load, by the planners below)."""
+
+    def __init__(self, folder: str, index: Metadata | None = None) -> None:
+        super().__init__(folder)
+        self._index = index
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        index = read_shard_index(str(self.path))
+        index = self._index if self._index is not None else read_shard_index(str(self.path))
         index.storage_meta.load_id = self.load_id
         return index
 

@@ -162,13 +162,14 @@ def load_shards(folder: str, state: State, *, weights_only: bool, strict: bool) 
 
     from cairn.checkpoint.shard_index import SafeLoadPlanner, SafeReader, read_shard_index
 
-    saved = read_shard_index(folder).state_dict_metadata
+    index = read_shard_index(folder)
+    saved = index.state_dict_metadata
     _check_model_fits(folder, saved, state, strict=strict)
     tensors = _current_tensors(state, weights_only=weights_only)
     if not strict:
         tensors["model"] = {k: v for k, v in tensors["model"].items() if f"model.{k}" in saved}
     with _shard_errors(folder):
-        dcp.load(tensors, storage_reader=SafeReader(folder), planner=SafeLoadPlanner())
+        dcp.load(tensors, storage_reader=SafeReader(folder, index), planner=SafeLoadPlanner())
     module = model_weights_module(state.model)
     set_model_state_dict(module, tensors["model"], options=_options(strict=strict))
     for key, optimizer in zip(class_keys(state.optimizers), state.optimizers, strict=True):
