@@ -8,6 +8,7 @@ __all__ = [
     "CheckpointIncompatibleError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
+    "ObjectExistsError",
     "ObjectNotFoundError",
     "ObjectStoreError",
     "UnsafeCheckpointError",
@@ -45,3 +46,7 @@ class ObjectStoreError(CairnError):
 
 class ObjectNotFoundError(ObjectStoreError, FileNotFoundError):
     """The bucket exists but holds no object of that name."""
+
+
+class ObjectExistsError(ObjectStoreError, FileExistsError):
+    """An upload that must not replace an object (``overwrite=False``) found one of that name; nothing was replaced."""

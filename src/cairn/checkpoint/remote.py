@@ -1,20 +1,28 @@
-"""Checkpoints in object stores: downloading one to read it, and following a store's ``latest`` pointer."""
+"""Checkpoints in object stores: downloading one to read it, following a store's ``latest`` pointer, and keeping a
+run from replacing another run's checkpoints in a store (``save_overwrite=False``)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
+import re
+import string
 import tempfile
 from typing import Any
 
 from cairn.checkpoint.loader import read_checkpoint
-from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, ObjectNotFoundError
-from cairn.loggers.remote_uploader_downloader import download_with_progress
+from cairn.checkpoint.naming import format_name, name_pattern
+from cairn.checkpoint.retention import _ORDER as PROGRESS_ORDER
+from cairn.core.state import State
+from cairn.errors import CheckpointNotFoundError, ObjectNotFoundError, ObjectStoreError
+from cairn.loggers.logger import Logger
+from cairn.loggers.remote_uploader_downloader import RemoteUploaderDownloader, download_with_progress, read_pointer
 from cairn.storage.base import ObjectStore
+from cairn.utils.dist import broadcast_object, get_rank, share_rank_zero_failure
+from cairn.utils.text import printable
 
-__all__ = ["read_pointer", "read_remote_checkpoint"]
-
-_POINTER_LIMIT = 4096  # a pointer holds one object name
+__all__ = ["guard_store_names", "read_pointer", "read_remote_checkpoint"]
 
 
 def read_remote_checkpoint(store: ObjectStore, name: str, *, progress: bool = True) -> dict[str, Any]:
@@ -38,18 +46,66 @@ def _local_name(name: str) -> str:
     return base if base not in ("", ".", "..") and base.isprintable() else "checkpoint.pt"
 
 
-def read_pointer(store: ObjectStore, pointer: str) -> str | None:
-    """The object name a ``latest`` pointer names, or None when the store has no pointer yet."""
-    with tempfile.TemporaryDirectory(prefix="cairn-pointer-") as folder:
-        local = os.path.join(folder, "pointer")
+def guard_store_names(
+    logger: Logger, state: State, remote_template: str, pointer_name: str | None, *, refuse_existing: bool
+) -> None:
+    """At fit start, for each uploader of the run: keep the store's latest pointer from moving back to a checkpoint
+    older than the one it names (across runs too), and with ``refuse_existing`` raise ``FileExistsError`` when the
+    store already holds objects of this saver's remote name pattern, as the local folder check does.
+
+    ``remote_template`` is the saver's format string for remote file names; progress in names is compared as
+    retention compares local files (epoch, then batch, sample, token, ...).
+    """
+    for uploader in (d for d in logger.destinations if isinstance(d, RemoteUploaderDownloader)):
+        template = uploader.remote_template(remote_template)
+        pattern = name_pattern(template, state, rank=0)
+        if pointer_name is not None:
+            uploader.order_pointer(pointer_name, functools.partial(progress_in_name, pattern))
+        if refuse_existing:
+            _refuse_existing_objects(uploader, _fixed_prefix(template, pattern, state), pattern)
+
+
+def progress_in_name(pattern: re.Pattern[str], name: str) -> tuple[float, ...] | None:
+    """The progress numbers in ``name`` (epoch first), or None when ``name`` does not match ``pattern``."""
+    match = pattern.match(name)
+    if match is None:
+        return None
+    numbers = match.groupdict()
+    return tuple(float(numbers[key]) for key in PROGRESS_ORDER if numbers.get(key) is not None)
+
+
+def _refuse_existing_objects(uploader: RemoteUploaderDownloader, prefix: str, pattern: re.Pattern[str]) -> None:
+    """Rank 0 lists the store under ``prefix``; every rank raises if it holds names matching ``pattern``."""
+    found: list[str] = []
+    failure: BaseException | None = None
+    if get_rank() == 0:
         try:
-            if store.get_object_size(pointer) > _POINTER_LIMIT:
-                raise CheckpointCorruptError(f"{store.get_uri(pointer)} is too large to be a latest pointer")
-            store.download_object(pointer, local)
-        except ObjectNotFoundError:
-            return None
-        with open(local, encoding="utf-8", errors="replace") as file:
-            target = file.read().strip()
-    if not target or target.startswith("/") or ".." in target.split("/") or "\n" in target:
-        raise CheckpointCorruptError(f"{store.get_uri(pointer)} does not hold an object name: {target[:100]!r}")
-    return target
+            found = [name for name in uploader.store.list_objects(prefix) if pattern.match(name)]
+        except ObjectStoreError as err:
+            failure = ObjectStoreError(f"{uploader.bucket_uri} cannot be used: {err}")
+        except Exception as err:  # shared below, so that the other ranks do not wait forever for rank 0
+            failure = err
+    share_rank_zero_failure(failure, f"list {uploader.bucket_uri}")
+    existing = broadcast_object(found)
+    if existing:
+        newest = max(existing, key=lambda name: progress_in_name(pattern, name) or ())
+        raise FileExistsError(
+            f"{uploader.store.get_uri(printable(newest))} and {len(existing) - 1} more objects of this run's name "
+            "pattern are already in the store, and save_overwrite=False never replaces one: use autoresume=True to "
+            "continue that run, pass save_overwrite=True to replace them, or choose another run_name or remote name"
+        )
+
+
+def _fixed_prefix(template: str, pattern: re.Pattern[str], state: State) -> str:
+    """The start of every name ``template`` makes in this run: its text up to the first progress field (the fields
+    ``pattern`` leaves open), with the fixed fields (run name, rank, ...) filled in. Listing under it, not the
+    whole bucket, keeps the check quick."""
+    fixed = ""
+    for literal, field, spec, conversion in string.Formatter().parse(template):
+        fixed += literal.replace("{", "{{").replace("}", "}}")
+        if field is None:
+            continue
+        if re.split(r"[.\[!:]", field, maxsplit=1)[0] in pattern.groupindex:
+            break
+        fixed += "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+    return format_name(fixed, state, rank=0)

@@ -4,6 +4,8 @@ Who owns what: the :class:`RemoteUploaderDownloader` owns a pool of workers (pro
 ``use_procs=False``) created at the first upload. Each upload is a ``concurrent.futures.Future``. A failed upload
 (after ``num_attempts`` tries with backoff) is raised on the training thread at the next event, naming the file;
 ``FIT_END`` waits for every upload and raises the first failure; ``close()`` drains the pool the same way.
+The ``latest`` pointer is written by one more thread (``cairn-pointer``), created at the first pointer move; its
+failures travel the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from cairn.core.event import Event
-from cairn.errors import ObjectNotFoundError, ObjectStoreError
+from cairn.errors import CheckpointCorruptError, ObjectExistsError, ObjectNotFoundError, ObjectStoreError
 from cairn.loggers.logger import LoggerDestination
 from cairn.storage.base import ObjectStore, TransientStoreError
 from cairn.storage.uri import parse_uri, store_from_uri
@@ -35,11 +38,15 @@ if TYPE_CHECKING:
     from cairn.core.state import State
     from cairn.loggers.logger import Logger
 
-__all__ = ["RemoteUploaderDownloader"]
+__all__ = ["RemoteUploaderDownloader", "read_pointer"]
 
 log = logging.getLogger(__name__)
 
 PROGRESS_BAR_BYTES = 64 << 20  # files at least this large get a progress bar
+_POINTER_LIMIT = 4096  # a pointer holds one object name
+
+#: a checkpoint's progress read from its name in the store (comparable tuples), or None for a name it cannot order
+ProgressOf = Callable[[str], "tuple[float, ...] | None"]
 
 
 @dataclass(frozen=True, repr=False)  # no repr: backend_kwargs may hold secrets
@@ -95,6 +102,7 @@ class RemoteUploaderDownloader(LoggerDestination):
         self._sequence = 0  # uploads started
         self._pointer_sequence = 0  # the upload the pointer names
         self._pointer_writer: cf.ThreadPoolExecutor | None = None
+        self._pointer_progress: dict[str, ProgressOf] = {}  # pointer (as in the store) -> how to order its targets
 
     # -- the store, for loading and probing -----------------------------------------------------------------------
 
@@ -106,6 +114,23 @@ class RemoteUploaderDownloader(LoggerDestination):
 
     def remote_name(self, remote_file_name: str) -> str:
         return self.file_path_format_string.format(remote_file_name=remote_file_name)
+
+    def remote_template(self, template: str) -> str:
+        """The format string of the names in the store of files named by the format string ``template``: the same
+        fields, inside ``file_path_format_string``'s literal text (escaped, so that it is never read as a field)."""
+        marker = "\x00"
+        pieces = self.remote_name(marker).split(marker)
+        return template.join(piece.replace("{", "{{").replace("}", "}}") for piece in pieces)
+
+    def order_pointer(self, pointer_name: str, progress: ProgressOf) -> None:
+        """Keep the store's pointer ``pointer_name`` from moving back across runs, not only within this one.
+
+        Before the pointer moves, the object it names now and the new target are compared with ``progress``
+        (store names in, comparable tuples out): the pointer stays when the object it names exists and is further
+        along. A name ``progress`` cannot order (None) never holds the pointer back.
+        """
+        with self._lock:
+            self._pointer_progress[self.remote_name(pointer_name)] = progress
 
     def download_file(
         self, remote_file_name: str, destination: str, overwrite: bool = False, progress: bool = True
@@ -121,16 +146,19 @@ class RemoteUploaderDownloader(LoggerDestination):
     ) -> cf.Future[str]:
         """Stage ``file_path`` and upload it as ``remote_file_name`` in the background.
 
+        With ``overwrite=False`` an existing object of that name is never replaced: the upload fails with
+        :class:`ObjectExistsError` (a ``FileExistsError``), raised at the next event (see
+        :meth:`ObjectStore.upload_object` for which stores also refuse an object that appears during the upload).
+
         With ``pointer_name``, once the upload is verified a small object of that name is written whose content is
         the uploaded object's name: the store's "latest" pointer. It never names a partial upload, and never moves
-        back to an older file when uploads finish out of order (pointer writes are serialised, newest only).
-        ``overwrite`` is accepted for symmetry with local saves; object stores replace objects atomically.
+        back to an older file when uploads finish out of order (pointer writes are serialised, newest only), nor,
+        once :meth:`order_pointer` said how to order them, to a file older than the one it names already.
         """
-        del overwrite
         staged = os.path.join(self._staging, f"{secrets.token_hex(8)}-{os.path.basename(file_path)}")
         shutil.copyfile(file_path, staged)
         remote = self.remote_name(remote_file_name)
-        future = self._executor().submit(_upload_task, self._spec, staged, remote, self.num_attempts)
+        future = self._executor().submit(_upload_task, self._spec, staged, remote, self.num_attempts, overwrite)
         with self._lock:
             self._uploads.append((file_path, remote, future))
             self._sequence += 1
@@ -150,7 +178,8 @@ class RemoteUploaderDownloader(LoggerDestination):
             self._pointer_sequence = sequence
             if self._pointer_writer is None:
                 self._pointer_writer = cf.ThreadPoolExecutor(1, thread_name_prefix="cairn-pointer")
-            write = self._pointer_writer.submit(_pointer_task, self._spec, pointer, target, self.num_attempts)
+            progress = self._pointer_progress.get(pointer)
+            write = self._pointer_writer.submit(_pointer_task, self._spec, pointer, target, self.num_attempts, progress)
             self._uploads.append((local, pointer, write))
 
     def wait(self) -> None:
@@ -183,6 +212,12 @@ class RemoteUploaderDownloader(LoggerDestination):
                 raise ObjectStoreError(
                     f"uploading {local!r} failed: the upload worker process died ({error}). Worker processes re-run "
                     "your script: put the training code under `if __name__ == '__main__':`, or pass use_procs=False"
+                ) from error
+            if isinstance(error, ObjectExistsError):
+                raise ObjectExistsError(
+                    f"{self.store.get_uri(remote)} already exists and save_overwrite=False never replaces an object, "
+                    f"so {local!r} was not uploaded (it is kept): pass save_overwrite=True (overwrite=True to "
+                    "upload_file) to replace it, or give this run another run_name or remote file name"
                 ) from error
             if error is not None:
                 raise ObjectStoreError(
@@ -256,24 +291,78 @@ def _retrying(num_attempts: int) -> Retrying:
     )
 
 
-def _upload_task(spec: _StoreSpec, staged: str, remote: str, num_attempts: int) -> str:
+def _upload_task(spec: _StoreSpec, staged: str, remote: str, num_attempts: int, overwrite: bool) -> str:
     """Upload and verify; retried as a whole on transient failures. The staged copy is removed either way."""
     try:
-        _retrying(num_attempts)(_upload_and_verify, _worker_store(spec), staged, remote)
+        _retrying(num_attempts)(_upload_and_verify, _worker_store(spec), staged, remote, overwrite)
     finally:
         os.remove(staged)
     return remote
 
 
-def _pointer_task(spec: _StoreSpec, pointer: str, target: str, num_attempts: int) -> str:
-    _retrying(num_attempts)(_write_pointer, _worker_store(spec), pointer, target)
+def _pointer_task(
+    spec: _StoreSpec, pointer: str, target: str, num_attempts: int, progress: ProgressOf | None
+) -> str:
+    _retrying(num_attempts)(_move_pointer_forward, _worker_store(spec), pointer, target, progress)
     return pointer
 
 
-def _upload_and_verify(store: ObjectStore, filename: str, name: str) -> None:
+def _move_pointer_forward(store: ObjectStore, pointer: str, target: str, progress: ProgressOf | None) -> None:
+    """Point ``pointer`` at ``target`` unless (with ``progress``) it names an existing object further along.
+
+    Between reading the pointer and writing it, another run may move it: two runs that share a pointer at the
+    same time can still leave it behind (with save_overwrite=False the second one refuses to start).
+    """
+    if progress is not None and _names_newer(store, pointer, target, progress):
+        return
+    _write_pointer(store, pointer, target)
+
+
+def _names_newer(store: ObjectStore, pointer: str, target: str, progress: ProgressOf) -> bool:
+    try:
+        current = read_pointer(store, pointer)
+    except CheckpointCorruptError as err:
+        log.warning("replacing the store's pointer %s: %s", store.get_uri(pointer), err)
+        return False
+    if current is None or current == target:
+        return False
+    ahead, behind = progress(current), progress(target)
+    if ahead is None or behind is None or ahead <= behind:
+        return False
+    try:
+        store.get_object_size(current)
+    except ObjectNotFoundError:
+        return False  # the pointer names a deleted object: it must not hold the pointer back
+    log.warning(
+        "the store's pointer %s stays at %s, which is further along than %s",
+        store.get_uri(pointer),
+        printable(current),
+        printable(target),
+    )
+    return True
+
+
+def read_pointer(store: ObjectStore, pointer: str) -> str | None:
+    """The object name a ``latest`` pointer names, or None when the store has no pointer yet."""
+    with tempfile.TemporaryDirectory(prefix="cairn-pointer-") as folder:
+        local = os.path.join(folder, "pointer")
+        try:
+            if store.get_object_size(pointer) > _POINTER_LIMIT:
+                raise CheckpointCorruptError(f"{store.get_uri(pointer)} is too large to be a latest pointer")
+            store.download_object(pointer, local)
+        except ObjectNotFoundError:
+            return None
+        with open(local, encoding="utf-8", errors="replace") as file:
+            target = file.read().strip()
+    if not target or target.startswith("/") or ".." in target.split("/") or "\n" in target:
+        raise CheckpointCorruptError(f"{store.get_uri(pointer)} does not hold an object name: {target[:100]!r}")
+    return target
+
+
+def _upload_and_verify(store: ObjectStore, filename: str, name: str, overwrite: bool) -> None:
     size = os.path.getsize(filename)
     with _progress(f"upload {os.path.basename(name)}", size) as callback:
-        store.upload_object(name, filename, callback=callback)
+        store.upload_object(name, filename, callback=callback, overwrite=overwrite)
     try:
         store.verify_upload(name, filename)
     except ObjectStoreError as err:
@@ -284,7 +373,7 @@ def _write_pointer(store: ObjectStore, pointer: str, target: str) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".symlink", delete=False) as file:
         file.write(target)
     try:
-        _upload_and_verify(store, file.name, pointer)
+        _upload_and_verify(store, file.name, pointer, overwrite=True)
     finally:
         os.remove(file.name)
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from cairn.errors import ObjectStoreError
+from cairn.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
 
 __all__ = ["ObjectStore", "ProgressCallback", "TransientStoreError", "file_md5"]
 
@@ -54,11 +54,33 @@ class ObjectStore(abc.ABC):
     def get_uri(self, name: str) -> str:
         return f"{self.scheme}://{self.bucket}/{self.key(name)}"
 
-    def upload_object(self, name: str, filename: str, callback: ProgressCallback | None = None) -> None:
-        """Upload the local file ``filename`` as ``name`` (replacing any object of that name)."""
+    def upload_object(
+        self, name: str, filename: str, callback: ProgressCallback | None = None, *, overwrite: bool = True
+    ) -> None:
+        """Upload the local file ``filename`` as ``name``, replacing any object of that name.
+
+        With ``overwrite=False`` an existing object is never replaced: :class:`ObjectExistsError` (a
+        ``FileExistsError``) is raised instead, unless the object already holds exactly this file (an earlier attempt
+        of this same upload that landed before its answer was lost). An object that was there before the call is
+        always found; one that another writer lands during the upload is refused by stores that write conditionally
+        (S3, GCS, OCI), and may be replaced by the others (see :meth:`_upload_new`).
+        """
         if not os.path.isfile(filename):
             raise FileNotFoundError(f"cannot upload {filename!r}: no such file")
-        self._retrying(f"upload {filename!r} to {self.get_uri(name)}", self._upload, self.key(name), filename, callback)
+        what = f"upload {filename!r} to {self.get_uri(name)}"
+        if overwrite:
+            self._retrying(what, self._upload, self.key(name), filename, callback)
+            return
+        try:
+            if self._exists(name):
+                raise ObjectExistsError(f"{self.get_uri(name)} already exists")
+            self._retrying(what, self._upload_new, self.key(name), filename, callback)
+        except ObjectExistsError:
+            if not self._holds(name, filename):
+                raise ObjectExistsError(
+                    f"{self.get_uri(name)} already exists and overwrite=False never replaces an object; delete it, "
+                    "upload under another name, or pass overwrite=True"
+                ) from None
 
     def download_object(
         self, name: str, filename: str, overwrite: bool = False, callback: ProgressCallback | None = None
@@ -105,6 +127,20 @@ class ObjectStore(abc.ABC):
                 "upload it again"
             )
 
+    def _exists(self, name: str) -> bool:
+        try:
+            self.get_object_size(name)
+        except ObjectNotFoundError:
+            return False
+        return True
+
+    def _holds(self, name: str, filename: str) -> bool:
+        """Whether ``name`` certainly holds the content of ``filename`` (same size, and a checksum that matches)."""
+        if self.get_object_size(name) != os.path.getsize(filename):
+            return False
+        what = f"read the checksum of {self.get_uri(name)}"
+        return self._retrying(what, self._checksum_matches, name, filename) is True
+
     def key(self, name: str) -> str:
         if not isinstance(name, str):
             raise TypeError(f"object names are str, not {type(name).__name__}")
@@ -119,6 +155,15 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     def _upload(self, key: str, filename: str, callback: ProgressCallback | None) -> None: ...
+
+    def _upload_new(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
+        """Upload only if no object ``key`` exists, raising :class:`ObjectExistsError` if one does.
+
+        This default is a plain write, called after :meth:`upload_object` checked that the object is absent: an object
+        another writer lands between that check and this write is replaced. Stores whose service can refuse a write
+        to an existing name (a conditional write) override it, which closes that race.
+        """
+        self._upload(key, filename, callback)
 
     @abc.abstractmethod
     def _download(self, key: str, filename: str, callback: ProgressCallback | None) -> None: ...

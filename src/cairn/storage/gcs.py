@@ -12,7 +12,7 @@ import base64
 import os
 from typing import IO, Any
 
-from cairn.errors import ObjectNotFoundError, ObjectStoreError
+from cairn.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
 from cairn.storage.base import ObjectStore, ProgressCallback, TransientStoreError, file_md5
 from cairn.storage.s3 import S3ObjectStore
 
@@ -72,13 +72,24 @@ class GCSObjectStore(ObjectStore):
     def _upload(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
         if self._interop:
             return self._interop._upload(key, filename, callback)
+        self._upload_native(key, filename, callback)
+        return None
+
+    def _upload_new(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
+        """With google-cloud-storage, ``if_generation_match=0`` makes GCS refuse the write (412) when the object exists,
+        so one that appeared meanwhile is never replaced. The HMAC path checks, then writes (see _InteropStore)."""
+        if self._interop:
+            return self._interop._upload_new(key, filename, callback)
+        self._upload_native(key, filename, callback, if_generation_match=0)
+        return None
+
+    def _upload_native(self, key: str, filename: str, callback: ProgressCallback | None, **condition: int) -> None:
         size = os.path.getsize(filename)
         blob = self._bucket.blob(key, chunk_size=self.chunk_size)
         with self._sdk_errors(key), open(filename, "rb") as file:
             reader = _ProgressReader(file, size, callback)
-            blob.upload_from_file(reader, size=size, retry=self._retry)
+            blob.upload_from_file(reader, size=size, retry=self._retry, **condition)
         reader.finish()
-        return None
 
     def _download(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
         if self._interop:
@@ -154,6 +165,8 @@ class GCSObjectStore(ObjectStore):
             error = api.from_http_status(status, str(error)) if status else TransientStoreError(str(error))
         if isinstance(error, api.NotFound):
             return self._missing(key)
+        if isinstance(error, api.PreconditionFailed):  # only conditional writes (if_generation_match) send one
+            return ObjectExistsError(f"{key!r} already exists")
         if isinstance(error, (api.Unauthorized, auth.RefreshError, auth.DefaultCredentialsError)):
             return ObjectStoreError(f"Google did not accept the credentials ({error}); {_CREDENTIALS_HINT}")
         if isinstance(error, api.Forbidden):
@@ -198,6 +211,11 @@ class _InteropStore(S3ObjectStore):
         self._client = boto3.session.Session().client(
             "s3", region_name="auto", endpoint_url=endpoint_url, config=config, **credentials
         )
+
+    def _upload_new(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
+        """A plain write after the existence check: S3's ``If-None-Match`` is not part of GCS's XML API, and GCS's own
+        precondition header is not known to hold for multipart uploads there; the race stays open on this path."""
+        self._upload(key, filename, callback)
 
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
         """``x-goog-hash``'s md5 where GCS sends one, else an ETag that is a plain MD5 (32 hex digits), else None."""

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from cairn.errors import ObjectNotFoundError, ObjectStoreError
+from cairn.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
 from cairn.storage.base import ObjectStore, ProgressCallback, TransientStoreError, file_md5
 
 __all__ = ["OCIObjectStore"]
@@ -72,17 +72,28 @@ class OCIObjectStore(ObjectStore):
 
     # -- hooks ----------------------------------------------------------------------------------------------------
 
-    def _upload(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
+    def _upload(self, key: str, filename: str, callback: ProgressCallback | None, **condition: str) -> None:
         size = os.path.getsize(filename)
         progress = _Progress(size, callback)
         with self._sdk_errors(key):
             if size > self.part_size:
-                self._upload_in_parts(key, filename, progress)
+                self._upload_in_parts(key, filename, progress, **condition)
             else:
                 self._uploads.upload_file(
-                    self.namespace, self.bucket, key, filename, part_size=self.part_size, progress_callback=progress
+                    self.namespace,
+                    self.bucket,
+                    key,
+                    filename,
+                    part_size=self.part_size,
+                    progress_callback=progress,
+                    **condition,
                 )
         progress.finish()
+
+    def _upload_new(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
+        """``if-none-match: *`` on the put (or on creating and committing a multipart upload): OCI refuses it with
+        412 when the object exists, so one that appeared meanwhile is never replaced."""
+        self._upload(key, filename, callback, if_none_match="*")
 
     def _download(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
         with self._sdk_errors(key):
@@ -137,7 +148,7 @@ class OCIObjectStore(ObjectStore):
                 self._namespace = str(self._client.get_namespace().data)
             return self._namespace
 
-    def _upload_in_parts(self, key: str, filename: str, progress: _Progress) -> None:
+    def _upload_in_parts(self, key: str, filename: str, progress: _Progress, **condition: str) -> None:
         """The SDK's assembler (what ``UploadManager`` uses), kept in hand so a failed upload can be aborted."""
         from oci.object_storage import MultipartObjectAssembler
 
@@ -149,12 +160,13 @@ class OCIObjectStore(ObjectStore):
             part_size=self.part_size,
             allow_parallel_uploads=True,
             parallel_process_count=self.parallel_parts,
+            **condition,
         )
         assembler.new_upload()
         try:
             assembler.add_parts_from_file(filename)
             assembler.upload(progress_callback=progress)
-            assembler.commit()
+            assembler.commit(**condition)
         except BaseException:
             with contextlib.suppress(Exception):
                 assembler.abort()
@@ -178,6 +190,8 @@ class OCIObjectStore(ObjectStore):
         status, code = int(error.status or 0), str(error.code or "")
         if status == 404:
             return self._not_found(code, key)
+        if status == 412:  # only conditional writes (if-none-match) send a precondition
+            return ObjectExistsError(f"{key!r} already exists")
         if status == 401:
             return ObjectStoreError(
                 f"OCI did not accept the request's signature (401 {code}): check user, tenancy, fingerprint and "

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
-from cairn.errors import ObjectNotFoundError, ObjectStoreError
+from cairn.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
 from cairn.storage.base import ObjectStore, ProgressCallback, TransientStoreError, file_md5
 
 __all__ = ["S3ObjectStore"]
 
+log = logging.getLogger(__name__)
+
 MiB = 1 << 20
 _MISSING_OBJECT = {"404", "NoSuchKey", "NotFound"}
+_TRANSIENT = {"SlowDown", "RequestTimeout", "InternalError", "ConditionalRequestConflict"}  # the last: a race, 409
 _PERMANENT = {
     "NoSuchBucket": "the bucket does not exist: create it or fix the name",
     "AccessDenied": "access denied: check the credentials and the bucket's permissions",
@@ -64,6 +68,9 @@ class S3ObjectStore(ObjectStore):
             aws_session_token=aws_session_token,
             config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60),
         )
+        self._conditional_writes = True  # until the store answers 501 to one
+        self._no_replace: set[str] = set()  # keys being uploaded with If-None-Match
+        self._hooked_client: Any = None
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
@@ -76,6 +83,43 @@ class S3ObjectStore(ObjectStore):
             self._client.upload_file(
                 filename, self.bucket, key, Config=self._transfer, Callback=_counter(filename, callback)
             )
+
+    def _upload_new(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
+        """A conditional write (``If-None-Match: *`` on PutObject, and on CompleteMultipartUpload for large files):
+        S3 refuses it with 412 when the key exists, so an object that appeared meanwhile is never replaced.
+
+        boto3's managed transfer does not pass that argument, so a hook adds it to the requests for ``key``. A store
+        that does not implement conditional writes (501) gets plain writes from then on, after a warning: the
+        existence check in :meth:`upload_object` then remains the only guard.
+        """
+        if not self._conditional_writes:
+            return self._upload(key, filename, callback)
+        self._install_condition_hook()
+        self._no_replace.add(key)
+        try:
+            self._upload(key, filename, callback)
+        except _NotImplementedByStore:
+            log.warning(
+                "%s does not support conditional writes (If-None-Match): an object another writer creates while "
+                "this one uploads may be replaced",
+                self.get_uri(""),
+            )
+            self._conditional_writes = False
+            self._upload(key, filename, callback)
+        finally:
+            self._no_replace.discard(key)
+        return None
+
+    def _install_condition_hook(self) -> None:
+        if self._hooked_client is self._client:
+            return
+        for operation in ("PutObject", "CompleteMultipartUpload"):
+            self._client.meta.events.register(f"before-parameter-build.s3.{operation}", self._add_condition)
+        self._hooked_client = self._client
+
+    def _add_condition(self, params: dict[str, Any], **kwargs: Any) -> None:
+        if params.get("Key") in self._no_replace:
+            params["IfNoneMatch"] = "*"
 
     def _download(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
         total = self._size(key)  # also tells a missing bucket from a missing object
@@ -137,6 +181,10 @@ def _counter(total_or_file: int | str, callback: ProgressCallback | None) -> Any
     return advance
 
 
+class _NotImplementedByStore(ObjectStoreError):
+    """The store answered 501: a feature of the request (such as a conditional write) is not supported."""
+
+
 class _translated:
     """Turns botocore's exceptions into cairn's, naming the key."""
 
@@ -159,9 +207,13 @@ class _translated:
             status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
             if code in _MISSING_OBJECT:
                 raise ObjectNotFoundError(f"no object {self.key!r}") from None
+            if code == "PreconditionFailed" or status == 412:  # only conditional writes send a precondition
+                raise ObjectExistsError(f"{self.key!r} already exists") from None
+            if code == "NotImplemented" or status == 501:
+                raise _NotImplementedByStore(f"the store does not implement this request ({code or status})") from None
             if code in _PERMANENT:
                 raise ObjectStoreError(_PERMANENT[code]) from None
-            if status >= 500 or status == 429 or code in ("SlowDown", "RequestTimeout", "InternalError"):
+            if status >= 500 or status == 429 or code in _TRANSIENT:
                 raise TransientStoreError(f"the store answered {status} {code}") from None
             raise ObjectStoreError(f"the store refused the request ({code or status})") from None
         if isinstance(error, NoCredentialsError):
