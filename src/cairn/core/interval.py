@@ -7,6 +7,7 @@ epoch). :func:`interval_policy` answers once, in one place, so an interval means
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,11 @@ def interval_policy(interval: IntervalLike, *, batch_event: Event, epoch_event: 
     time = ensure_time(interval, name=name)
     if time.value <= 0:
         raise ValueError(f"{name}={interval!r}: an interval must be greater than zero")
+    if time.value < sys.float_info.min:
+        raise ValueError(
+            f"{name}={interval!r}: an interval this small cannot be computed with (below about 2.2e-308); "
+            "use '1ba' to act after every batch"
+        )
     return _EveryInterval(time, batch_event=batch_event, epoch_event=epoch_event)
 
 
@@ -54,10 +60,22 @@ class _EveryInterval:
             return False
         before = float(state.previous_timestamp.get(unit).value)
         now = float(state.timestamp.get(unit).value)
-        return math.floor(now / every + _EPSILON) > math.floor(before / every + _EPSILON)
+        return _crossed_a_multiple(before, now, every)
 
     def _absolute(self, state: State) -> tuple[TimeUnit, float]:
         """A ``dur`` interval, in the unit of the run's ``max_duration``; anything else as it is."""
         if self.interval.unit is TimeUnit.DURATION:
             return state.max_duration.unit, float(self.interval.value) * float(state.max_duration.value)
         return self.interval.unit, float(self.interval.value)
+
+
+def _crossed_a_multiple(before: float, now: float, every: float) -> bool:
+    """Whether a whole multiple of ``every`` lies in ``(before, now]``.
+
+    An interval tiny beside the run's progress (``1e-300dur`` of a long run) makes ``now / every`` overflow to
+    infinity; every step forward then crosses a multiple, so the answer is simply whether time moved on.
+    """
+    ahead, behind = now / every + _EPSILON, before / every + _EPSILON
+    if not (math.isfinite(ahead) and math.isfinite(behind)):
+        return now > before
+    return math.floor(ahead) > math.floor(behind)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+import sys
 from dataclasses import dataclass, fields, replace
 from typing import Any, Generic, TypeVar
 
@@ -41,10 +42,14 @@ ACCEPTED_FORMS = (
     "or a wall-clock duration such as '30m', '2h', '45s' or '1h20m40s'"
 )
 
+# ASCII digits only (``re.ASCII``): ``\d`` would also take Arabic-Indic or full-width digits, which no one types.
 _NUMBER = r"(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][+-]?\d+)?"
-_UNIT_PATTERN = re.compile(rf"^(?P<value>{_NUMBER})(?P<unit>ep|ba|sp|tok|dur|sec)$")
-_CLOCK_PATTERN = re.compile(r"^(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
+_UNIT_PATTERN = re.compile(rf"^(?P<value>{_NUMBER})(?P<unit>ep|ba|sp|tok|dur|sec)$", re.ASCII)
+_CLOCK_PATTERN = re.compile(r"^(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$", re.ASCII)
 _SECONDS_PER = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_MAX_DIGITS = 300  # a float holds at most ~1.8e308; longer digit strings are typos, and int() refuses > 4300 digits
+_LARGEST = sys.float_info.max  # every interval is compared as a float
+_PLURALS = {"ep": "epochs", "ba": "batches", "sp": "samples", "tok": "tokens", "dur": "durations", "sec": "seconds"}
 
 
 class Time(Generic[T]):
@@ -73,8 +78,10 @@ class Time(Generic[T]):
             return cls(_parse_number(match["value"], unit, timestring), unit)
         clock = _CLOCK_PATTERN.match(text)
         if text and clock and any(clock.groupdict().values()):
-            seconds = sum(int(v) * _SECONDS_PER[k] for k, v in clock.groupdict().items() if v)
-            return cls(seconds, TimeUnit.SECOND)
+            parts = {k: v for k, v in clock.groupdict().items() if v}
+            if any(len(v) > _MAX_DIGITS for v in parts.values()):
+                raise _unreadable(timestring, f"more than {_MAX_DIGITS} digits")
+            return cls(_finite(sum(int(v) * _SECONDS_PER[k] for k, v in parts.items()), timestring), TimeUnit.SECOND)
         raise ValueError(f"cannot read {timestring!r} as a time; use {ACCEPTED_FORMS}")
 
     @classmethod
@@ -209,10 +216,12 @@ def _checked_value(value: Any, unit: TimeUnit) -> Any:
         raise TypeError(f"a Time's value must be a number, not {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"a Time's value must be finite, not {value!r}")
+    if isinstance(value, int) and abs(value) > _LARGEST:
+        raise ValueError(f"a Time's value must be at most about 1.8e308, not a {value.bit_length()}-bit int")
     if unit in _COUNTING_UNITS:
         if isinstance(value, float):
             if not value.is_integer():
-                raise ValueError(f"{value!r}{unit.value}: {unit.name.lower()}s are counted in whole numbers")
+                raise ValueError(f"{value!r}{unit.value}: {_PLURALS[unit.value]} are counted in whole numbers")
             value = int(value)
     elif unit is TimeUnit.DURATION:
         value = float(value)
@@ -220,22 +229,38 @@ def _checked_value(value: Any, unit: TimeUnit) -> Any:
 
 
 def _parse_number(text: str, unit: TimeUnit, original: str) -> Number:
+    """The number in a time string, refusing what a Time cannot hold (too many digits, overflow to inf, fractions
+    of a counting unit) with the accepted forms, rather than an OverflowError later in an interval's arithmetic."""
     digits = text.replace("_", "")
-    if unit in _COUNTING_UNITS and re.fullmatch(r"\d+", digits):
-        return int(digits)
+    if len(digits.lower().split("e")[0]) > _MAX_DIGITS:
+        raise _unreadable(original, f"more than {_MAX_DIGITS} digits")
+    if unit in _COUNTING_UNITS and re.fullmatch(r"[0-9]+", digits):
+        return _finite(int(digits), original)
     try:
         number = float(digits)
     except ValueError:
         raise ValueError(f"cannot read {original!r} as a time; use {ACCEPTED_FORMS}") from None
+    number = _finite(number, original)
+    if number == 0 and re.search(r"[1-9]", digits.lower().split("e")[0]):
+        raise _unreadable(original, "the number is too small to count with (it rounds to zero)")
     if unit in _COUNTING_UNITS:
         if not number.is_integer():
-            raise ValueError(
-                f"cannot read {original!r} as a time: {unit.name.lower()}s are whole numbers; use {ACCEPTED_FORMS}"
-            )
+            raise _unreadable(original, f"{_PLURALS[unit.value]} are counted in whole numbers")
         return int(number)
     if unit is TimeUnit.SECOND and number.is_integer() and "." not in digits and "e" not in digits.lower():
         return int(number)
     return number
+
+
+def _finite(number: Number, original: str) -> Number:
+    """``number`` if a float can hold it: every interval is compared as a float, where 1e400 would be infinite."""
+    if not abs(number) <= _LARGEST:  # also catches inf and nan
+        raise _unreadable(original, "the number is too large to count with (at most about 1.8e308)")
+    return number
+
+
+def _unreadable(original: str, why: str) -> ValueError:
+    return ValueError(f"cannot read {original!r} as a time: {why}; use {ACCEPTED_FORMS}")
 
 
 @dataclass(frozen=True)
