@@ -4,14 +4,28 @@ Data goes to a hidden temporary name in the target's own folder (same filesystem
 flushed and fsynced, then renamed over the target; the folder is fsynced so the rename survives a power cut.
 A crash at any moment leaves either the old file or the new one, never a mix, plus at worst a temporary file
 that :func:`remove_stale_temporaries` clears on the next run.
+
+A temporary's name says who writes it: ``.<target>.cairn-tmp-<machine>-<pid>-<token>``. ``<machine>`` is 8 hex
+digits hashed from the host name and the process-id namespace (containers on one host may share a host name, and a
+pid names a process only inside its namespace); a hash keeps the name short, whatever the host is called. A run
+starting in a folder removes only the temporaries whose writer is certainly gone: one of this machine whose pid no
+longer runs. A temporary of another machine sharing the folder (or of the old ``cairn-tmp-<pid>-<token>`` form, or
+any name it cannot read) may belong to a live writer it cannot see; it is kept until nothing in it has changed for
+:data:`STALE_AFTER_S` (a live writer keeps writing; one silent that long is dead; the same limit ends the hold of a
+reused pid on a dead writer's temporary).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
+import re
 import secrets
 import shutil
+import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +34,8 @@ import torch
 from cairn.errors import CheckpointWriteError
 
 __all__ = [
+    "STALE_AFTER_S",
+    "TEMPORARY_NAME_EXTRA",
     "TEMP_MARKER",
     "atomic_symlink",
     "atomic_write",
@@ -27,14 +43,34 @@ __all__ = [
     "fsync_path",
     "is_temporary",
     "remove_stale_temporaries",
+    "temporary_suffix",
 ]
 
+log = logging.getLogger(__name__)
+
 TEMP_MARKER = ".cairn-tmp-"
+STALE_AFTER_S = 24 * 3600  # a temporary of a writer this machine cannot see is removed once silent this long
+_WRITER = re.compile(r"(?P<machine>[0-9a-f]{8})-(?P<pid>\d{1,10})-[0-9a-f]{8}\Z")
+TEMPORARY_NAME_EXTRA = len(f".{TEMP_MARKER}{'0' * 8}-{2**22}-{'0' * 8}")  # what it adds to a name (pids < 2**22)
+
+
+def temporary_suffix() -> str:
+    """What follows :data:`TEMP_MARKER` in a temporary's name: this machine, this process, and a random token."""
+    return f"{_machine()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _machine() -> str:
+    """This host and pid namespace, as 8 hex digits: where a pid means something."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux: the host name alone
+        namespace = 0
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
 
 
 def _temporary_name(target: str) -> str:
     folder, name = os.path.split(target)
-    return os.path.join(folder, f".{name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+    return os.path.join(folder, f".{name}{TEMP_MARKER}{temporary_suffix()}")
 
 
 def is_temporary(name: str) -> bool:
@@ -132,6 +168,11 @@ def atomic_symlink(link: str, target: str) -> None:
     """Point ``link`` at ``target`` (stored relative to the link's folder), replacing any old link atomically."""
     folder = os.path.dirname(link) or "."
     os.makedirs(folder, exist_ok=True)
+    if os.path.lexists(link) and not os.path.islink(link):
+        raise FileExistsError(
+            f"{link} is a file, not a link, and the latest link would replace it (it may be a checkpoint): move it "
+            "away, or choose a save_latest_filename (latest_filename) that no checkpoint name can take"
+        )
     relative = os.path.relpath(target, folder)
     temporary = _temporary_name(link)
     os.symlink(relative, temporary)
@@ -153,22 +194,73 @@ def fsync_path(path: str) -> None:
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
-    """Delete temporary files and folders (unfinished sharded saves) that interrupted saves left under ``folder``.
+    """Delete the temporary files and folders (unfinished sharded saves) under ``folder`` whose writer is gone.
 
-    Returns what was removed. Call it only when no save into ``folder`` is in flight (the savers do, at fit start).
+    Returns what was removed. A live writer's temporary, here or on another machine, is kept (module docstring).
     """
     removed = []
+    now = time.time()
     for root, folders, names in os.walk(folder):
-        for name in [n for n in folders if is_temporary(n)]:
-            folders.remove(name)  # not walked into: removed whole
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            removed.append(os.path.join(root, name))
-        for name in names:
-            if is_temporary(name):
-                path = os.path.join(root, name)
-                _remove_quietly(path)
+        temporary_folders = [name for name in folders if is_temporary(name)]
+        folders[:] = [name for name in folders if name not in temporary_folders]  # never walked into
+        for name in [*temporary_folders, *(n for n in names if is_temporary(n))]:
+            path = os.path.join(root, name)
+            try:
+                gone = _writer_is_gone(path, now)
+            except FileNotFoundError:  # its writer just renamed it into place
+                continue
+            if gone:
+                _remove_tree_quietly(path)
                 removed.append(path)
+            else:
+                log.info("kept %s: its writer may still be running", path)
+    if removed:
+        log.info("removed %d temporaries of interrupted saves under %s", len(removed), folder)
     return removed
+
+
+def _writer_is_gone(path: str, now: float) -> bool:
+    """Whether no process can still be writing ``path``: its pid is gone (this machine), or it fell silent."""
+    match = _WRITER.match(os.path.basename(path).rsplit(TEMP_MARKER, 1)[1])
+    if match is not None and match["machine"] == _machine() and not _process_is_running(int(match["pid"])):
+        return True
+    return now - _last_change(path) > STALE_AFTER_S  # also ends a reused pid's hold on a dead writer's file
+
+
+def _process_is_running(pid: int) -> bool:
+    """Signal 0 asks the kernel whether ``pid`` exists; on Windows ``os.kill`` would end it, so it counts as alive."""
+    if os.name != "posix":
+        return True
+    if pid <= 0:
+        return False  # no writer has such a pid (and kill(0) would ask about our own process group)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def _last_change(path: str) -> float:
+    """The newest modification time of ``path`` and, for a folder, of everything in it (links not followed)."""
+    newest = os.lstat(path).st_mtime
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, folders, names in os.walk(path):
+            for name in [*folders, *names]:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def _remove_tree_quietly(path: str) -> None:
+    """A folder with everything in it, or a file or link (a link to a folder is removed, not followed)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _remove_quietly(path)
 
 
 def _remove_quietly(path: str) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
+import secrets
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +21,7 @@ from cairn.errors import CheckpointCorruptError
 from cairn.loggers.remote_uploader_downloader import RemoteUploaderDownloader
 from cairn.storage.base import ObjectStore
 from cairn.storage.uri import is_uri, parse_uri, store_from_uri
+from cairn.utils.dist import get_rank
 
 __all__ = ["find_latest_checkpoint", "find_remote_latest", "restore", "saving_from_arguments"]
 
@@ -29,24 +33,69 @@ def find_latest_checkpoint(saver: CheckpointSaver, state: State) -> tuple[str, d
 
     Every file matching the saver's name pattern is complete (writes are atomic), so the newest of them wins,
     even when a crash came between its rename and the ``latest`` link's swap; the link's target is the fallback
-    for names that carry no progress numbers. A damaged file falls back to the one before it.
+    for names that carry no progress numbers, taken only when this saver could have named it (another run sharing
+    the folder may have moved the link to its own file). A damaged file falls back to the one before it, and is
+    set aside so that the save which takes its name again can be written.
     """
     folder = format_name(saver.folder, state, rank=0)
-    candidates = list(reversed(list_checkpoints(folder, name_pattern(saver.filename, state, rank=0))))
+    pattern = name_pattern(saver.filename, state, rank=0)
+    candidates = list(reversed(list_checkpoints(folder, pattern)))
     if saver.latest_filename is not None:
         link = os.path.join(folder, format_name(saver.latest_filename, state, rank=0))
-        if os.path.islink(link):
-            target = os.path.join(folder, os.readlink(link))
-            if _inside(target, folder):
-                candidates.append(target)
-            else:
-                log.warning("autoresume ignores %s: it points outside %s, to %s", link, folder, target)
+        target = _link_target(link, folder, pattern)
+        if target is not None:
+            candidates.append(target)
     for path in candidates:
         try:
             return path, read_checkpoint(path)
         except (CheckpointCorruptError, FileNotFoundError) as err:
             log.warning("autoresume skips %s: %s", path, err)
+            if isinstance(err, CheckpointCorruptError) and get_rank() == 0:
+                set_aside_damaged(path, folder, pattern)
     return None
+
+
+def _link_target(link: str, folder: str, pattern: re.Pattern[str]) -> str | None:
+    """Where the ``latest`` link points, when that is inside ``folder`` under a name of this saver's pattern."""
+    if not os.path.islink(link):
+        return None
+    target = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link)))
+    if not _inside(target, folder):
+        log.warning("autoresume ignores %s: it points outside %s, to %s", link, folder, target)
+        return None
+    if pattern.match(_relative_name(target, folder)) is None:
+        log.warning(
+            "autoresume ignores %s: it points to %s, which this run's save_filename does not name", link, target
+        )
+        return None
+    return target
+
+
+def _relative_name(path: str, folder: str) -> str:
+    return os.path.relpath(path, folder).replace(os.sep, "/")
+
+
+def set_aside_damaged(path: str, folder: str, pattern: re.Pattern[str]) -> str | None:
+    """Rename a damaged checkpoint to ``<name>.damaged-<UTC time>-<token>``, beside it; return the new path.
+
+    Kept, never deleted (it may be the only copy of hours of work, and a tool may salvage it), but under a name no
+    checkpoint pattern takes: retention and autoresume no longer see it, and the save that comes to its name again
+    (the run falls back to the checkpoint before it) is not refused by overwrite=False forever. Only a checkpoint of
+    this saver's pattern in its own folder is touched, never a link or anything a link leads to.
+    """
+    if os.path.islink(path) or not _inside(path, folder) or pattern.match(_relative_name(path, folder)) is None:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = f"{path}.damaged-{stamp}-{secrets.token_hex(2)}"
+    if pattern.match(_relative_name(aside, folder)) is not None:  # a pattern that takes any ending: leave it be
+        return None
+    try:
+        os.rename(path, aside)
+    except OSError as err:
+        log.warning("could not set the damaged checkpoint %s aside (%s); it stays under its name", path, err)
+        return None
+    log.warning("set the damaged checkpoint %s aside as %s: it is kept, and no longer read or pruned", path, aside)
+    return aside
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -58,14 +107,34 @@ def _inside(path: str, folder: str) -> bool:
 def find_remote_latest(
     saver: CheckpointSaver, state: State, uploader: RemoteUploaderDownloader, *, progress: bool
 ) -> tuple[str, dict[str, Any]] | None:
-    """The checkpoint the store's ``latest`` pointer names, downloaded and verified; None if there is no pointer."""
+    """The checkpoint the store's ``latest`` pointer names, downloaded and verified; None if there is no pointer,
+    or when it names an object this run's remote name template could not have produced (another run's)."""
     _, pointer = saver.remote_names(state)
     if pointer is None:
         return None
     target = read_pointer(uploader.store, uploader.remote_name(pointer))
     if target is None:
         return None
+    name = _remote_file_name(uploader, target)
+    if name is None or name_pattern(saver.remote_template(), state, rank=0).match(name) is None:
+        log.warning(
+            "autoresume ignores the latest pointer %s: it names %s, which this run's remote file name does not name",
+            uploader.store.get_uri(uploader.remote_name(pointer)),
+            target,
+        )
+        return None
     return uploader.store.get_uri(target), read_remote_checkpoint(uploader.store, target, progress=progress)
+
+
+def _remote_file_name(uploader: RemoteUploaderDownloader, object_name: str) -> str | None:
+    """The ``remote_file_name`` that ``uploader.remote_name`` turns into ``object_name`` (its format string may add
+    a prefix or a suffix), or None when none does."""
+    parts = uploader.remote_name("\0").split("\0")
+    length, remainder = divmod(len(object_name) - sum(map(len, parts)), len(parts) - 1)
+    if length < 0 or remainder:
+        return None
+    name = object_name[len(parts[0]) : len(parts[0]) + length]
+    return name if uploader.remote_name(name) == object_name else None
 
 
 def restore(
@@ -90,7 +159,8 @@ def restore(
             found = find_remote_latest(saver, state, uploader, progress=progress)
         if found is not None:
             path, checkpoint = found
-            apply_checkpoint(checkpoint, state, source=path, strict=strict, ignore_keys=ignore_keys)
+            _note_ignored_load_options(load_path, weights_only=weights_only, strict=strict, ignore_keys=ignore_keys)
+            apply_checkpoint(checkpoint, state, source=path)  # the run's own checkpoint: everything comes back
             log.info("autoresume: continuing from %s", path)
             return path
         log.info("autoresume: no checkpoint in %s yet; starting fresh", format_name(saver.folder, state, rank=0))
@@ -103,6 +173,26 @@ def restore(
         checkpoint, state, source=load_path, weights_only=weights_only, strict=strict, ignore_keys=ignore_keys
     )
     return load_path
+
+
+def _note_ignored_load_options(
+    load_path: str | None, *, weights_only: bool, strict: bool, ignore_keys: Sequence[str]
+) -> None:
+    """The ``load_*`` options shape a first load; resuming a run's own checkpoint restores all of it (SPEC 6)."""
+    ignored = [
+        name
+        for name, given in (
+            ("load_path", load_path is not None),
+            ("load_weights_only", weights_only),
+            ("load_strict_model_weights=False", not strict),
+            ("load_ignore_keys", bool(ignore_keys)),
+        )
+        if given
+    ]
+    if ignored:
+        log.info(
+            "autoresume found the run's own checkpoint, so %s is ignored: all of it is restored", ", ".join(ignored)
+        )
 
 
 def _read(path: str, source: ObjectStore | RemoteUploaderDownloader | None, *, progress: bool) -> dict[str, Any]:

@@ -16,8 +16,18 @@ from typing import Any
 from cairn.checkpoint.background import BackgroundSaves
 from cairn.checkpoint.commit import atomic_symlink, remove_stale_temporaries, write_checkpoint
 from cairn.checkpoint.content import build_checkpoint, collect_checkpoint, seal
-from cairn.checkpoint.naming import check_format, format_name, name_pattern
+from cairn.checkpoint.keys import check_ignore_keys
+from cairn.checkpoint.naming import (
+    PROGRESS_VARIABLES,
+    check_names,
+    check_not_a_file,
+    fields_of,
+    format_name,
+    name_pattern,
+    template_clash,
+)
 from cairn.checkpoint.policy import is_last_checkpoint_event, save_policy
+from cairn.checkpoint.remote import guard_store_names
 from cairn.checkpoint.retention import list_checkpoints, prune
 from cairn.checkpoint.sharded import ShardedAsyncSaves, save_sharded
 from cairn.checkpoint.snapshot import SnapshotBuffers
@@ -75,22 +85,19 @@ class CheckpointSaver(Callback):
         ignore_keys: Sequence[str] | None = None,
         async_save: bool = False,
     ) -> None:
-        self.folder = check_format(str(folder), argument="folder")
-        self.filename = check_format(filename, argument="filename")
-        self.latest_filename = None if latest_filename is None else check_format(latest_filename, argument="latest")
+        self.folder, self.filename, self.latest_filename, self.remote_file_name, self.latest_remote_file_name = (
+            check_names(folder, filename, latest_filename, remote_file_name, latest_remote_file_name)
+        )
         self.policy = save_policy(save_interval)
         self.weights_only = weights_only
         if isinstance(num_checkpoints_to_keep, bool) or not isinstance(num_checkpoints_to_keep, int):
             raise ValueError(f"num_checkpoints_to_keep={num_checkpoints_to_keep!r}: use an int (-1 keeps all)")
         if num_checkpoints_to_keep < -1:
             raise ValueError(f"num_checkpoints_to_keep={num_checkpoints_to_keep}: use -1 (keep all), 0, or more")
-        self.remote_file_name = None if remote_file_name is None else check_format(remote_file_name, argument="remote")
-        self.latest_remote_file_name = (
-            None if latest_remote_file_name is None else check_format(latest_remote_file_name, argument="latest_remote")
-        )
+        _refuse_latest_names_that_clash(self)
         self.num_checkpoints_to_keep = num_checkpoints_to_keep
         self.overwrite = overwrite
-        self.ignore_keys = list(ignore_keys or [])
+        self.ignore_keys = check_ignore_keys(ignore_keys, argument="ignore_keys", loading=False)
         self.saved_checkpoints: list[str] = []
         self.save_order: list[int] = []  # a process-wide sequence number per save, to merge several savers' lists
         self._last_saved_batch: int | None = None
@@ -107,6 +114,22 @@ class CheckpointSaver(Callback):
         self._background.raise_failure()  # a failed background save surfaces at the next event, on this thread
         super().run_event(event, state, logger)
 
+    def init(self, state: State, logger: Logger) -> None:
+        """Check the names again with the run's own name, known only now: still inside the Trainer's constructor."""
+        try:
+            check_names(
+                self.folder,
+                self.filename,
+                self.latest_filename,
+                self.remote_template() if logger.uploads_files else None,
+                self.latest_remote_file_name if logger.uploads_files else None,
+                run_name=state.run_name,
+            )
+            if not any(field in PROGRESS_VARIABLES for field in fields_of(self.folder)):
+                check_not_a_file(self.folder, format_name(self.folder, state, rank=0), argument="folder")
+        except ValueError as err:
+            raise ValueError(f"with run_name={state.run_name!r}, {err}") from None
+
     def fit_start(self, state: State, logger: Logger) -> None:
         if self.num_checkpoints_to_keep == 0 and not logger.uploads_files:
             raise ValueError(
@@ -120,7 +143,10 @@ class CheckpointSaver(Callback):
         folder = format_name(self.folder, state, rank=0)
         if get_rank() == 0:
             remove_stale_temporaries(folder)
-        if self.overwrite or state.resumed_from is not None:
+        refuse_existing = not (self.overwrite or state.resumed_from is not None)
+        pointer = self.remote_names(state)[1]
+        guard_store_names(logger, state, self.remote_template(), pointer, refuse_existing=refuse_existing)
+        if not refuse_existing:
             return
         existing = broadcast_object(list_checkpoints(folder, name_pattern(self.filename, state, rank=0)))
         if existing:
@@ -262,9 +288,13 @@ class CheckpointSaver(Callback):
         if self.num_checkpoints_to_keep > 0:
             prune(target.folder, target.retention_pattern, self.num_checkpoints_to_keep, protect=target.path)
 
+    def remote_template(self) -> str:
+        """The format string of a checkpoint's name in the store."""
+        return self.remote_file_name or f"{{run_name}}/checkpoints/{self.filename}"
+
     def remote_names(self, state: State) -> tuple[str, str | None]:
         """The checkpoint's name in the store, and its latest pointer's (``<latest name>.symlink``)."""
-        template = self.remote_file_name or f"{{run_name}}/checkpoints/{self.filename}"
+        template = self.remote_template()
         name = format_name(template, state, rank=0)
         if self.latest_remote_file_name is not None:
             return name, format_name(self.latest_remote_file_name, state, rank=0)
@@ -289,6 +319,31 @@ class CheckpointSaver(Callback):
         del state  # the files on disk are the record; a resumed run lists only what it saves itself
 
 
+def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:
+    """The latest link (and the store's pointer) must never take a checkpoint's name: each swap would replace that
+    checkpoint with a link (to itself, with one rolling file), and nothing would be left to load."""
+    if saver.latest_filename is not None:
+        clash = template_clash(saver.filename, saver.latest_filename)
+        if clash is not None:
+            raise ValueError(
+                f"save_filename={saver.filename!r} and save_latest_filename={saver.latest_filename!r} (filename and "
+                f"latest_filename) can both name {clash!r}, and the latest link would replace that checkpoint; give "
+                "the link a name no checkpoint can take (such as 'latest-rank{rank}.pt' beside a save_filename with "
+                "{epoch} or {batch}), or pass save_latest_filename=None"
+            )
+    remote = saver.remote_template()
+    pointer = saver.latest_remote_file_name
+    if pointer is None and saver.latest_filename is not None:
+        pointer = posixpath.join(posixpath.dirname(remote), saver.latest_filename) + ".symlink"
+    clash = None if pointer is None else template_clash(remote, pointer, nested=False)
+    if clash is not None:
+        raise ValueError(
+            f"save_remote_file_name={remote!r} and the latest pointer {pointer!r} (latest_remote_file_name, or "
+            f"save_latest_filename + '.symlink') can both name {clash!r}, and the pointer would replace that "
+            "checkpoint in the store; pass a latest_remote_file_name no checkpoint name can take"
+        )
+
+
 def _remove_with_link(path: str) -> None:
     """Delete an uploaded local checkpoint, and the local ``latest`` link if it pointed there."""
     folder = os.path.dirname(path)
@@ -306,6 +361,7 @@ def save_checkpoint(
 
     Every rank of a distributed run must call it (the RNG states are gathered); rank 0 alone writes.
     """
+    ignore_keys = check_ignore_keys(ignore_keys, argument="ignore_keys", loading=False)  # type: ignore[assignment]
     checkpoint = build_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys)
     on_rank_zero(lambda: write_checkpoint(checkpoint, path, overwrite=overwrite), f"write the checkpoint {path!r}")
     return path
