@@ -30,8 +30,9 @@ def check_compatible(saved: Mapping[str, Any], state: State, *, weights_only: bo
         listing = "\n  - ".join(problems)
         raise CheckpointIncompatibleError(
             f"checkpoint {source} does not fit this run:\n  - {listing}\n"
-            "Pass the model and optimizer the checkpoint was saved with, or load_strict_model_weights=False to skip "
-            "names missing on either side, or load_weights_only=True / load_ignore_keys to leave parts out."
+            "Pass the model and optimizer the checkpoint was saved with (same shapes and dtypes), or "
+            "load_strict_model_weights=False to skip names missing on either side, or load_weights_only=True / "
+            "load_ignore_keys to leave parts out."
         )
 
 
@@ -45,6 +46,16 @@ def _model_problems(saved: Any, state: State, *, strict: bool) -> list[str]:
         f"model weight {name!r}: checkpoint has shape {_shape(saved[name])}, model has {_shape(value)}"
         for name, value in expected.items()
         if name in saved and _shape(saved[name]) != _shape(value)
+    ]
+    problems += [
+        f"model weight {name!r}: checkpoint has dtype {saved[name].dtype}, model has {value.dtype}, which would "
+        "change its values"
+        for name, value in expected.items()
+        if name in saved
+        and isinstance(saved[name], torch.Tensor)
+        and isinstance(value, torch.Tensor)
+        and _shape(saved[name]) == _shape(value)
+        and not _holds_exactly(value.dtype, saved[name].dtype)
     ]
     if strict:
         problems += [f"model weight {name!r} is missing from the checkpoint" for name in missing]
@@ -91,14 +102,69 @@ def _optimizer_problems(key: str, saved: Mapping[str, Any], optimizer: torch.opt
         return problems
     parameters = [p for group in groups for p in group["params"]]
     saved_ids = [i for group in saved_groups for i in group["params"]]
+    saved_state = saved.get("state", {})
     for parameter, saved_id in zip(parameters, saved_ids, strict=True):
-        for name, value in saved.get("state", {}).get(saved_id, {}).items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameter.shape:
-                problems.append(
-                    f"optimizer {key} state {name!r} of parameter {saved_id}: checkpoint shape "
-                    f"{tuple(value.shape)}, parameter shape {tuple(parameter.shape)}"
-                )
+        live_state = optimizer.state.get(parameter, {})
+        known = isinstance(saved_state, Mapping) and isinstance(saved_id, (int, str))  # ids come from the file
+        saved_entry = saved_state.get(saved_id, {}) if known else {}
+        for name, value in saved_entry.items() if isinstance(saved_entry, Mapping) else ():
+            if not isinstance(value, torch.Tensor):
+                continue
+            live = live_state.get(name)
+            problem = (
+                _against_live_state(value, live)
+                if isinstance(live, torch.Tensor)
+                else _against_parameter(name, value, parameter)
+            )
+            if problem:
+                problems.append(f"optimizer {key} state {name!r} of parameter {saved_id}: {problem}")
     return problems
+
+
+def _against_live_state(value: torch.Tensor, live: torch.Tensor) -> str | None:
+    """An optimizer that has already stepped shows what it holds: the saved tensor must have that shape and a dtype
+    that holds it exactly."""
+    if value.shape != live.shape:
+        return f"checkpoint shape {tuple(value.shape)}, this optimizer holds {tuple(live.shape)}"
+    if not _holds_exactly(live.dtype, value.dtype):
+        return f"checkpoint dtype {value.dtype}, this optimizer holds {live.dtype}"
+    return None
+
+
+def _against_parameter(name: str, value: torch.Tensor, parameter: torch.Tensor) -> str | None:
+    """A fresh optimizer (the usual resume) holds nothing yet, so the saved tensor is judged by its parameter.
+
+    Its shape is the parameter's, a scalar (``step``), or the parameter's with some sizes 1: Adafactor keeps factored
+    second moments of shape (rows, 1) and (1, columns). Its dtype matters where torch's ``load_state_dict`` casts it
+    to the parameter's, which it does for every floating-point state but ``step``; that cast must not round.
+    """
+    if value.dim() > 0 and not _factors_of(value.shape, parameter.shape):
+        return f"checkpoint shape {tuple(value.shape)}, parameter shape {tuple(parameter.shape)}"
+    casts = name != "step" and value.is_floating_point() and parameter.is_floating_point()
+    if casts and not _holds_exactly(parameter.dtype, value.dtype):
+        return f"checkpoint dtype {value.dtype}, parameter dtype {parameter.dtype}, which would change its values"
+    return None
+
+
+def _factors_of(shape: torch.Size, parameter_shape: torch.Size) -> bool:
+    """Whether ``shape`` is the parameter's shape with some sizes reduced to 1 (statistics over rows or columns)."""
+    return len(shape) == len(parameter_shape) and all(s in (p, 1) for s, p in zip(shape, parameter_shape, strict=True))
+
+
+def _holds_exactly(live: torch.dtype, saved: torch.dtype) -> bool:
+    """Whether every value of dtype ``saved`` survives a cast to ``live``: the same dtype, or a wider one of the same
+    kind (float16 into float32 is exact; float64 into float32, or float16 into bfloat16, rounds)."""
+    if live == saved:
+        return True
+    try:
+        if live.is_floating_point and saved.is_floating_point:
+            wide, narrow = torch.finfo(live), torch.finfo(saved)
+            return wide.eps <= narrow.eps and wide.max >= narrow.max and wide.smallest_normal <= narrow.smallest_normal
+        if live.is_floating_point or saved.is_floating_point or live.is_complex != saved.is_complex:
+            return False
+        return torch.promote_types(live, saved) == live
+    except (TypeError, RuntimeError):  # a dtype torch cannot describe or promote: only the same one is safe
+        return False
 
 
 def _metric_problems(saved: Mapping[str, Any], state: State) -> list[str]:

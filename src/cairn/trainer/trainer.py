@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -12,6 +13,8 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
+from cairn.checkpoint.keys import check_ignore_keys
+from cairn.checkpoint.naming import check_names
 from cairn.checkpoint.resume import restore, saving_from_arguments
 from cairn.checkpoint.saver import CheckpointSaver
 from cairn.core.callback import Algorithm, Callback
@@ -30,7 +33,13 @@ from cairn.trainer.devices import move_to_device, resolve_device
 from cairn.trainer.distributed import init_from_environment, parse_parallelism_config, shard_dataloader, wrap_model
 from cairn.trainer.model_adapter import ModelAdapter
 from cairn.trainer.precision import autocast, make_grad_scaler, parse_precision
-from cairn.trainer.preemption import Preempted, PreemptionWatch
+from cairn.trainer.preemption import (
+    DEFAULT_PREEMPTION_EXIT_CODE,
+    DEFAULT_PREEMPTION_SIGNALS,
+    Preempted,
+    SignalLike,
+    preemption_watch,
+)
 from cairn.trainer.run_name import generate_run_name
 from cairn.utils.dist import broadcast_object, get_rank, is_distributed
 from cairn.utils.reproducibility import make_seed, rank_seed, seed_all
@@ -91,7 +100,15 @@ class Trainer:
         autoresume: bool = False,
         # stopping cleanly (docs/checkpointing.md#preemption)
         save_on_preemption: bool = False,
+        preemption_signals: SignalLike | Sequence[SignalLike] = DEFAULT_PREEMPTION_SIGNALS,
+        preemption_exit_code: int = DEFAULT_PREEMPTION_EXIT_CODE,
     ) -> None:
+        if save_folder is not None:  # checked first, under the Trainer's argument names (the saver checks them again)
+            save_folder, save_filename, save_latest_filename, save_remote_file_name, _ = check_names(
+                save_folder, save_filename, save_latest_filename, save_remote_file_name, prefix="save_"
+            )
+        save_ignore_keys = check_ignore_keys(save_ignore_keys, argument="save_ignore_keys", loading=False)
+        load_ignore_keys = check_ignore_keys(load_ignore_keys, argument="load_ignore_keys", loading=True)
         fsdp = parse_parallelism_config(parallelism_config)
         self._model = ModelAdapter(model)
         torch_device = init_from_environment(resolve_device(device))
@@ -99,6 +116,7 @@ class Trainer:
         seed_all(rank_seed(rank_zero_seed, get_rank()))
         model.to(torch_device)
         optimizer_list = _as_list(optimizers, torch.optim.Optimizer, "optimizers")
+        _refuse_optimizers_that_need_a_closure(optimizer_list)
         self._model.forward_module = wrap_model(model, torch_device, fsdp, optimizer_list)  # DDP, or FSDP2 shards
         train_dataloader = shard_dataloader(train_dataloader, rank_zero_seed)
         eval_dataloader = shard_dataloader(eval_dataloader, rank_zero_seed)
@@ -146,7 +164,7 @@ class Trainer:
         )
         if save_on_preemption and not self._savers():
             raise ValueError("save_on_preemption=True needs somewhere to save: pass save_folder (or a CheckpointSaver)")
-        self._preemption = PreemptionWatch() if save_on_preemption else None
+        self._preemption = preemption_watch(save_on_preemption, preemption_signals, preemption_exit_code)
         self.state.sharded_checkpoints = bool(fsdp and fsdp["state_dict_type"] == "sharded" and is_distributed())
         self.state.train_dataloader = train_dataloader
         self.state.eval_dataloader = eval_dataloader
@@ -164,7 +182,7 @@ class Trainer:
             load_object_store=load_object_store,
             weights_only=load_weights_only,
             strict=load_strict_model_weights,
-            ignore_keys=list(load_ignore_keys or []),
+            ignore_keys=load_ignore_keys,
             autoresume=autoresume,
             saver=saver,
             uploader=next((d for d in destinations if isinstance(d, RemoteUploaderDownloader)), None),
@@ -191,23 +209,36 @@ class Trainer:
         state = self.state
         self.engine.run_event(Event.FIT_START)
         state.model.train()
+        started_at = (int(state.timestamp.epoch), int(state.timestamp.batch))
         with self._preemption.installed() if self._preemption else contextlib.nullcontext():
             try:
                 while not state.is_done():
                     if not self._train_epoch():
                         break
+                    self._check_preemption()  # a signal during the epoch's end (evaluation, checkpoint) stops here
             except Preempted:
-                self._stop_for_preemption()
-        self.engine.run_event(Event.FIT_END)
+                self._save_for_preemption(started_at)
+            # still watching: a signal now lets FIT_END finish waiting for the last writes and uploads
+            self.engine.run_event(Event.FIT_END)
+            if self._preemption is not None and self._preemption.seen():
+                self.close()
+                self._preemption.exit()
 
-    def _stop_for_preemption(self) -> None:
-        """Checkpoint the step just finished, let FIT_END wait for writes and uploads, then exit with code 0."""
+    def _check_preemption(self) -> None:
+        if self._preemption is not None:
+            self._preemption.check()
+
+    def _save_for_preemption(self, started_at: tuple[int, int]) -> None:
+        """Checkpoint the step just finished (FIT_END then waits for the write and uploads, and ``fit`` exits with
+        ``preemption_exit_code``); a run stopped before it trained anything has nothing new to save."""
+        timestamp = self.state.timestamp
+        if (int(timestamp.epoch), int(timestamp.batch)) == started_at:
+            return
+        assert self.state.train_dataloader is not None
+        record_loader_position(self.state.train_dataloader, self.state)
         for saver in self._savers():
             saver.save_unless_saved(self.state, self.logger)
-        self.engine.run_event(Event.FIT_END)
-        self.close()
-        log.warning("preempted: saved at batch %d; exiting with code 0", self.state.timestamp.batch)
-        raise SystemExit(0)
+        log.warning("preempted: checkpoint of batch %d saved", int(timestamp.batch))
 
     def eval(self) -> dict[str, float]:
         """Evaluate on ``eval_dataloader`` now and return the metrics, as logged."""
@@ -231,8 +262,6 @@ class Trainer:
         for batch in self._batches():
             ran_any = True
             self._train_batch(batch)
-            if self._preemption is not None:
-                self._preemption.check()
             if state.is_done() and not state.is_epoch_exhausted():
                 return True
         if not ran_any and state.timestamp.batch_in_epoch == 0:
@@ -245,6 +274,7 @@ class Trainer:
         """The epoch's batches, on the device, with the dataloader events around each fetch."""
         state = self.state
         assert state.train_dataloader is not None
+        self._check_preemption()  # before the iterator draws the epoch's shuffle: a signal in EPOCH_START stops here
         if state.is_epoch_exhausted():
             return  # resumed from the last batch of an epoch: only its end remains
         iterator = epoch_iterator(state.train_dataloader, state)
@@ -257,6 +287,7 @@ class Trainer:
             state.batch = move_to_device(batch, state.device)
             self.engine.run_event(Event.AFTER_DATALOADER)
             yield state.batch
+            self._check_preemption()  # the step is done, its evaluation and checkpoint included
 
     def _train_batch(self, batch: Any) -> None:
         state = self.state
@@ -443,3 +474,15 @@ def _computed(prefix: str, metrics: dict[str, Metric]) -> dict[str, float]:
 
 def _detached(outputs: Any) -> Any:
     return outputs.detach() if isinstance(outputs, torch.Tensor) else outputs
+
+
+def _refuse_optimizers_that_need_a_closure(optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """The loop calls ``optimizer.step()`` once per batch, without a closure; an optimizer whose ``step`` requires
+    one (``torch.optim.LBFGS`` re-evaluates the loss many times per step) would fail at the first batch."""
+    for optimizer in optimizers:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+        if closure is not None and closure.default is inspect.Parameter.empty:
+            raise ValueError(
+                f"{type(optimizer).__name__} needs a closure that re-evaluates the loss at every step, and the "
+                "Trainer steps once per batch without one; use an optimizer whose step() works alone (such as AdamW)"
+            )
