@@ -10,14 +10,15 @@ but the hash itself, so a flipped bit anywhere in the data is caught when the fi
 
 from __future__ import annotations
 
-import fnmatch
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import xxhash
 
+from cairn.checkpoint.keys import IgnoreKeys, drop
+from cairn.checkpoint.pickle_scan import overlaps
 from cairn.core.model_state import model_state, model_weights_module
 from cairn.core.state import State, class_keys
 from cairn.utils.dist import all_gather_object, get_world_size
@@ -106,7 +107,16 @@ def map_tensors(node: Any, change: Callable[[torch.Tensor], torch.Tensor]) -> An
 
 def _on_cpu(node: Any) -> Any:
     """Files hold CPU tensors, so a checkpoint from a GPU run opens on any machine with plain ``torch.load``."""
-    return map_tensors(node, lambda tensor: tensor.detach().cpu() if tensor.device.type != "cpu" else tensor)
+    return map_tensors(node, _as_saved)
+
+
+def _as_saved(tensor: torch.Tensor) -> torch.Tensor:
+    """On the CPU, and a plain view of its storage: a loader refuses views whose elements share memory (an
+    ``expand``ed tensor, stride 0), since in a hostile file 4 bytes could then pose as gigabytes."""
+    tensor = tensor.detach().cpu() if tensor.device.type != "cpu" else tensor
+    if overlaps(tuple(tensor.shape), tensor.stride()):
+        tensor = tensor.contiguous()
+    return tensor
 
 
 def is_sharded(checkpoint: dict[str, Any]) -> bool:
@@ -149,16 +159,83 @@ def content_hash(checkpoint: dict[str, Any]) -> str:
     who can rewrite the file can rewrite its hash, whatever the algorithm, so a cryptographic hash would buy
     nothing here. XXH3 runs at memory speed (about 20 GiB/s on one core, against under 2 for SHA-256), so checking
     a checkpoint costs a small fraction of reading or writing it.
+
+    It is a function of the data alone: a set is hashed by its members in a canonical order (its iteration order
+    changes with ``PYTHONHASHSEED``), so a checkpoint verifies in every process, not only in the one that wrote it.
     """
     digest = xxhash.xxh3_128()
-    for path, value in _leaves(_without_hash(checkpoint), ""):
-        digest.update(path.encode())
-        if isinstance(value, torch.Tensor):
-            digest.update(f"|tensor|{value.dtype}|{tuple(value.shape)}|".encode())
-            digest.update(_raw_bytes(value))
-        else:
-            digest.update(f"|{type(value).__name__}|{value!r}|".encode())
+    for chunk in _encoding(_without_hash(checkpoint)):
+        digest.update(chunk)
     return f"{HASH_NAME}:{digest.hexdigest()}"
+
+
+MAX_DEPTH = 200  # far deeper than any state dict; deeper nesting is refused rather than exhausting Python's stack
+
+
+def _encoding(root: Any) -> Iterator[bytes | memoryview]:
+    """The bytes the hash covers: each node's ``/``-path, then its type and value, depth first.
+
+    The walk keeps its own stack, so nesting costs no recursion; a container met a second time (pickle keeps
+    sharing, so writer and reader meet the same ones) is covered as a reference to where it was first met, so the
+    walk is linear in the number of objects, not in the size of the tree they unfold to.
+    """
+    first_met: dict[int, str] = {}
+    pending: list[tuple[str, Any, int]] = [("", root, 0)]
+    while pending:
+        path, value, depth = pending.pop()
+        yield path.encode()
+        if not isinstance(value, (dict, list, tuple)):
+            yield from _leaf(value)
+            continue
+        if value and id(value) in first_met:  # an empty one may be a shared singleton: it has nothing to unfold
+            yield f"|ref|{first_met[id(value)]!r}|".encode()
+            continue
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"it nests containers more than {MAX_DEPTH} deep, at {path[:60]!r}...")
+        first_met[id(value)] = path
+        yield from _leaf(f"{'dict' if isinstance(value, dict) else type(value).__name__}[{len(value)}]")
+        pending.extend((child, item, depth + 1) for child, item in reversed(_children(value, path)))
+
+
+def _children(value: dict[Any, Any] | list[Any] | tuple[Any, ...], path: str) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [(f"{path}/{_key_text(key)}" if path else _key_text(key), item) for key, item in value.items()]
+    return [(f"{path}/{index}", item) for index, item in enumerate(value)]
+
+
+def _leaf(value: Any) -> Iterator[bytes | memoryview]:
+    if isinstance(value, torch.Tensor):
+        yield f"|tensor|{value.dtype}|{tuple(value.shape)}|".encode()
+        yield _raw_bytes(value)
+    elif isinstance(value, (set, frozenset)):
+        yield f"|{type(value).__name__}|{len(value)}|{'|'.join(sorted(map(_member_digest, value)))}|".encode()
+    else:
+        yield f"|{type(value).__name__}|{value!r}|".encode()
+
+
+def _member_digest(value: Any) -> str:
+    """A set member's own hash: sorting these gives a set one order, whatever the hash seed."""
+    digest = xxhash.xxh3_128()
+    for chunk in _encoding(value):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _key_text(key: Any) -> str:
+    """A dict key as it appears in a path; a key holding a frozenset, whose text varies with the hash seed, by
+    its canonical digest instead."""
+    return f"<{type(key).__name__} {_member_digest(key)}>" if _holds_a_set(key) else str(key)
+
+
+def _holds_a_set(key: Any) -> bool:
+    pending = [key]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, frozenset):
+            return True
+        if isinstance(item, tuple):
+            pending.extend(item)
+    return False
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -179,34 +256,7 @@ def _without_hash(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {**checkpoint, "state": {**state, "metadata": metadata}}
 
 
-def _leaves(value: Any, path: str) -> Iterable[tuple[str, Any]]:
-    """Depth-first leaves of nested dicts, lists and tuples, each with a ``/``-joined path."""
-    if isinstance(value, dict):
-        yield path, f"dict[{len(value)}]"
-        for key, item in value.items():
-            yield from _leaves(item, f"{path}/{key}" if path else str(key))
-    elif isinstance(value, (list, tuple)):
-        yield path, f"{type(value).__name__}[{len(value)}]"
-        for index, item in enumerate(value):
-            yield from _leaves(item, f"{path}/{index}")
-    else:
-        yield path, value
-
-
-def drop_keys(checkpoint: dict[str, Any], patterns: Sequence[str]) -> dict[str, Any]:
-    """A copy of ``checkpoint`` without the entries whose ``/``-path matches a glob (``state/optimizers``)."""
-    if not patterns:
-        return checkpoint
-    return _without(checkpoint, "", tuple(patterns))
-
-
-def _without(node: Any, path: str, patterns: tuple[str, ...]) -> Any:
-    if not isinstance(node, dict):
-        return node
-    kept = {}
-    for key, item in node.items():
-        child = f"{path}/{key}" if path else str(key)
-        if any(fnmatch.fnmatchcase(child, pattern) for pattern in patterns):
-            continue
-        kept[key] = _without(item, child, patterns)
-    return kept
+def drop_keys(checkpoint: dict[str, Any], patterns: IgnoreKeys | Sequence[str]) -> dict[str, Any]:
+    """A copy of ``checkpoint`` without the entries whose ``/``-path matches a glob (``state/optimizers``), or the
+    checkpoint as a ``load_ignore_keys`` callable edited it (see :mod:`cairn.checkpoint.keys`)."""
+    return drop(checkpoint, patterns)

@@ -10,12 +10,12 @@ import logging
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from cairn.checkpoint.archive import check_archive, check_old_style_file
 from cairn.checkpoint.compat import check_compatible
 from cairn.checkpoint.content import content_hash, drop_keys, is_sharded, is_weights_only, map_tensors
 from cairn.checkpoint.sharded import METADATA_FILE, is_sharded_folder, load_shards
@@ -43,7 +43,9 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 
 
 def _read_file(path: str) -> dict[str, Any]:
-    is_archive = check_archive(path)
+    is_archive = check_archive(path)  # the archive's records and its pickle, checked without running it
+    if not is_archive:
+        check_old_style_file(path)
     _start_reading_ahead(path)
     checkpoint = _torch_load_safely(path, is_archive=is_archive)
     _check_structure(checkpoint, path)
@@ -60,29 +62,6 @@ def _read_sharded_folder(folder: str) -> dict[str, Any]:
     checkpoint = _read_file(os.path.join(folder, METADATA_FILE))
     verify_shard_digests(folder, index, checkpoint["state"]["metadata"].get("shards"))
     return checkpoint
-
-
-def check_archive(path: str) -> bool:
-    """Whether ``path`` is a zip archive (torch's format, read memory-mapped), refusing a damaged one and a zip bomb.
-
-    torch stores every record of its archive uncompressed, so a compressed record, or one that claims more bytes
-    than the whole file, is a zip bomb or damage: it is refused before torch inflates anything into memory.
-    """
-    try:
-        if not zipfile.is_zipfile(path):
-            return False  # an old-style pickle, or not a checkpoint at all: torch.load judges it
-        size = os.path.getsize(path)
-        with zipfile.ZipFile(path) as archive:
-            records = archive.infolist()
-    except Exception as err:  # noqa: BLE001 - a damaged directory fails in many ways (versions, sizes, names)
-        raise CheckpointCorruptError(f"{path!r} is a damaged archive ({err}); load an earlier checkpoint") from None
-    for record in records:
-        if record.compress_type != zipfile.ZIP_STORED or record.file_size > size:
-            raise CheckpointCorruptError(
-                f"{path!r} has a record {record.filename!r} that would inflate to {record.file_size} bytes (the "
-                f"file is {size}): a zip bomb or damage, which torch never writes; refused before reading it"
-            )
-    return True
 
 
 def _start_reading_ahead(path: str) -> None:

@@ -1,0 +1,128 @@
+"""What is in a checkpoint file, checked before ``torch.load`` reads any of it.
+
+A torch archive is a zip of uncompressed records under one folder: the pickle ``data.pkl``, one ``data/<key>`` per
+storage the pickle names, and a few fixed records. The content hash covers what is unpickled, not the archive, so
+the archive itself is held to exactly that: no record the checkpoint does not reference (a planted script or a
+spare tensor would otherwise ride along in a file that verifies), no storage record missing or of another size
+than the pickle declares (torch maps ``offset .. offset + declared`` of the file, whatever the record holds), and
+a pickle that asks for nothing cairn never writes (see :mod:`cairn.checkpoint.pickle_scan`).
+
+The records are read through torch's own zip reader as well as Python's: a file the two see differently is
+refused, so what is checked here is what torch will read.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+
+import torch
+
+from cairn.checkpoint.pickle_scan import StorageRef, scan_pickle
+from cairn.errors import CheckpointCorruptError
+
+__all__ = ["check_archive", "check_old_style_file"]
+
+# The fixed records torch (1.6 to 2.x) writes beside data.pkl and data/<key>.
+TORCH_RECORDS = frozenset(
+    {"data.pkl", "byteorder", "version", ".data/version", ".data/serialization_id", ".format_version",
+     ".storage_alignment"}
+)  # fmt: skip
+# An old-style file is five pickles in a row (magic number, protocol, system info, the object, storage keys).
+_OLD_STYLE_PICKLES = 5
+
+
+def check_archive(path: str) -> bool:
+    """Whether ``path`` is a zip archive (torch's format, read memory-mapped), refusing a damaged, padded or
+    hostile one with :class:`CheckpointCorruptError` (or :class:`UnsafeCheckpointError` for a pickle that would
+    run code) before torch inflates, allocates or unpickles anything."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False  # an old-style pickle, or not a checkpoint at all: see check_old_style_file
+        size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except Exception as err:  # noqa: BLE001 - a damaged directory fails in many ways (versions, sizes, names)
+        raise _damaged(path, f"a damaged archive ({err})") from None
+    _refuse_inflation(path, records, size)
+    names = _record_names(path, records)
+    reader = _torch_reader(path, names)
+    storages = scan_pickle(
+        io.BytesIO(_read_record(path, reader, "data.pkl", size)), source=path, archive=True, file_size=size
+    )
+    _check_storage_records(path, reader, names, storages, size)
+    return True
+
+
+def check_old_style_file(path: str) -> None:
+    """Scan an old-style (pre-zip) torch file's pickles: its storages are allocated at their declared size the
+    moment the pickle names them, so a size larger than the file is refused here, before torch allocates it."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        for _ in range(_OLD_STYLE_PICKLES):
+            if file.tell() >= size:
+                return
+            scan_pickle(file, source=path, archive=False, legacy=True, file_size=size)
+
+
+def _damaged(path: str, why: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(f"{path!r} is {why}; refused before reading it: load an earlier checkpoint")
+
+
+def _refuse_inflation(path: str, records: list[zipfile.ZipInfo], size: int) -> None:
+    """torch stores every record uncompressed: a compressed one, or one larger than the file, is a bomb or damage."""
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED or record.file_size > size:
+            raise CheckpointCorruptError(
+                f"{path!r} has a record {record.filename!r} that would inflate to {record.file_size} bytes (the "
+                f"file is {size}): a zip bomb or damage, which torch never writes; refused before reading it"
+            )
+
+
+def _record_names(path: str, records: list[zipfile.ZipInfo]) -> set[str]:
+    """Each record's name inside the archive's one top folder; two folders, or one name twice, are refused."""
+    folders = {record.filename.partition("/")[0] for record in records}
+    names = [record.filename.partition("/")[2] for record in records]
+    if len(folders) != 1 or "" in names or "" in folders:
+        raise _damaged(path, f"an archive with records outside one top folder ({sorted(folders)[:3]})")
+    if len(set(names)) != len(names):
+        raise _damaged(path, "an archive that holds one record name twice")
+    return set(names)
+
+
+def _torch_reader(path: str, names: set[str]) -> torch._C.PyTorchFileReader:
+    """torch's own view of the archive, which must list the same records as Python's."""
+    try:
+        reader = torch._C.PyTorchFileReader(path)
+        seen = set(reader.get_all_records())
+    except Exception as err:  # noqa: BLE001 - torch's reader reports damage as RuntimeError with a long text
+        raise _damaged(path, f"an archive torch cannot read ({str(err).splitlines()[0][:120]})") from None
+    if seen != names:
+        raise _damaged(path, "an archive whose directory torch and Python read differently")
+    return reader
+
+
+def _read_record(path: str, reader: torch._C.PyTorchFileReader, name: str, size: int) -> bytes:
+    if name not in set(reader.get_all_records()) or reader.get_record_size(name) > size:
+        raise _damaged(path, f"an archive without a readable {name!r} record")
+    try:
+        return reader.get_record(name)
+    except Exception as err:  # noqa: BLE001 - see _torch_reader
+        raise _damaged(path, f"an archive whose {name!r} cannot be read ({str(err).splitlines()[0][:120]})") from None
+
+
+def _check_storage_records(
+    path: str, reader: torch._C.PyTorchFileReader, names: set[str], storages: dict[str, StorageRef], size: int
+) -> None:
+    """Every record is one torch writes or one the pickle names; every storage it names is there, whole."""
+    wanted = {f"data/{key}": ref for key, ref in storages.items()}
+    extra = sorted(names - TORCH_RECORDS - wanted.keys())
+    if extra:
+        raise _damaged(path, f"an archive with records the checkpoint does not use ({', '.join(extra[:3])[:120]})")
+    for name, ref in wanted.items():
+        if name not in names:
+            raise _damaged(path, f"an archive missing the record {name!r} its data refers to")
+        held = reader.get_record_size(name)
+        if held != ref.nbytes or reader.get_record_offset(name) + held > size:
+            raise _damaged(path, f"an archive whose record {name!r} holds {held} bytes where {ref.nbytes} are declared")
