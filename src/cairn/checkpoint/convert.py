@@ -7,6 +7,7 @@ DCP shards, :mod:`~cairn.checkpoint.sharded`), and ``safetensors`` (the model's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -18,27 +19,78 @@ from cairn.checkpoint.content import content_hash, is_sharded
 from cairn.checkpoint.loader import read_checkpoint
 from cairn.checkpoint.sharded import is_sharded_folder, read_whole_shards, write_sharded_folder
 
-__all__ = ["FORMATS", "convert"]
+__all__ = ["FORMATS", "check_output", "convert"]
 
 FORMATS = ("single-file", "weights-only", "sharded", "safetensors")
 
 
 def convert(source: str, target_format: str, out: str) -> str:
-    """Write ``source`` (a file or a sharded folder) as ``target_format`` to ``out``; the source is not changed."""
+    """Write ``source`` (a file or a sharded folder) as ``target_format`` to ``out``; the source is not changed.
+
+    ``out`` must not exist; folders above it that do not exist are created, and removed again if the conversion
+    fails, so that a failure leaves nothing behind. Returns the path written (``out`` without a trailing slash).
+    """
     if target_format not in FORMATS:
         raise ValueError(f"--to {target_format!r}: use one of {', '.join(FORMATS)}")
-    if os.path.exists(out):
-        raise FileExistsError(f"{out} already exists; choose another output path or remove it first")
+    out = check_output(out, target_format)
     checkpoint = read_checkpoint(source)  # verified, safe
+    created = _missing_folders(os.path.dirname(out))
+    try:
+        _write(source, checkpoint, target_format, out)
+    except FileExistsError:  # it appeared while the conversion ran
+        raise FileExistsError(f"{out} appeared while it was being written; choose another output path") from None
+    except BaseException:
+        for folder in created:  # deepest first; one that something else wrote into stays
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+    return out
+
+
+def check_output(out: str, target_format: str) -> str:
+    """``out`` as the path to write, refused (before anything is read or written) when something is there already,
+    a dangling symlink included, or when a trailing slash names a folder for a form that is one file."""
+    if os.path.lexists(out):
+        if os.path.islink(out):
+            raise FileExistsError(
+                f"{out} is a symlink (to {os.readlink(out)}); remove it or choose another output path"
+            )
+        raise FileExistsError(f"{out} already exists; choose another output path or remove it first")
+    if out.endswith(("/", os.sep)):
+        if target_format != "sharded":
+            raise ValueError(
+                f"{out} ends with a slash, which names a folder, but --to {target_format} writes one file: give its "
+                "name (for example model.pt), not a folder"
+            )
+        out = out.rstrip("/" + os.sep) or out
+        if os.path.lexists(out):
+            return check_output(out, target_format)
+    return out
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """The folders on the way to ``folder`` that do not exist yet, deepest first."""
+    missing = []
+    while folder and not os.path.lexists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
+
+
+def _write(source: str, checkpoint: dict[str, Any], target_format: str, out: str) -> None:
     if target_format == "safetensors":
         _write_safetensors(source, checkpoint, out)
-        return out
+        return
     if target_format == "sharded":
         if is_sharded(checkpoint):
             raise ValueError(f"{source} is already a sharded checkpoint; copy the folder instead")
+        _refuse_quantized_shards(checkpoint["state"]["model"])
         tensors, rest = _split_for_shards(checkpoint)
         write_sharded_folder(tensors, rest, out)
-        return out
+        return
     if is_sharded(checkpoint):
         checkpoint = _gathered(source, checkpoint)
     if target_format == "weights-only":
@@ -46,7 +98,6 @@ def convert(source: str, target_format: str, out: str) -> str:
         checkpoint = {"state": {"model": checkpoint["state"]["model"], "metadata": metadata}}
     _rehash(checkpoint)
     write_checkpoint(checkpoint, out)
-    return out
 
 
 def _write_safetensors(source: str, checkpoint: dict[str, Any], out: str) -> None:
@@ -63,9 +114,34 @@ def _write_safetensors(source: str, checkpoint: dict[str, Any], out: str) -> Non
         model = read_whole_shards(source)["model"]
     else:
         model = checkpoint["state"]["model"]
+    _require_safetensors_dtypes(model)
     tensors = _unshared(model)
     header = _safetensors_header(checkpoint)
     atomic_write(out, lambda temporary: save_file(tensors, temporary, metadata=header), overwrite=False)
+
+
+def _refuse_quantized_shards(model: dict[str, torch.Tensor]) -> None:
+    """DCP writes a quantized tensor's values but not its scale and zero point, and cannot read it back."""
+    for name, tensor in model.items():
+        if tensor.is_quantized:
+            raise ValueError(
+                f"model tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, which sharded folders cannot "
+                "hold (DCP cannot load quantized tensors back); convert to single-file or weights-only instead"
+            )
+
+
+def _require_safetensors_dtypes(model: dict[str, torch.Tensor]) -> None:
+    """safetensors stores plain dtypes only: a quantized tensor (``qint8``: its scale and zero point have no place in
+    the format) is refused by name, before anything is written, rather than failing inside safetensors."""
+    import safetensors.torch
+
+    known = set(getattr(safetensors.torch, "_TYPES", {}).values())  # the dtypes this safetensors version writes
+    for name, tensor in model.items():
+        if tensor.is_quantized or (known and tensor.dtype not in known):
+            raise ValueError(
+                f"model tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, which safetensors cannot "
+                "store; convert to single-file or weights-only instead, or dequantize it in your model first"
+            )
 
 
 def _unshared(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

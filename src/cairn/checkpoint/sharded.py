@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import secrets
 import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cairn.checkpoint.commit import TEMP_MARKER, fsync_path, write_checkpoint
+from cairn.checkpoint.commit import TEMP_MARKER, _write_failed, fsync_path, temporary_suffix, write_checkpoint
 from cairn.checkpoint.content import build_checkpoint, file_digest, seal
 from cairn.core.model_state import model_weights_module
 from cairn.core.state import State, class_keys
@@ -51,7 +50,8 @@ def save_sharded(
     import torch.distributed.checkpoint as dcp
 
     temporary = _temporary_folder(path)
-    dcp.save(_current_tensors(state, weights_only=weights_only), checkpoint_id=temporary)  # rank 0 adds .metadata
+    with _shard_write_errors(temporary, path):
+        dcp.save(_current_tensors(state, weights_only=weights_only), checkpoint_id=temporary)  # rank 0: .metadata
     rest = build_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys, sharded=True)
     on_rank_zero(
         lambda: _complete(rest, temporary, path, overwrite=overwrite), f"finish the sharded checkpoint {path!r}"
@@ -101,7 +101,8 @@ class ShardedAsyncSaves:
         rest = copy.deepcopy(build_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys, sharded=True))
 
         def finish() -> None:
-            shards.result()  # on rank 0 this returns once every rank's shards and the .metadata are written
+            with _shard_write_errors(temporary, path):
+                shards.result()  # on rank 0 this returns once every rank's shards and the .metadata are written
             if get_rank() == 0:  # a failure is reported through the saver, at its next event or save
                 _complete(rest, temporary, path, overwrite=overwrite)
 
@@ -111,9 +112,37 @@ class ShardedAsyncSaves:
         self._stager.close()
 
 
+@contextlib.contextmanager
+def _shard_write_errors(temporary: str, path: str) -> Iterator[None]:
+    """DCP reports a failed write on any rank (a full disk, say) as its own ``CheckpointException``, on every rank:
+    each raises cairn's :class:`~cairn.errors.CheckpointWriteError` instead, naming the failed rank's shard file
+    and the free space, and the unfinished folder is removed (nothing was published; the previous checkpoint and
+    ``latest`` are untouched)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as err:
+        shutil.rmtree(temporary, ignore_errors=True)  # every rank has finished with it: DCP gathered their results
+        raise _shard_write_failure(err, temporary, path) from None
+
+
+def _shard_write_failure(failure: BaseException, temporary: str, path: str) -> CairnError:
+    failures = sorted(getattr(failure, "failures", {}).items())
+    for _, (cause, _trace) in failures:
+        if isinstance(cause, CairnError):
+            return cause
+    if not failures:
+        return _write_failed(path, os.path.dirname(path) or ".", failure)
+    rank, (cause, _trace) = failures[0]
+    shard = os.path.join(path, f"__{rank}_0.distcp")
+    return _write_failed(f"{path} (rank {rank} writing its shards, {shard})", os.path.dirname(path) or ".", cause)
+
+
 def _temporary_folder(path: str) -> str:
+    """Named by rank 0, which finishes the folder: a new run removes it only once that process is gone."""
     parent, name = os.path.split(path)
-    return os.path.join(parent, f".{name}{TEMP_MARKER}{broadcast_object(secrets.token_hex(4))}")
+    return os.path.join(parent, f".{name}{TEMP_MARKER}{broadcast_object(temporary_suffix())}")
 
 
 def _complete(rest: dict[str, Any], temporary: str, path: str, *, overwrite: bool) -> None:
@@ -190,6 +219,11 @@ def read_whole_shards(folder: str) -> dict[str, Any]:
     tensors: dict[str, Any] = {}
     with _shard_errors(folder):
         _load_state_dict(tensors, storage_reader=SafeReader(folder), planner=SafeWholeLoadPlanner(), no_dist=True)
+    if not isinstance(tensors.get("model"), dict) or not isinstance(tensors.get("optimizers", {}), dict):
+        raise CheckpointCorruptError(
+            f"the shards of {folder!r} hold no model (or a malformed optimizer section); they are damaged or were "
+            "tampered with: load an earlier checkpoint"
+        )
     return tensors
 
 

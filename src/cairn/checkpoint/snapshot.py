@@ -59,8 +59,8 @@ class SnapshotBuffers:
 
     def _copy_tensor(self, tensor: torch.Tensor, path: str) -> torch.Tensor:
         tensor = tensor.detach()
-        if tensor.is_sparse or getattr(tensor, "_local_tensor", None) is not None:
-            return tensor.cpu().clone()  # rare layouts (sparse, DTensor) are copied plainly
+        if _copied_plainly(tensor):
+            return tensor.cpu().clone()
         buffer = self._buffers.get(path)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
             pinned = tensor.device.type == "cuda"
@@ -71,3 +71,9 @@ class SnapshotBuffers:
         buffer.copy_(tensor, non_blocking=on_device and buffer.is_pinned())
         self._copied_from_device |= on_device
         return buffer
+
+
+def _copied_plainly(tensor: torch.Tensor) -> bool:
+    """Rare kinds that a reused plain buffer cannot hold: sparse layouts, DTensors, and quantized tensors (an empty
+    ``qint8`` buffer has no quantizer, and ``copy_`` into it fails inside torch)."""
+    return tensor.is_sparse or tensor.is_quantized or getattr(tensor, "_local_tensor", None) is not None

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from cairn.checkpoint.convert import FORMATS
-from cairn.cli.output import fail
+from cairn.cli.output import fail, printable
 from cairn.cli.sources import local_copy
 from cairn.errors import CairnError
 
@@ -43,13 +42,12 @@ def add_parser(commands: argparse._SubParsersAction, parent: argparse.ArgumentPa
 
 
 def run(args: argparse.Namespace) -> int:
-    from cairn.checkpoint.convert import convert
+    from cairn.checkpoint.convert import check_output, convert
 
     try:
-        if os.path.exists(args.out):  # before a download, not after
-            raise FileExistsError(f"{args.out} already exists; choose another output path or remove it first")
+        check_output(args.out, args.target)  # before a download, not after
         with local_copy(args.source, progress=args.progress) as (path, _label):
-            print(convert(path, args.target, args.out))
-    except (CairnError, FileExistsError, ValueError) as err:
+            print(printable(convert(path, args.target, args.out)))
+    except (CairnError, OSError, ValueError) as err:
         return fail("convert", err)
     return 0

@@ -39,8 +39,9 @@ class Style:
 
 
 def fail(command: str, error: BaseException | str, *, code: int = 1) -> int:
-    """One line on stderr, ``cairn ckpt <command>: <message>``; returns the exit code to use."""
-    message = " ".join(str(error).split())  # an error's own line breaks would split the one line
+    """One line on stderr, ``cairn ckpt <command>: <message>``; returns the exit code to use. Messages quote names
+    and values from files, so control characters in them are shown escaped, never obeyed."""
+    message = printable(" ".join(str(error).split()))  # an error's own line breaks would split the one line
     print(f"cairn ckpt {command}: {message}", file=sys.stderr)
     return code
 

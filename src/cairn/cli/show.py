@@ -48,25 +48,27 @@ def run(args: argparse.Namespace) -> int:
     except (CairnError, ValueError, OSError) as err:
         return fail("show", err)
     if args.json:
-        print(json.dumps(summary.to_json(), indent=2))
+        print(json.dumps(summary.to_json(), indent=2, default=repr))  # ASCII only: an escape comes out as \u001b
     else:
         print("\n".join(_report(summary, Style.for_stream(sys.stdout))))
     return 0
 
 
 def _report(summary: CheckpointSummary, style: Style) -> list[str]:
+    """Every value from the checkpoint is shown through :func:`printable`: a run name or an optimizer's key holding
+    terminal escapes is shown escaped, not obeyed."""
     facts = [
         ("kind", summary.kind + (" (weights only)" if summary.weights_only and summary.kind == "sharded" else "")),
         ("size", human_size(summary.size)),
         ("created", local_time(summary.created_at)),
-        ("run name", summary.run_name or "-"),
-        ("timestamp", _timestamp(summary.timestamp)),
-        ("versions", _versions(summary.versions)),
-        ("world size", "-" if summary.world_size is None else str(summary.world_size)),
-        ("optimizers", ", ".join(summary.optimizers) or "none"),
-        ("schedulers", ", ".join(summary.schedulers) or "none"),
+        ("run name", printable(summary.run_name or "-")),
+        ("timestamp", printable(_timestamp(summary.timestamp))),
+        ("versions", printable(_versions(summary.versions))),
+        ("world size", printable("-" if summary.world_size is None else summary.world_size)),
+        ("optimizers", ", ".join(printable(name) for name in summary.optimizers) or "none"),
+        ("schedulers", ", ".join(printable(name) for name in summary.schedulers) or "none"),
         ("rng", f"saved for {_count(summary.rng_ranks, 'rank')}" if summary.rng_ranks else "none"),
-        ("hash", style("OK", "green") + f" {summary.content_hash}" + _hash_scope(summary)),
+        ("hash", style("OK", "green") + f" {printable(summary.content_hash)}" + _hash_scope(summary)),
     ]
     width = max(len(key) for key, _ in facts)
     title = printable(summary.source)

@@ -6,10 +6,16 @@ import unicodedata
 
 __all__ = ["printable"]
 
+# Control characters (C0, C1, DEL), format characters (U+202E, which turns text right to left, and other bidi
+# controls), unassigned and private code points, and the line and paragraph separators some terminals break on.
+_UNSAFE = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
 
-def printable(name: str) -> str:
-    """A name safe to print: control characters (a terminal escape sequence hidden in an object name) are shown
-    escaped instead of being obeyed."""
-    if all(unicodedata.category(ch)[0] != "C" for ch in name):
-        return name
-    return "".join(ch if unicodedata.category(ch)[0] != "C" else ascii(ch)[1:-1] for ch in name)
+
+def printable(name: object) -> str:
+    """Text safe to print: control characters (a terminal escape sequence hidden in an object name, a carriage
+    return that overwrites the line, a right-to-left override that reverses it) are shown escaped, as Python writes
+    them in a string literal, instead of being obeyed. Anything not a string is shown as ``str`` shows it."""
+    text = name if isinstance(name, str) else str(name)
+    if all(unicodedata.category(ch) not in _UNSAFE for ch in text):
+        return text
+    return "".join(ascii(ch)[1:-1] if unicodedata.category(ch) in _UNSAFE else ch for ch in text)
