@@ -41,6 +41,7 @@ EXPANSION_FLOOR = 64 << 20
 
 _CALLABLES = {
     "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_qtensor",
     "collections.OrderedDict",
     "builtins.set",
     "builtins.bytearray",
@@ -281,7 +282,7 @@ def _allowed_global(arg: str) -> str:
     module, _, name = arg.partition(" ")
     module = "builtins" if module == "__builtin__" else module
     full = f"{module}.{name}"
-    if full in _CALLABLES or _is_dtype(module, name) or _storage_dtype_or_none(full) is not None:
+    if full in _CALLABLES or _is_dtype(module, name) or _is_qscheme(full) or _storage_dtype_or_none(full) is not None:
         return full
     if not (_DOTTED.fullmatch(module) and _DOTTED.fullmatch(name)):
         raise _Refused("a damaged global name")
@@ -317,6 +318,9 @@ def _call(name: str, args: tuple[Any, ...], scan: _Scan) -> _Built | None:  # no
     """What calling ``name`` builds, when ``args`` are what torch writes for it; ``None`` otherwise."""
     if name == "torch._utils._rebuild_tensor_v2":
         return _tensor(args)
+    if name == "torch._utils._rebuild_qtensor":  # a quantized buffer: the view, then (scheme, scale(s), zero(s)...)
+        plain = len(args) == 7 and _quantizer_params(args[4])
+        return _tensor((*args[:4], *args[5:])) if plain else None
     if name == "collections.OrderedDict":
         return _Built("OrderedDict") if args == () else None
     if name == "builtins.set":
@@ -336,6 +340,24 @@ def _call(name: str, args: tuple[Any, ...], scan: _Scan) -> _Built | None:  # no
     if name == "torch.Size":
         return _Built("tuple") if len(args) == 1 and _ints(args[0]) else None
     return None
+
+
+def _quantizer_params(params: Any) -> bool:
+    """``(scheme, scale, zero_point)`` per tensor, or ``(scheme, scales, zero_points, axis)`` per channel."""
+    if not (isinstance(params, tuple) and params and isinstance(params[0], _Global)):
+        return False
+    numbers = all(isinstance(x, float | int) and not isinstance(x, bool) for x in params[1:])
+    per_channel = len(params) == 4 and all(_is_tensor(x) for x in params[1:3]) and _is_count(params[3])
+    return _is_qscheme(params[0].name) and (len(params) == 3 and numbers or per_channel)
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, _Built) and value.kind == "tensor"
+
+
+def _is_qscheme(full: str) -> bool:
+    module, _, name = full.rpartition(".")
+    return module == "torch" and isinstance(getattr(torch, name, None), torch.qscheme)
 
 
 def _tensor(args: tuple[Any, ...]) -> _Built | None:
