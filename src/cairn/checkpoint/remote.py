@@ -9,24 +9,38 @@ import posixpath
 import re
 import string
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from cairn.checkpoint.loader import read_checkpoint
 from cairn.checkpoint.naming import format_name, name_pattern
 from cairn.checkpoint.retention import _ORDER as PROGRESS_ORDER
 from cairn.core.state import State
-from cairn.errors import CheckpointNotFoundError, ObjectNotFoundError, ObjectStoreError
+from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, ObjectNotFoundError, ObjectStoreError
 from cairn.loggers.logger import Logger
 from cairn.loggers.remote_uploader_downloader import RemoteUploaderDownloader, download_with_progress, read_pointer
 from cairn.storage.base import ObjectStore
 from cairn.utils.dist import broadcast_object, get_rank, share_rank_zero_failure
 from cairn.utils.text import printable
 
-__all__ = ["guard_store_names", "read_pointer", "read_remote_checkpoint"]
+__all__ = [
+    "fixed_prefix",
+    "guard_store_names",
+    "progress_in_name",
+    "read_pointer",
+    "read_remote_checkpoint",
+    "store_checkpoints",
+]
 
 
-def read_remote_checkpoint(store: ObjectStore, name: str, *, progress: bool = True) -> dict[str, Any]:
-    """Download ``name`` to a private temporary folder, verify and read it, and delete the download."""
+def read_remote_checkpoint(
+    store: ObjectStore, name: str, *, progress: bool = True, keep_damaged: Callable[[str], object] | None = None
+) -> dict[str, Any]:
+    """Download ``name`` to a private temporary folder, verify and read it, and delete the download.
+
+    A download that does not verify is handed to ``keep_damaged`` (its local path) before the
+    ``CheckpointCorruptError`` is raised: the only moment its bytes are at hand, to keep a copy of them.
+    """
     with tempfile.TemporaryDirectory(prefix="cairn-download-") as folder:
         local = os.path.join(folder, _local_name(name))
         try:
@@ -35,7 +49,12 @@ def read_remote_checkpoint(store: ObjectStore, name: str, *, progress: bool = Tr
             raise CheckpointNotFoundError(
                 f"no checkpoint at {store.get_uri(name)}: check the name (list the bucket to see what is there)"
             ) from None
-        checkpoint = read_checkpoint(local)
+        try:
+            checkpoint = read_checkpoint(local)
+        except CheckpointCorruptError:
+            if keep_damaged is not None:
+                keep_damaged(local)
+            raise
     return checkpoint
 
 
@@ -56,13 +75,14 @@ def guard_store_names(
     ``remote_template`` is the saver's format string for remote file names; progress in names is compared as
     retention compares local files (epoch, then batch, sample, token, ...).
     """
-    for uploader in (d for d in logger.destinations if isinstance(d, RemoteUploaderDownloader)):
+    uploaders = [d for d in logger.destinations if isinstance(d, RemoteUploaderDownloader)]
+    for uploader in uploaders:
         template = uploader.remote_template(remote_template)
         pattern = name_pattern(template, state, rank=0)
         if pointer_name is not None:
             uploader.order_pointer(pointer_name, functools.partial(progress_in_name, pattern))
         if refuse_existing:
-            _refuse_existing_objects(uploader, _fixed_prefix(template, pattern, state), pattern)
+            _refuse_existing_objects(uploader, remote_template, state, autoresume_reads=uploader is uploaders[0])
 
 
 def progress_in_name(pattern: re.Pattern[str], name: str) -> tuple[float, ...] | None:
@@ -74,13 +94,35 @@ def progress_in_name(pattern: re.Pattern[str], name: str) -> tuple[float, ...] |
     return tuple(float(numbers[key]) for key in PROGRESS_ORDER if numbers.get(key) is not None)
 
 
-def _refuse_existing_objects(uploader: RemoteUploaderDownloader, prefix: str, pattern: re.Pattern[str]) -> None:
-    """Rank 0 lists the store under ``prefix``; every rank raises if it holds names matching ``pattern``."""
+def store_checkpoints(uploader: RemoteUploaderDownloader, remote_template: str, state: State) -> list[str]:
+    """The names in ``uploader``'s store that the saver's ``remote_template`` can produce in this run, newest first.
+
+    Newest by the progress numbers in the names (epoch first), as retention orders local files; equal ones in
+    reverse name order. Only the template's fixed prefix is listed, never the whole bucket (unless the template
+    starts with a progress field). Names are store names: a listing may hold anything, so callers never make a
+    local path of one.
+    """
+    template = uploader.remote_template(remote_template)
+    pattern = name_pattern(template, state, rank=0)
+    listed = uploader.store.list_objects(fixed_prefix(template, pattern, state))
+    names = [name for name in listed if pattern.match(name)]
+    return sorted(names, key=lambda name: (progress_in_name(pattern, name) or (), name), reverse=True)
+
+
+def _refuse_existing_objects(
+    uploader: RemoteUploaderDownloader, remote_template: str, state: State, *, autoresume_reads: bool
+) -> None:
+    """Rank 0 lists the store; every rank raises if it holds names of this run's pattern (other than damaged ones
+    that autoresume kept a copy of, which this run replaces)."""
     found: list[str] = []
     failure: BaseException | None = None
     if get_rank() == 0:
         try:
-            found = [name for name in uploader.store.list_objects(prefix) if pattern.match(name)]
+            found = [
+                name
+                for name in store_checkpoints(uploader, remote_template, state)
+                if not uploader.is_replaceable(name)
+            ]
         except ObjectStoreError as err:
             failure = ObjectStoreError(f"{uploader.bucket_uri} cannot be used: {err}")
         except Exception as err:  # shared below, so that the other ranks do not wait forever for rank 0
@@ -88,15 +130,19 @@ def _refuse_existing_objects(uploader: RemoteUploaderDownloader, prefix: str, pa
     share_rank_zero_failure(failure, f"list {uploader.bucket_uri}")
     existing = broadcast_object(found)
     if existing:
-        newest = max(existing, key=lambda name: progress_in_name(pattern, name) or ())
+        resume = (
+            "use autoresume=True to continue that run from the newest of them, pass"
+            if autoresume_reads  # autoresume lists this store as this check does (resume.find_remote_latest)
+            else "autoresume reads only the first uploader of the run's loggers, so pass"
+        )
         raise FileExistsError(
-            f"{uploader.store.get_uri(printable(newest))} and {len(existing) - 1} more objects of this run's name "
-            "pattern are already in the store, and save_overwrite=False never replaces one: use autoresume=True to "
-            "continue that run, pass save_overwrite=True to replace them, or choose another run_name or remote name"
+            f"{uploader.store.get_uri(printable(existing[0]))} and {len(existing) - 1} more objects of this run's "
+            f"name pattern are already in the store, and save_overwrite=False never replaces one: {resume} "
+            "save_overwrite=True to replace them, or choose another run_name or remote name"
         )
 
 
-def _fixed_prefix(template: str, pattern: re.Pattern[str], state: State) -> str:
+def fixed_prefix(template: str, pattern: re.Pattern[str], state: State) -> str:
     """The start of every name ``template`` makes in this run: its text up to the first progress field (the fields
     ``pattern`` leaves open), with the fixed fields (run name, rank, ...) filled in. Listing under it, not the
     whole bucket, keeps the check quick."""

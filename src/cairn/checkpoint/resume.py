@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import posixpath
@@ -13,15 +14,16 @@ from typing import Any
 
 from cairn.checkpoint.loader import apply_checkpoint, read_checkpoint
 from cairn.checkpoint.naming import format_name, name_pattern
-from cairn.checkpoint.remote import read_pointer, read_remote_checkpoint
+from cairn.checkpoint.remote import progress_in_name, read_pointer, read_remote_checkpoint, store_checkpoints
 from cairn.checkpoint.retention import list_checkpoints
 from cairn.checkpoint.saver import CheckpointSaver
 from cairn.core.state import State
-from cairn.errors import CheckpointCorruptError
+from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, ObjectStoreError
 from cairn.loggers.remote_uploader_downloader import RemoteUploaderDownloader
 from cairn.storage.base import ObjectStore
 from cairn.storage.uri import is_uri, parse_uri, store_from_uri
 from cairn.utils.dist import get_rank
+from cairn.utils.text import printable
 
 __all__ = ["find_latest_checkpoint", "find_remote_latest", "restore", "saving_from_arguments"]
 
@@ -85,8 +87,7 @@ def set_aside_damaged(path: str, folder: str, pattern: re.Pattern[str]) -> str |
     """
     if os.path.islink(path) or not _inside(path, folder) or pattern.match(_relative_name(path, folder)) is None:
         return None
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    aside = f"{path}.damaged-{stamp}-{secrets.token_hex(2)}"
+    aside = _damaged_name(path)
     if pattern.match(_relative_name(aside, folder)) is not None:  # a pattern that takes any ending: leave it be
         return None
     try:
@@ -107,12 +108,42 @@ def _inside(path: str, folder: str) -> bool:
 def find_remote_latest(
     saver: CheckpointSaver, state: State, uploader: RemoteUploaderDownloader, *, progress: bool
 ) -> tuple[str, dict[str, Any]] | None:
-    """The checkpoint the store's ``latest`` pointer names, downloaded and verified; None if there is no pointer,
-    or when it names an object this run's remote name template could not have produced (another run's)."""
+    """The newest checkpoint of ``saver``'s remote names in ``uploader``'s store that downloads and verifies, with
+    its content; None if none does.
+
+    As in a local folder: uploads are verified before the pointer moves, and objects appear whole, so every object
+    of the saver's remote name pattern is complete, and the newest of them wins even when a run died between an
+    upload and the pointer's move (following the pointer alone restarted it from the one before, whose next upload
+    ``save_overwrite=False`` then refused forever). The pointer's target comes first among names with the same
+    progress numbers (names without any), and last when the listing lacks it; it is taken only when this run's
+    remote template could have produced it (another run may share the pointer). A damaged object falls back to
+    the one before it, and is kept aside (:func:`_set_aside_damaged_object`) so that the run can save that name
+    again. Tries the newest first and stops at the first that verifies: no more is downloaded than needed.
+    """
+    store = uploader.store
+    listed = store_checkpoints(uploader, saver.remote_template(), state)
+    pointed = _pointer_target(saver, state, uploader)
+    pattern = name_pattern(uploader.remote_template(saver.remote_template()), state, rank=0)
+    candidates = sorted(listed, key=lambda name: (progress_in_name(pattern, name) or (), name == pointed), reverse=True)
+    if pointed is not None and pointed not in listed:
+        candidates.append(pointed)
+    for name in candidates:
+        keep = functools.partial(_set_aside_damaged_object, uploader, name, pattern) if get_rank() == 0 else None
+        try:
+            return store.get_uri(name), read_remote_checkpoint(store, name, progress=progress, keep_damaged=keep)
+        except (CheckpointCorruptError, CheckpointNotFoundError) as err:
+            log.warning("autoresume skips %s: %s", store.get_uri(printable(name)), err)
+    return None
+
+
+def _pointer_target(saver: CheckpointSaver, state: State, uploader: RemoteUploaderDownloader) -> str | None:
+    """The object the store's ``latest`` pointer names, when this run's remote name template could have produced
+    it; None when there is no pointer, or it names another run's object (said in the log). A pointer that holds no
+    object name (``..``, an absolute name) raises ``CheckpointCorruptError``: someone tampered with the store."""
     _, pointer = saver.remote_names(state)
     if pointer is None:
         return None
-    target = read_pointer(uploader.store, uploader.remote_name(pointer))
+    target = read_pointer(uploader.store, uploader.remote_name(pointer))  # a poisoned one raises: loud, as before
     if target is None:
         return None
     name = _remote_file_name(uploader, target)
@@ -120,10 +151,49 @@ def find_remote_latest(
         log.warning(
             "autoresume ignores the latest pointer %s: it names %s, which this run's remote file name does not name",
             uploader.store.get_uri(uploader.remote_name(pointer)),
-            target,
+            printable(target),
         )
         return None
-    return uploader.store.get_uri(target), read_remote_checkpoint(uploader.store, target, progress=progress)
+    return target
+
+
+def _set_aside_damaged_object(
+    uploader: RemoteUploaderDownloader, name: str, pattern: re.Pattern[str], downloaded: str
+) -> None:
+    """Keep a copy of the damaged object ``name`` (its download at ``downloaded``) as
+    ``<name>.damaged-<UTC time>-<token>``, and let this run's next save of ``name`` replace it.
+
+    The store's form of :func:`set_aside_damaged`: stores cannot rename, and cairn never deletes an object, so
+    the bytes are copied under a name no checkpoint pattern takes (autoresume, the fit-start check and the pointer
+    no longer see it), and only then may the run's upload of ``name`` replace the original, once, even with
+    ``save_overwrite=False``. When the copy fails, nothing is replaced and the run's save of that name is refused
+    (loudly), as before.
+    """
+    aside = _damaged_name(name)
+    if pattern.match(aside) is not None:  # a pattern that takes any ending: leave it be
+        return
+    store = uploader.store
+    try:
+        store.upload_object(aside, downloaded, overwrite=False)
+        store.verify_upload(aside, downloaded)
+    except (ObjectStoreError, OSError) as err:
+        log.warning(
+            "could not keep a copy of the damaged checkpoint %s (%s); it stays, and this run will not replace it",
+            store.get_uri(printable(name)),
+            err,
+        )
+        return
+    uploader.replace_damaged(name)
+    log.warning(
+        "kept a copy of the damaged checkpoint %s as %s; this run's save of that name replaces it",
+        store.get_uri(printable(name)),
+        store.get_uri(printable(aside)),
+    )
+
+
+def _damaged_name(name: str) -> str:
+    """``<name>.damaged-<UTC time>-<token>``: where a damaged checkpoint is kept, locally or in a store."""
+    return f"{name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(2)}"
 
 
 def _remote_file_name(uploader: RemoteUploaderDownloader, object_name: str) -> str | None:

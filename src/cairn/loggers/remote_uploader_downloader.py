@@ -103,6 +103,7 @@ class RemoteUploaderDownloader(LoggerDestination):
         self._pointer_sequence = 0  # the upload the pointer names
         self._pointer_writer: cf.ThreadPoolExecutor | None = None
         self._pointer_progress: dict[str, ProgressOf] = {}  # pointer (as in the store) -> how to order its targets
+        self._replaceable: set[str] = set()  # damaged objects kept aside by autoresume (see replace_damaged)
 
     # -- the store, for loading and probing -----------------------------------------------------------------------
 
@@ -132,6 +133,20 @@ class RemoteUploaderDownloader(LoggerDestination):
         with self._lock:
             self._pointer_progress[self.remote_name(pointer_name)] = progress
 
+    def replace_damaged(self, object_name: str) -> None:
+        """Let this run's next upload of ``object_name`` replace it even with ``overwrite=False``.
+
+        For autoresume alone: it found the object damaged and kept a copy under another name. Stores cannot rename,
+        and without this the run, which falls back to the checkpoint before it, could never save that name again.
+        """
+        with self._lock:
+            self._replaceable.add(object_name)
+
+    def is_replaceable(self, object_name: str) -> bool:
+        """Whether autoresume handed ``object_name`` to :meth:`replace_damaged` and no upload has replaced it yet."""
+        with self._lock:
+            return object_name in self._replaceable
+
     def download_file(
         self, remote_file_name: str, destination: str, overwrite: bool = False, progress: bool = True
     ) -> None:
@@ -149,6 +164,7 @@ class RemoteUploaderDownloader(LoggerDestination):
         With ``overwrite=False`` an existing object of that name is never replaced: the upload fails with
         :class:`ObjectExistsError` (a ``FileExistsError``), raised at the next event (see
         :meth:`ObjectStore.upload_object` for which stores also refuse an object that appears during the upload).
+        The one exception: a damaged object that autoresume kept a copy of (:meth:`replace_damaged`).
 
         With ``pointer_name``, once the upload is verified a small object of that name is written whose content is
         the uploaded object's name: the store's "latest" pointer. It never names a partial upload, and never moves
@@ -158,6 +174,9 @@ class RemoteUploaderDownloader(LoggerDestination):
         staged = os.path.join(self._staging, f"{secrets.token_hex(8)}-{os.path.basename(file_path)}")
         shutil.copyfile(file_path, staged)
         remote = self.remote_name(remote_file_name)
+        with self._lock:
+            overwrite = overwrite or remote in self._replaceable
+            self._replaceable.discard(remote)
         future = self._executor().submit(_upload_task, self._spec, staged, remote, self.num_attempts, overwrite)
         with self._lock:
             self._uploads.append((file_path, remote, future))
