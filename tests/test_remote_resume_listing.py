@@ -199,3 +199,36 @@ def test_the_fit_start_refusal_suggests_autoresume_only_where_it_would_look(s3_e
     with pytest.raises(FileExistsError, match=r"run/ep1\.pt.*autoresume reads only the first uploader") as excinfo:
         trainer.fit()
     assert "use autoresume=True" not in str(excinfo.value)
+
+
+def test_a_node_back_with_an_old_local_folder_resumes_from_the_store_when_it_is_ahead(
+    s3_env: str, s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The local folder kept only ep1 (ep2 and ep3 were written elsewhere, or lost): resuming from ep1 would train
+    epochs 2-3 again and, with save_overwrite=False, have its upload of ep2 refused at every restart."""
+    _three_epochs_in_the_store(tmp_path, s3_bucket)
+    os.chdir(tmp_path / "machine-a")
+    for stale in ("run/ep2.pt", "run/ep3.pt", "run/latest-rank0.pt"):
+        os.remove(stale)
+    before = _objects(s3_env, s3_bucket)
+
+    with caplog.at_level(logging.WARNING, logger="cairn"):
+        resumed = _trainer(s3_bucket, "4ep", autoresume=True)
+    assert resumed.state.resumed_from == f"s3://{s3_bucket}/run/ep3.pt"
+    assert "further along" in caplog.text
+    resumed.fit()
+
+    after = _objects(s3_env, s3_bucket)
+    assert {key: after[key] for key in before if key.endswith(".pt")} == {
+        key: value for key, value in before.items() if key.endswith(".pt")
+    }, "nothing replaced"
+    assert _epoch_of(after["run/ep4.pt"], tmp_path) == 4
+
+
+def test_a_local_folder_level_with_the_store_resumes_locally_without_downloading(
+    s3_env: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    _three_epochs_in_the_store(tmp_path, s3_bucket)
+    os.chdir(tmp_path / "machine-a")
+    resumed = _trainer(s3_bucket, "4ep", autoresume=True)
+    assert resumed.state.resumed_from == os.path.join("run", "ep3.pt")

@@ -14,7 +14,7 @@ from typing import Any
 
 from cairn.checkpoint.loader import read_checkpoint
 from cairn.checkpoint.naming import format_name, name_pattern
-from cairn.checkpoint.retention import _ORDER as PROGRESS_ORDER
+from cairn.checkpoint.retention import PROGRESS_ORDER
 from cairn.core.state import State
 from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, ObjectNotFoundError, ObjectStoreError
 from cairn.loggers.logger import Logger

@@ -14,7 +14,13 @@ from typing import Any
 
 from cairn.checkpoint.loader import apply_checkpoint, read_checkpoint
 from cairn.checkpoint.naming import format_name, name_pattern
-from cairn.checkpoint.remote import progress_in_name, read_pointer, read_remote_checkpoint, store_checkpoints
+from cairn.checkpoint.remote import (
+    PROGRESS_ORDER,
+    progress_in_name,
+    read_pointer,
+    read_remote_checkpoint,
+    store_checkpoints,
+)
 from cairn.checkpoint.retention import list_checkpoints
 from cairn.checkpoint.saver import CheckpointSaver
 from cairn.core.state import State
@@ -225,8 +231,8 @@ def restore(
         if saver is None:
             raise ValueError("autoresume=True needs save_folder: that is where it looks for the run's checkpoints")
         found = find_latest_checkpoint(saver, state)
-        if found is None and uploader is not None:
-            found = find_remote_latest(saver, state, uploader, progress=progress)
+        if uploader is not None:
+            found = _local_unless_store_is_ahead(found, saver, state, uploader, progress=progress)
         if found is not None:
             path, checkpoint = found
             _note_ignored_load_options(load_path, weights_only=weights_only, strict=strict, ignore_keys=ignore_keys)
@@ -243,6 +249,61 @@ def restore(
         checkpoint, state, source=load_path, weights_only=weights_only, strict=strict, ignore_keys=ignore_keys
     )
     return load_path
+
+
+def _local_unless_store_is_ahead(
+    found: tuple[str, dict[str, Any]] | None,
+    saver: CheckpointSaver,
+    state: State,
+    uploader: RemoteUploaderDownloader,
+    *,
+    progress: bool,
+) -> tuple[str, dict[str, Any]] | None:
+    """The local checkpoint, unless the store holds one further along (or there is no local one).
+
+    A node that comes back with an old local folder (ep1) while the store holds ep3 must not resume behind its
+    store: it would redo ep2 and ep3, and with ``save_overwrite=False`` its upload of ep2 would be refused at
+    every restart. Names are compared first (no download); the store's checkpoint is taken only when its
+    timestamp is really ahead of the local one's once downloaded and verified.
+    """
+    if found is not None and not _store_may_be_ahead(found[0], saver, state, uploader):
+        return found
+    remote = find_remote_latest(saver, state, uploader, progress=progress)
+    if found is None or (remote is not None and _batches(remote[1]) > _batches(found[1])):
+        if found is not None and remote is not None:
+            log.warning(
+                "autoresume: %s in the store is further along than %s here; resuming from the store",
+                printable(remote[0]),
+                found[0],
+            )
+        return remote
+    return found
+
+
+def _store_may_be_ahead(local: str, saver: CheckpointSaver, state: State, uploader: RemoteUploaderDownloader) -> bool:
+    """Whether the newest name of the run in the store carries higher progress numbers than the local file's
+    (both templates must number the same things; otherwise the names cannot tell, and the local file stands)."""
+    folder = format_name(saver.folder, state, rank=0)
+    local_numbers = _numbers(name_pattern(saver.filename, state, rank=0), _relative_name(local, folder))
+    remote_pattern = name_pattern(uploader.remote_template(saver.remote_template()), state, rank=0)
+    listed = store_checkpoints(uploader, saver.remote_template(), state)
+    if not listed or not local_numbers:
+        return False
+    remote_numbers = _numbers(remote_pattern, listed[0])
+    if set(remote_numbers) != set(local_numbers):
+        return False
+    order = [key for key in PROGRESS_ORDER if key in local_numbers]
+    return [remote_numbers[key] for key in order] > [local_numbers[key] for key in order]
+
+
+def _numbers(pattern: re.Pattern[str], name: str) -> dict[str, float]:
+    match = pattern.match(name)
+    return {} if match is None else {k: float(v) for k, v in match.groupdict().items() if v is not None}
+
+
+def _batches(checkpoint: dict[str, Any]) -> int:
+    timestamp = checkpoint["state"].get("timestamp")
+    return int(timestamp.get("batch", 0)) if isinstance(timestamp, dict) else 0
 
 
 def _note_ignored_load_options(

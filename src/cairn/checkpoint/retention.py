@@ -9,11 +9,11 @@ import shutil
 
 from cairn.checkpoint.commit import is_temporary
 
-__all__ = ["list_checkpoints", "prune"]
+__all__ = ["PROGRESS_ORDER", "list_checkpoints", "prune"]
 
 log = logging.getLogger(__name__)
 
-_ORDER = ("epoch", "batch", "sample", "token", "batch_in_epoch", "sample_in_epoch", "token_in_epoch")
+PROGRESS_ORDER = ("epoch", "batch", "sample", "token", "batch_in_epoch", "sample_in_epoch", "token_in_epoch")
 
 
 def list_checkpoints(folder: str, pattern: re.Pattern[str]) -> list[str]:
@@ -36,7 +36,7 @@ def list_checkpoints(folder: str, pattern: re.Pattern[str]) -> list[str]:
             if match is None or is_temporary(name) or os.path.islink(path):
                 continue
             numbers = match.groupdict()
-            key = tuple(float(numbers[k]) for k in _ORDER if numbers.get(k) is not None)
+            key = tuple(float(numbers[k]) for k in PROGRESS_ORDER if numbers.get(k) is not None)
             found.append(((*key, os.path.getmtime(path)), path))
     return [path for _, path in sorted(found)]
 
