@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import torch
 
@@ -17,13 +16,7 @@ from cairn.loggers import RemoteUploaderDownloader
 from cairn.models import Classifier
 from cairn.utils import S3ObjectStore
 from conftest import TinyNet, make_loader, params_of
-
-
-@pytest.fixture
-def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
-    monkeypatch.setenv("S3_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.chdir(tmp_path)
-    return moto_endpoint
+from store_servers.moto import bucket_objects
 
 
 def _trainer(max_duration: str = "3ep", init_seed: int = 0, **kwargs: Any) -> Trainer:
@@ -40,18 +33,12 @@ def _trainer(max_duration: str = "3ep", init_seed: int = 0, **kwargs: Any) -> Tr
     )
 
 
-def _objects(endpoint: str, bucket: str) -> dict[str, bytes]:
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    keys = [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
-    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
-
-
 def test_a_uri_save_folder_uploads_every_checkpoint_and_moves_the_pointer(s3_env: str, s3_bucket: str) -> None:
     trainer = _trainer(
         save_folder=f"s3://{s3_bucket}/checkpoints", save_filename="ep{epoch}.pt", save_num_checkpoints_to_keep=0
     )
     trainer.fit()
-    objects = _objects(s3_env, s3_bucket)
+    objects = bucket_objects(s3_env, s3_bucket)
     assert sorted(objects) == [
         "checkpoints/ep1.pt",
         "checkpoints/ep2.pt",
@@ -74,7 +61,7 @@ def test_an_uploader_in_loggers_names_files_by_run(s3_env: str, s3_bucket: str, 
     uploader = RemoteUploaderDownloader(f"s3://{s3_bucket}", use_procs=use_procs, num_concurrent_uploads=2)
     trainer = _trainer("2ep", save_folder="local", run_name="my-run", loggers=uploader)
     trainer.fit()
-    assert sorted(_objects(s3_env, s3_bucket)) == [
+    assert sorted(bucket_objects(s3_env, s3_bucket)) == [
         "my-run/checkpoints/ep1-ba4-rank0.pt",
         "my-run/checkpoints/ep2-ba8-rank0.pt",
         "my-run/checkpoints/latest-rank0.pt.symlink",
@@ -156,7 +143,7 @@ def test_uploads_survive_a_flaky_store(faulty_proxy, s3_bucket: str, monkeypatch
     trainer.fit()
     injected = sum(faulty_proxy.counts[f] for f in ("drop", "500", "503", "stall"))
     assert injected >= 5, faulty_proxy.counts
-    objects = _objects(_upstream(faulty_proxy), s3_bucket)
+    objects = bucket_objects(_upstream(faulty_proxy), s3_bucket)
     for batch in range(1, 13):
         assert objects[f"flaky/ba{batch}.pt"] == (tmp_path / "flaky" / f"ba{batch}.pt").read_bytes(), (
             faulty_proxy.counts
@@ -191,7 +178,7 @@ def _upstream(proxy) -> str:
     return f"http://{proxy.upstream_host}:{proxy.upstream_port}"
 
 
-def test_save_remote_file_name_names_the_objects(s3_env: str, s3_bucket: str) -> None:
+def test_save_remote_file_name_names_thebucket_objects(s3_env: str, s3_bucket: str) -> None:
     trainer = _trainer(
         "2ep",
         save_folder=f"s3://{s3_bucket}/ignored-path",
@@ -200,7 +187,7 @@ def test_save_remote_file_name_names_the_objects(s3_env: str, s3_bucket: str) ->
         run_name="named",
     )
     trainer.fit()
-    assert sorted(_objects(s3_env, s3_bucket)) == [
+    assert sorted(bucket_objects(s3_env, s3_bucket)) == [
         "custom/named/e1.pt",
         "custom/named/e2.pt",
         "custom/named/latest-rank0.pt.symlink",
@@ -230,7 +217,7 @@ def test_the_pointer_only_moves_forward_with_concurrent_uploads(s3_env: str, s3_
         path.write_bytes(os.urandom(size))
         uploader.upload_file(f"run/f{index}.bin", str(path), pointer_name="run/latest.symlink")
     uploader.wait()
-    objects = _objects(s3_env, s3_bucket)
+    objects = bucket_objects(s3_env, s3_bucket)
     assert objects["run/latest.symlink"] == f"run/f{len(sizes) - 1}.bin".encode()
     assert all(objects[f"run/f{i}.bin"] == (tmp_path / f"f{i}.bin").read_bytes() for i in range(len(sizes)))
 

@@ -20,16 +20,9 @@ from cairn.checkpoint import read_checkpoint
 from cairn.loggers import RemoteUploaderDownloader
 from cairn.models import Classifier
 from conftest import TinyNet, make_loader
-from store_servers.moto import new_s3_bucket
+from store_servers.moto import bucket_objects, new_s3_bucket
 
 BATCHES_PER_EPOCH = 4  # 32 samples, batches of 8
-
-
-@pytest.fixture
-def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
-    monkeypatch.setenv("S3_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.chdir(tmp_path)
-    return moto_endpoint
 
 
 def _trainer(bucket: str, max_duration: str, **kwargs: Any) -> Trainer:
@@ -49,12 +42,6 @@ def _trainer(bucket: str, max_duration: str, **kwargs: Any) -> Trainer:
 
 def _client(endpoint: str) -> Any:
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-
-
-def _objects(endpoint: str, bucket: str) -> dict[str, bytes]:
-    client = _client(endpoint)
-    keys = [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
-    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
 def _on_new_machine(tmp_path: Path, name: str) -> None:
@@ -98,14 +85,14 @@ def test_autoresume_takes_the_newest_object_whatever_the_pointer_says(
         client.delete_object(Bucket=s3_bucket, Key="run/latest-rank0.pt.symlink")
     else:
         client.put_object(Bucket=s3_bucket, Key="run/latest-rank0.pt.symlink", Body=b"run/ep1.pt")
-    before = _objects(s3_env, s3_bucket)
+    before = bucket_objects(s3_env, s3_bucket)
 
     resumed = _trainer(s3_bucket, "4ep", autoresume=True)
     assert resumed.state.resumed_from == f"s3://{s3_bucket}/run/ep3.pt"
     assert resumed.state.timestamp.batch == 3 * BATCHES_PER_EPOCH
     resumed.fit()  # no ObjectExistsError: epochs 1-3 are not trained, nor uploaded, again
 
-    after = _objects(s3_env, s3_bucket)
+    after = bucket_objects(s3_env, s3_bucket)
     assert {key: after[key] for key in ("run/ep1.pt", "run/ep2.pt", "run/ep3.pt")} == {
         key: before[key] for key in ("run/ep1.pt", "run/ep2.pt", "run/ep3.pt")
     }, "nothing replaced"
@@ -117,12 +104,12 @@ def test_autoresume_without_a_pointer_resumes_from_the_newest_object(
     s3_env: str, s3_bucket: str, tmp_path: Path
 ) -> None:
     _three_epochs_in_the_store(tmp_path, s3_bucket, save_latest_filename=None)
-    assert not any(key.endswith(".symlink") for key in _objects(s3_env, s3_bucket))
+    assert not any(key.endswith(".symlink") for key in bucket_objects(s3_env, s3_bucket))
 
     resumed = _trainer(s3_bucket, "4ep", autoresume=True, save_latest_filename=None)
     assert resumed.state.resumed_from == f"s3://{s3_bucket}/run/ep3.pt"
     resumed.fit()
-    assert _epoch_of(_objects(s3_env, s3_bucket)["run/ep4.pt"], tmp_path) == 4
+    assert _epoch_of(bucket_objects(s3_env, s3_bucket)["run/ep4.pt"], tmp_path) == 4
 
 
 @pytest.mark.parametrize("damage", ["one flipped byte", "truncated"])
@@ -130,7 +117,7 @@ def test_a_damaged_newest_object_is_kept_aside_and_the_run_saves_past_it(
     s3_env: str, s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
     _three_epochs_in_the_store(tmp_path, s3_bucket)
-    good = _objects(s3_env, s3_bucket)
+    good = bucket_objects(s3_env, s3_bucket)
     if damage == "truncated":
         damaged = good["run/ep3.pt"][: len(good["run/ep3.pt"]) // 2]
     else:
@@ -141,12 +128,14 @@ def test_a_damaged_newest_object_is_kept_aside_and_the_run_saves_past_it(
         resumed = _trainer(s3_bucket, "4ep", autoresume=True)
     assert resumed.state.resumed_from == f"s3://{s3_bucket}/run/ep2.pt", "fell back to the one before"
     assert any("autoresume skips" in r.getMessage() and "run/ep3.pt" in r.getMessage() for r in caplog.records)
-    kept = {key: data for key, data in _objects(s3_env, s3_bucket).items() if key.startswith("run/ep3.pt.damaged-")}
+    kept = {
+        key: data for key, data in bucket_objects(s3_env, s3_bucket).items() if key.startswith("run/ep3.pt.damaged-")
+    }
     assert list(kept.values()) == [damaged], "the damaged bytes are kept, once, under a name that says so"
     assert any("kept a copy of the damaged checkpoint" in r.getMessage() for r in caplog.records)
 
     resumed.fit()  # epoch 3 again: its save replaces the damaged object instead of failing with ObjectExistsError
-    after = _objects(s3_env, s3_bucket)
+    after = bucket_objects(s3_env, s3_bucket)
     assert _epoch_of(after["run/ep3.pt"], tmp_path) == 3
     assert _epoch_of(after["run/ep4.pt"], tmp_path) == 4
     assert {key: after[key] for key in kept} == kept, "the copy stays"
@@ -169,7 +158,7 @@ def test_a_run_whose_only_object_is_damaged_starts_fresh_and_saves_past_it(
     fresh = _trainer(s3_bucket, "1ep", autoresume=True)
     assert fresh.state.resumed_from is None
     fresh.fit()  # neither the fit-start check nor the upload refuses: the damaged object was kept aside
-    after = _objects(s3_env, s3_bucket)
+    after = bucket_objects(s3_env, s3_bucket)
     assert _epoch_of(after["run/ep1.pt"], tmp_path) == 1
     assert [data for key, data in after.items() if ".damaged-" in key] == [b"not a checkpoint"]
 
@@ -210,7 +199,7 @@ def test_a_node_back_with_an_old_local_folder_resumes_from_the_store_when_it_is_
     os.chdir(tmp_path / "machine-a")
     for stale in ("run/ep2.pt", "run/ep3.pt", "run/latest-rank0.pt"):
         os.remove(stale)
-    before = _objects(s3_env, s3_bucket)
+    before = bucket_objects(s3_env, s3_bucket)
 
     with caplog.at_level(logging.WARNING, logger="cairn"):
         resumed = _trainer(s3_bucket, "4ep", autoresume=True)
@@ -218,7 +207,7 @@ def test_a_node_back_with_an_old_local_folder_resumes_from_the_store_when_it_is_
     assert "further along" in caplog.text
     resumed.fit()
 
-    after = _objects(s3_env, s3_bucket)
+    after = bucket_objects(s3_env, s3_bucket)
     assert {key: after[key] for key in before if key.endswith(".pt")} == {
         key: value for key, value in before.items() if key.endswith(".pt")
     }, "nothing replaced"

@@ -21,15 +21,9 @@ from cairn.loggers import RemoteUploaderDownloader
 from cairn.models import Classifier
 from cairn.storage.base import ObjectStore
 from conftest import TinyNet, make_loader
+from store_servers.moto import bucket_objects
 
 STORE_KINDS = ["s3", "gcs", "gcs_hmac", "oci", "libcloud_s3", "libcloud_azure"]
-
-
-@pytest.fixture
-def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
-    monkeypatch.setenv("S3_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.chdir(tmp_path)
-    return moto_endpoint
 
 
 @pytest.fixture(params=STORE_KINDS)
@@ -48,12 +42,6 @@ def _trainer(max_duration: str = "3ep", init_seed: int = 0, **kwargs: Any) -> Tr
         progress_bar=False,
         **kwargs,
     )
-
-
-def _objects(endpoint: str, bucket: str) -> dict[str, bytes]:
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    keys = [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
-    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
 def _put(endpoint: str, bucket: str, key: str, body: bytes) -> None:
@@ -79,7 +67,7 @@ def test_a_second_run_with_the_same_names_refuses_to_start_and_leaves_the_store_
     s3_env: str, s3_bucket: str, tmp_path: Path
 ) -> None:
     _first_run(tmp_path, s3_bucket)
-    before = _objects(s3_env, s3_bucket)
+    before = bucket_objects(s3_env, s3_bucket)
     assert before["run/latest-rank0.pt.symlink"] == b"run/ep3.pt"
     _on_new_machine(tmp_path, "machine-b")
     second = _trainer(
@@ -88,7 +76,7 @@ def test_a_second_run_with_the_same_names_refuses_to_start_and_leaves_the_store_
     with pytest.raises(FileExistsError, match=r"run/ep3\.pt.*save_overwrite=True"):
         second.fit()
     assert second.state.timestamp.batch == 0, "refused before any training"
-    assert _objects(s3_env, s3_bucket) == before, "no object replaced, the pointer unchanged"
+    assert bucket_objects(s3_env, s3_bucket) == before, "no object replaced, the pointer unchanged"
 
 
 def test_an_object_that_appears_during_the_run_is_not_replaced_and_the_run_fails_loudly(
@@ -111,7 +99,7 @@ def test_an_object_that_appears_during_the_run_is_not_replaced_and_the_run_fails
     with pytest.raises(ObjectExistsError, match=r"run/ep1\.pt already exists.*save_overwrite=True") as excinfo:
         trainer.fit()
     assert isinstance(excinfo.value, FileExistsError)
-    assert _objects(s3_env, s3_bucket) == {"run/ep1.pt": theirs}, "not replaced, and no pointer to it"
+    assert bucket_objects(s3_env, s3_bucket) == {"run/ep1.pt": theirs}, "not replaced, and no pointer to it"
     assert read_checkpoint(str(tmp_path / "run" / "ep1.pt"))["state"]["timestamp"]["epoch"] == 1, "local copy kept"
 
 
@@ -119,12 +107,12 @@ def test_the_pointer_never_moves_back_to_an_older_checkpoint_of_an_earlier_run(
     s3_env: str, s3_bucket: str, tmp_path: Path
 ) -> None:
     _first_run(tmp_path, s3_bucket)
-    first = _objects(s3_env, s3_bucket)
+    first = bucket_objects(s3_env, s3_bucket)
     _on_new_machine(tmp_path, "machine-b")
     _trainer(
         "1ep", init_seed=1, save_folder=f"s3://{s3_bucket}/run", save_filename="ep{epoch}.pt", save_overwrite=True
     ).fit()
-    second = _objects(s3_env, s3_bucket)
+    second = bucket_objects(s3_env, s3_bucket)
     assert second["run/ep1.pt"] != first["run/ep1.pt"], "save_overwrite=True replaced ep1"
     assert second["run/latest-rank0.pt.symlink"] == b"run/ep3.pt", "the pointer stays at the run's furthest checkpoint"
 
@@ -133,7 +121,7 @@ def test_the_pointer_never_moves_back_to_an_older_checkpoint_of_an_earlier_run(
     _trainer(
         "1ep", init_seed=2, save_folder=f"s3://{s3_bucket}/run", save_filename="ep{epoch}.pt", save_overwrite=True
     ).fit()
-    assert _objects(s3_env, s3_bucket)["run/latest-rank0.pt.symlink"] == b"run/ep1.pt", (
+    assert bucket_objects(s3_env, s3_bucket)["run/latest-rank0.pt.symlink"] == b"run/ep1.pt", (
         "a pointer to a deleted object holds nothing back"
     )
 
@@ -147,7 +135,7 @@ def test_a_resumed_run_continues_in_the_store_it_came_from(s3_env: str, s3_bucke
     )
     assert resumed.state.timestamp.epoch == 1
     resumed.fit()
-    objects = _objects(s3_env, s3_bucket)
+    objects = bucket_objects(s3_env, s3_bucket)
     assert sorted(objects) == ["run/ep1.pt", "run/ep2.pt", "run/latest-rank0.pt.symlink"]
     assert objects["run/latest-rank0.pt.symlink"] == b"run/ep2.pt"
 
@@ -204,7 +192,7 @@ def test_s3_refuses_an_object_that_appears_during_the_upload(
         events.register(f"before-send.s3.{operation}", another_writer_lands, unique_id=f"test-{operation}")
     with pytest.raises(ObjectExistsError, match="already exists"):
         s3_store.upload_object("run/ep1.pt", str(ours), overwrite=False)
-    assert _objects(moto_endpoint, s3_store.bucket) == {key: theirs}
+    assert bucket_objects(moto_endpoint, s3_store.bucket) == {key: theirs}
 
 
 @pytest.mark.parametrize("use_procs", [False, pytest.param(True, marks=pytest.mark.slow)])  # processes: ~6 s
@@ -221,4 +209,4 @@ def test_the_uploader_refuses_to_replace_an_object_from_its_workers(
             uploader.wait()
     finally:
         uploader.close(None, None)  # type: ignore[arg-type]
-    assert _objects(s3_env, s3_bucket) == {"run/ep1.pt": b"theirs"}, "not replaced, and no pointer to it"
+    assert bucket_objects(s3_env, s3_bucket) == {"run/ep1.pt": b"theirs"}, "not replaced, and no pointer to it"

@@ -45,6 +45,24 @@ def s3_bucket(moto_endpoint: str) -> str:
 
 
 @pytest.fixture
+def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> str:
+    """``s3://`` URIs reach moto (``S3_ENDPOINT_URL``), and the test runs in its own working directory (a URI
+    save_folder stages its files under the URI's path, relative to it)."""
+    monkeypatch.setenv("S3_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.chdir(tmp_path)
+    return moto_endpoint
+
+
+def bucket_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
+    """Every object in ``bucket``, by name: what a test compares before and after a run."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    keys = [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+
+
+@pytest.fixture
 def s3_store(moto_endpoint: str, s3_bucket: str):
     from cairn.storage.s3 import S3ObjectStore
 
