@@ -201,13 +201,12 @@ def _forge_digests(folder: Path) -> None:
     torch.save(seal(checkpoint), folder / "cairn.pt")
 
 
-def test_a_shard_entry_that_would_run_code_is_refused_and_nothing_runs(sharded: Path, tmp_path: Path) -> None:
-    """DCP unpickles non-tensor entries (an optimizer's lr, betas) with weights_only=False; cairn does not."""
+def _plant_byte_entry(sharded: Path, value: object) -> str:
+    """Replace one of the folder's byte entries (an optimizer's lr, betas) with ``torch.save(value)``; its name."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    marker = tmp_path / "ran"
     blob = io.BytesIO()
-    torch.save(CreatesAFile(marker), blob)
+    torch.save(value, blob)
     index = _index(sharded)
     key = next(k for k, v in index.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
     entry = next(i for i, info in index.storage_data.items() if i.fqn == key)
@@ -218,6 +217,26 @@ def test_a_shard_entry_that_would_run_code_is_refused_and_nothing_runs(sharded: 
     index.storage_data[entry].offset, index.storage_data[entry].length = offset, len(blob.getvalue())
     _write_index(sharded, index)
     _forge_digests(sharded)
+    return key
+
+
+class AsksForBytes:
+    """Pickles as ``bytearray(16 GiB)``: a call torch's safe loader admits, which allocates from one number."""
+
+    def __reduce__(self) -> tuple[type, tuple[int]]:
+        return bytearray, (16 << 30,)
+
+
+def test_a_shard_entry_that_asks_for_gigabytes_is_refused_before_anything_is_allocated(sharded: Path) -> None:
+    key = _plant_byte_entry(sharded, AsksForBytes())
+    err = refused_quickly(lambda: read_checkpoint(str(sharded)), CheckpointCorruptError)
+    assert key in str(err) and "bytearray" in str(err)
+
+
+def test_a_shard_entry_that_would_run_code_is_refused_and_nothing_runs(sharded: Path, tmp_path: Path) -> None:
+    """DCP unpickles non-tensor entries (an optimizer's lr, betas) with weights_only=False; cairn does not."""
+    marker = tmp_path / "ran"
+    key = _plant_byte_entry(sharded, CreatesAFile(marker))
     err = refused_quickly(lambda: read_checkpoint(str(sharded)), UnsafeCheckpointError)
     assert key in str(err) and "GLOBAL" in str(err)
     refused_quickly(load_into_fresh_trainer(sharded), UnsafeCheckpointError)

@@ -41,18 +41,36 @@ def check_archive(path: str) -> bool:
         if not zipfile.is_zipfile(path):
             return False  # an old-style pickle, or not a checkpoint at all: see check_old_style_file
         size = os.path.getsize(path)
-        with zipfile.ZipFile(path) as archive:
-            records = archive.infolist()
     except Exception as err:  # noqa: BLE001 - a damaged directory fails in many ways (versions, sizes, names)
         raise _damaged(path, f"a damaged archive ({err})") from None
-    _refuse_inflation(path, records, size)
-    names = _record_names(path, records)
-    reader = _torch_reader(path, names)
-    storages = scan_pickle(
-        io.BytesIO(_read_record(path, reader, "data.pkl", size)), source=path, archive=True, file_size=size
-    )
-    _check_storage_records(path, reader, names, storages, size)
+    _check_zip(path, path, size)
     return True
+
+
+def check_archive_bytes(data: io.BytesIO, label: str) -> None:
+    """:func:`check_archive` for an archive held in memory (a shard's entry, which DCP wrote with ``torch.save``);
+    ``label`` names it in errors. The buffer is left at its start, ready for ``torch.load``."""
+    try:
+        _check_zip(data, label, len(data.getbuffer()))
+    finally:
+        data.seek(0)
+
+
+def _check_zip(source: str | io.BytesIO, label: str, size: int) -> None:
+    try:
+        with zipfile.ZipFile(source) as archive:
+            records = archive.infolist()
+    except Exception as err:  # noqa: BLE001 - a damaged directory fails in many ways (versions, sizes, names)
+        raise _damaged(label, f"a damaged archive ({err})") from None
+    _refuse_inflation(label, records, size)
+    names = _record_names(label, records)
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    reader = _torch_reader(source, label, names)
+    storages = scan_pickle(
+        io.BytesIO(_read_record(label, reader, "data.pkl", size)), source=label, archive=True, file_size=size
+    )
+    _check_storage_records(label, reader, names, storages, size)
 
 
 def check_old_style_file(path: str) -> None:
@@ -91,10 +109,10 @@ def _record_names(path: str, records: list[zipfile.ZipInfo]) -> set[str]:
     return set(names)
 
 
-def _torch_reader(path: str, names: set[str]) -> torch._C.PyTorchFileReader:
+def _torch_reader(source: str | io.BytesIO, path: str, names: set[str]) -> torch._C.PyTorchFileReader:
     """torch's own view of the archive, which must list the same records as Python's."""
     try:
-        reader = torch._C.PyTorchFileReader(path)
+        reader = torch._C.PyTorchFileReader(source)
         seen = set(reader.get_all_records())
     except Exception as err:  # noqa: BLE001 - torch's reader reports damage as RuntimeError with a long text
         raise _damaged(path, f"an archive torch cannot read ({str(err).splitlines()[0][:120]})") from None

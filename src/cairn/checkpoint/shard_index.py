@@ -15,7 +15,6 @@ import math
 import os
 import pickle
 import stat
-import zipfile
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
+from cairn.checkpoint.archive import check_archive_bytes
 from cairn.checkpoint.content import file_digest
 from cairn.checkpoint.loader import error_reason, needs_code
 from cairn.checkpoint.sharded import METADATA_FILE
@@ -413,18 +413,7 @@ def _load_chunk(data: io.BytesIO, declared: tuple[torch.dtype, tuple[int, ...]],
 def _require_plain_archive(data: io.BytesIO, name: str, folder: str) -> None:
     """What ``torch.save`` writes: a zip archive of uncompressed records, none larger than the entry itself; so that
     a compressed record (a zip bomb) is refused before torch inflates it."""
-    size = len(data.getbuffer())
-    try:
-        with zipfile.ZipFile(data) as archive:
-            records = archive.infolist()
-    except Exception:  # noqa: BLE001 - a damaged directory fails in many ways
-        records = None
-    data.seek(0)
-    if records is None or any(r.compress_type != zipfile.ZIP_STORED or r.file_size > size for r in records):
-        raise CheckpointCorruptError(
-            f"shard entry {name!r} of {folder!r} is not an archive torch writes (damaged, or compressed to inflate); "
-            "load an earlier checkpoint"
-        )
+    check_archive_bytes(data, f"shard entry {name!r} of {folder!r}")  # records checked, its pickle scanned
 
 
 class _PlainBytes:
