@@ -360,3 +360,19 @@ def test_autoresume_restores_everything_whatever_the_load_options(
     assert any("load_weights_only" in n and "load_ignore_keys" in n and "ignored" in n for n in notes), notes
     resumed.fit()
     assert counter.count == 8
+
+
+def test_names_with_non_ascii_digits_are_never_taken_for_checkpoints(tmp_path: Path) -> None:
+    """``\\d`` matches any Unicode digit: ``ep٩.pt`` (Arabic-Indic nine) would have been ordered as epoch 9."""
+    from cairn.checkpoint.naming import name_pattern
+    from cairn.core import Time
+
+    state = State(
+        model=torch.nn.Linear(1, 1),
+        run_name="r",
+        rank_zero_seed=0,
+        max_duration=Time.from_timestring("1ep"),
+        device=torch.device("cpu"),
+    )
+    pattern = name_pattern("ep{epoch}.pt", state, rank=0)
+    assert pattern.match("ep9.pt") and not pattern.match("ep\u0669.pt")

@@ -347,7 +347,7 @@ def name_pattern(template: str, state: State, *, rank: int | None = None) -> re.
             pattern += r"\d+"
         else:
             pattern += rf"(?P<{name}>\d+)"
-    return re.compile(pattern + r"\Z")
+    return re.compile(pattern + r"\Z", re.ASCII)  # progress numbers are ASCII digits: "ep٩.pt" is no epoch
 
 
 def _variables(state: State) -> dict[str, Any]:
