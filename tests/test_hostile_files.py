@@ -311,6 +311,7 @@ def test_a_rewritten_archive_with_nothing_changed_still_loads(genuine_file: Path
     read_checkpoint(str(_rewrite(genuine_file, tmp_path / "same.pt", lambda n, d: [(n, d)])))
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # the "one name twice" archive is made on purpose
 @pytest.mark.parametrize("change", CHANGES, ids=list(CHANGES))
 def test_an_archive_with_records_the_checkpoint_does_not_describe_is_refused(
     genuine_file: Path, tmp_path: Path, change: str

@@ -279,6 +279,7 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return saved
 
 
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch rebuilding a quantized tensor
 def test_an_async_save_of_a_model_with_a_qint8_buffer_holds_what_a_sync_save_holds(quantized: dict[str, Path]) -> None:
     sync, background = (torch.load(quantized[mode], weights_only=True)["state"]["model"] for mode in ("sync", "async"))
     codes = background["codes"]
