@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import zipfile
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from cairn.checkpoint.pickle_scan import StorageRef, scan_pickle
 from cairn.errors import CheckpointCorruptError
 
-__all__ = ["check_archive", "check_old_style_file"]
+__all__ = ["check_archive", "check_old_style_file", "check_regular_file"]
 
 # The fixed records torch (1.6 to 2.x) writes beside data.pkl and data/<key>.
 TORCH_RECORDS = frozenset(
@@ -37,6 +38,7 @@ def check_archive(path: str) -> bool:
     """Whether ``path`` is a zip archive (torch's format, read memory-mapped), refusing a damaged, padded or
     hostile one with :class:`CheckpointCorruptError` (or :class:`UnsafeCheckpointError` for a pickle that would
     run code) before torch inflates, allocates or unpickles anything."""
+    check_regular_file(path)
     try:
         if not zipfile.is_zipfile(path):
             return False  # an old-style pickle, or not a checkpoint at all: see check_old_style_file
@@ -45,6 +47,33 @@ def check_archive(path: str) -> bool:
         raise _damaged(path, f"a damaged archive ({err})") from None
     _check_zip(path, path, size)
     return True
+
+
+def check_regular_file(path: str) -> None:
+    """Refuse, without reading it, anything but a readable regular file (or a link to one): opening a FIFO blocks
+    until some writer comes, a device such as ``/dev/zero`` never ends, and a socket fails with a raw ``OSError``.
+
+    A file this process cannot open (permissions, a link loop, an I/O error) is a :class:`CheckpointCorruptError`
+    too: autoresume then skips it with a warning (keeping it) instead of stopping on a raw ``OSError``.
+    """
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode):  # opened once, without waiting (a FIFO swapped in meanwhile must not block)
+            os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise CheckpointCorruptError(
+            f"{path!r} cannot be opened ({err.strerror or err}); fix its permissions or load another checkpoint"
+        ) from None
+    if not stat.S_ISREG(mode):
+        raise _damaged(path, f"a {_file_kind(mode)}, not a checkpoint file")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "FIFO (named pipe)", stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
+             stat.S_ISSOCK: "socket", stat.S_ISDIR: "folder"}  # fmt: skip
+    return next((kind for test, kind in kinds.items() if test(mode)), "special file")
 
 
 def check_archive_bytes(data: io.BytesIO, label: str) -> None:

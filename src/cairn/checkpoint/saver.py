@@ -116,6 +116,11 @@ class CheckpointSaver(Callback):
 
     def init(self, state: State, logger: Logger) -> None:
         """Check the names again with the run's own name, known only now: still inside the Trainer's constructor."""
+        self._check_names_with_run_name(state, logger)
+
+    def _check_names_with_run_name(self, state: State, logger: Logger) -> None:
+        """At INIT, and again at FIT_START: a loaded checkpoint brings its own run name (a file's ``'../../x'``
+        would otherwise put checkpoints outside the folder, or a NUL fail the first save after an epoch)."""
         try:
             check_names(
                 self.folder,
@@ -131,6 +136,7 @@ class CheckpointSaver(Callback):
             raise ValueError(f"with run_name={state.run_name!r}, {err}") from None
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        self._check_names_with_run_name(state, logger)
         if self.num_checkpoints_to_keep == 0 and not logger.uploads_files:
             raise ValueError(
                 "num_checkpoints_to_keep=0 deletes each checkpoint once it is uploaded, but nothing uploads here; "

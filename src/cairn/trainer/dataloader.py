@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.dataloader import _SingleProcessDataLoaderIter
 
 from cairn.core.state import State
+from cairn.errors import CheckpointIncompatibleError
 from cairn.utils.reproducibility import load_rng_state, rng_state
 
 __all__ = ["epoch_iterator", "record_loader_position", "restore_loader_position"]
@@ -98,12 +99,18 @@ def _skip(loader: Iterable[Any], iterator: Iterator[Any], batches: int) -> None:
         and not isinstance(loader.dataset, IterableDataset)
         and indices is not None
     )
-    for _ in range(batches):
-        if index_only:
-            next(indices)  # type: ignore[arg-type]
-            iterator._num_yielded += 1  # type: ignore[attr-defined]
-        else:
-            next(iterator)
+    for skipped in range(batches):
+        try:
+            if index_only:
+                next(indices)  # type: ignore[arg-type]
+                iterator._num_yielded += 1  # type: ignore[attr-defined]
+            else:
+                next(iterator)
+        except StopIteration:  # inside the loop's generator it would become a bare "generator raised StopIteration"
+            raise CheckpointIncompatibleError(
+                f"the checkpoint resumes after batch {batches} of its epoch, but train_dataloader ends after "
+                f"{skipped}; resume with the data loader the checkpoint was saved with"
+            ) from None
 
 
 def _set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:

@@ -42,7 +42,7 @@ from cairn.trainer.preemption import (
 )
 from cairn.trainer.run_name import generate_run_name
 from cairn.utils.dist import broadcast_object, get_rank, is_distributed
-from cairn.utils.reproducibility import make_seed, rank_seed, seed_all
+from cairn.utils.reproducibility import MAX_SEED, make_seed, rank_seed, seed_all
 
 __all__ = ["Trainer"]
 
@@ -112,7 +112,7 @@ class Trainer:
         fsdp = parse_parallelism_config(parallelism_config)
         self._model = ModelAdapter(model)
         torch_device = init_from_environment(resolve_device(device))
-        rank_zero_seed = broadcast_object(make_seed() if seed is None else seed)
+        rank_zero_seed = broadcast_object(make_seed() if seed is None else _check_seed(seed))
         seed_all(rank_seed(rank_zero_seed, get_rank()))
         model.to(torch_device)
         optimizer_list = _as_list(optimizers, torch.optim.Optimizer, "optimizers")
@@ -147,7 +147,7 @@ class Trainer:
             raise ValueError("autoresume=True with {run_name} in the checkpoint names needs an explicit run_name")
         self.state = State(
             model=model,
-            run_name=broadcast_object(run_name or generate_run_name()),
+            run_name=broadcast_object(generate_run_name() if run_name is None else _check_run_name(run_name)),
             rank_zero_seed=rank_zero_seed,
             max_duration=_parse_max_duration(max_duration),
             device=torch_device,
@@ -444,6 +444,27 @@ def _as_list(value: Any, kind: type, name: str) -> list[Any]:
         if not isinstance(item, kind):
             raise TypeError(f"{name}: expected {kind.__name__} objects, got {type(item).__name__}")
     return items
+
+
+def _check_seed(seed: int) -> int:
+    """A seed outside what every generator takes would be folded into range silently: two seeds, one run."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed={seed!r} is a {type(seed).__name__}; use an integer from 0 to {MAX_SEED}, or None")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r}: use an integer from 0 to {MAX_SEED}, or None for a fresh one")
+    return seed
+
+
+def _check_run_name(run_name: str) -> str:
+    """A run name is written into every checkpoint and read back as a string: another type would make files that
+    no loader accepts, and an empty one used to be replaced by a new random name at every restart, so autoresume
+    never found the run again."""
+    if not isinstance(run_name, str):
+        kind = type(run_name).__name__
+        raise TypeError(f"run_name={run_name!r} is a {kind}; give a str, or None for a generated one")
+    if not run_name.strip():
+        raise ValueError(f"run_name={run_name!r} is blank; give a name, or None for a generated one")
+    return run_name
 
 
 def _check_microbatch_size(size: int | None) -> int | None:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "MAX_SEED",
     "check_generator_states",
     "check_rng_state",
     "load_rng_state",
@@ -19,23 +20,23 @@ __all__ = [
     "seed_all",
 ]
 
-_MAX_SEED = 2**31 - 1
+MAX_SEED = 2**31 - 1  # the largest seed every generator (Python, NumPy, torch) takes
 
 
 def make_seed() -> int:
     """A fresh seed from the operating system, so choosing one does not disturb any seeded generator."""
-    return int.from_bytes(os.urandom(4), "little") % _MAX_SEED
+    return int.from_bytes(os.urandom(4), "little") % MAX_SEED
 
 
 def rank_seed(rank_zero_seed: int, rank: int) -> int:
     """Each rank's own seed, so ranks draw different dropout masks from one run seed."""
-    return (rank_zero_seed + rank) % (_MAX_SEED + 1)
+    return (rank_zero_seed + rank) % (MAX_SEED + 1)
 
 
 def seed_all(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global generator and torch (CPU and every CUDA device)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-        raise ValueError(f"seed={seed!r}: use an integer from 0 to {_MAX_SEED}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r}: use an integer from 0 to {MAX_SEED}")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -124,5 +125,5 @@ def check_rng_state(state: Any) -> None:
     require(not isinstance(python["version"], bool), "python version is not a number")
     try:  # the types are right; the generators themselves judge the values
         _set_generators(state, random.Random(), np.random.RandomState(), torch.Generator())
-    except (TypeError, ValueError, RuntimeError, KeyError) as err:
+    except (TypeError, ValueError, RuntimeError, KeyError, OverflowError) as err:  # numpy: pos=2**70
         raise ValueError(f"rng state: the generators refuse it ({err})") from None
