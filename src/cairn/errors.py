@@ -28,7 +28,8 @@ class CheckpointCorruptError(CairnError):
 
 
 class CheckpointIncompatibleError(CairnError):
-    """The checkpoint does not fit the model or optimizer it is loaded into; the message lists every mismatch."""
+    """The checkpoint does not fit this run: the model or optimizer it is loaded into (the message lists every
+    mismatch), the position of its data loader, or this cairn (a file written in a newer format)."""
 
 
 class CheckpointWriteError(CairnError, OSError):

@@ -7,6 +7,7 @@ never leaves a run half-restored.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import re
@@ -17,14 +18,20 @@ import torch
 
 from cairn.checkpoint.archive import check_archive, check_old_style_file
 from cairn.checkpoint.compat import check_compatible
-from cairn.checkpoint.content import content_hash, drop_keys, is_sharded, is_weights_only, map_tensors
+from cairn.checkpoint.content import FORMAT_VERSION, content_hash, drop_keys, is_sharded, is_weights_only, map_tensors
 from cairn.checkpoint.sharded import METADATA_FILE, is_sharded_folder, load_shards
 from cairn.core.model_state import load_model_state
 from cairn.core.state import State
 from cairn.core.time import Timestamp
-from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
+from cairn.errors import (
+    CheckpointCorruptError,
+    CheckpointIncompatibleError,
+    CheckpointNotFoundError,
+    UnsafeCheckpointError,
+)
 from cairn.utils.dist import get_rank
 from cairn.utils.reproducibility import check_generator_states, check_rng_state, load_rng_state
+from cairn.utils.text import printable
 
 __all__ = ["apply_checkpoint", "check_archive", "load_checkpoint", "read_checkpoint"]
 
@@ -49,7 +56,9 @@ def _read_file(path: str) -> dict[str, Any]:
     _start_reading_ahead(path)
     checkpoint = _torch_load_safely(path, is_archive=is_archive)
     _check_structure(checkpoint, path)
+    _check_format_version(checkpoint["state"]["metadata"], path)  # before the hash: a newer format may hash otherwise
     _check_hash(checkpoint, path)
+    _check_world_size(checkpoint["state"]["metadata"], path)
     return checkpoint
 
 
@@ -151,6 +160,43 @@ def _check_structure(checkpoint: Any, path: str) -> None:
         raise fail("'rng' is not a list with one entry per rank")
     if "timestamp" in state and not isinstance(state["timestamp"], dict):
         raise fail("'state/timestamp' is not a dict")
+
+
+def _check_format_version(metadata: dict[str, Any], path: str) -> None:
+    """A file of a newer format is refused as incompatible (its meaning may have changed: upgrading cairn is the
+    fix, and autoresume must not set it aside as damaged); a version that is no version at all is damage. Files
+    written before the field existed have none, and stay readable."""
+    version = metadata.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 2**31:  # a small count
+        raise CheckpointCorruptError(
+            f"{path!r} records the format version {_shown(version)}, which no cairn writes; it is damaged or was "
+            "edited: load an earlier checkpoint"
+        )
+    if version > FORMAT_VERSION:
+        raise CheckpointIncompatibleError(
+            f"{path!r} was written by a newer cairn (format {_shown(version)}; this cairn reads {FORMAT_VERSION}): "
+            "upgrade cairn to load it"
+        )
+
+
+def _check_world_size(metadata: dict[str, Any], path: str) -> None:
+    """How many processes wrote the file: a whole number of at least 1 when present. ``created_at`` is not
+    checked: it is only shown (``cairn ckpt ls`` falls back to the file's time when it is not a number)."""
+    world_size = metadata.get("world_size", 1)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or not 1 <= world_size < 2**63:
+        raise CheckpointCorruptError(
+            f"{path!r} records a world size of {_shown(world_size)}, not a count of processes; it is damaged or was "
+            "edited: load an earlier checkpoint"
+        )
+
+
+def _shown(value: Any) -> str:
+    """A short rendering of a value from a file (Python refuses to print an int of more than 4300 digits)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"a {value.bit_length()}-bit number"
+    if not isinstance(value, (int, float, str)):
+        return f"a {type(value).__name__}"  # never the repr of a container: it could be huge, or nested too deep
+    return printable(repr(value[:40] if isinstance(value, str) else value))
 
 
 def _check_hash(checkpoint: dict[str, Any], path: str) -> None:
@@ -268,6 +314,42 @@ def _check_optimizer_types(key: str, saved: dict[str, Any]) -> None:
             kinds.setdefault(name, set()).add(torch.Tensor if isinstance(value, torch.Tensor) else type(value))
     mixed = sorted(name for name, found in kinds.items() if len(found) > 1)
     _require(not mixed, f"optimizer {key} state {mixed} holds different kinds of values for different parameters")
+    for values in per_parameter.values():
+        if "step" in values:
+            _check_step(key, values["step"])
+
+
+def _check_step(key: str, value: Any) -> None:
+    """A parameter's ``step`` counts the steps taken: torch's optimizers feed it to powers and square roots, where a
+    negative or non-finite count fails the first step with a raw RuntimeError (or makes the weights nan)."""
+    number = _single_number(value)
+    if number is None:
+        raise TypeError(f"optimizer {key} step must be a number or a one-element tensor, not {_describe(value)}")
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"optimizer {key} step must be a finite count of at least 0, not {number!r}")
+
+
+def _single_number(value: Any) -> float | None:
+    """The value as a float, for a real number or a one-element real tensor; None for anything else."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool or value.layout != torch.strided:
+            return None
+        try:
+            return float(value.detach().reshape(()).item())
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):  # quantized, meta: no plain number
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond any float
+        return math.inf
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"a {type(value).__name__}"
 
 
 def load_checkpoint(

@@ -17,12 +17,14 @@ from cairn.storage.uri import is_uri, parse_uri
 __all__ = [
     "FORMAT_VARIABLES",
     "PROGRESS_VARIABLES",
+    "bidi_controls",
     "check_folder",
     "check_format",
     "check_local_name",
     "check_names",
     "check_not_a_file",
     "check_remote_name",
+    "control_characters",
     "fields_of",
     "format_name",
     "name_pattern",
@@ -57,6 +59,8 @@ _REMOTE_MAX = 1024  # bytes in an object name for S3, GCS and OCI
 _WIDEST_SPEC = _NAME_MAX  # a width or precision in a format spec beyond one component's bytes cannot fit anyway
 _DIGITS_ONLY_SPEC = re.compile(r"(?:0[0-9]*)?d?\Z")  # "", "d", "06", "06d": progress numbers stay digits
 _SAMPLE_RUN_NAME = "run"
+# Characters that reorder how text is shown: a name with U+202E ("right-to-left override") lists backwards in `ls`.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _SAMPLES = (0, 10**12)  # the values at the start of a run, and far into a long one (names grow as it goes)
 
 PathTemplate = str | os.PathLike[str]
@@ -210,12 +214,28 @@ def _check_inside(template: str, name: str, argument: str, *, where: str) -> Non
 
 
 def _check_characters(template: str, name: str, argument: str) -> None:
-    bad = sorted({char for char in name if unicodedata.category(char) == "Cc"})
+    bad = control_characters(name)
     if bad:
         raise ValueError(
-            f"{argument}={template!r} makes names with the control character(s) {''.join(bad)!r} (NUL cannot be in "
+            f"{argument}={template!r} makes names with the control character(s) {bad!r} (NUL cannot be in "
             "a file name at all); remove them"
         )
+    bidi = bidi_controls(name)
+    if bidi:
+        raise ValueError(
+            f"{argument}={template!r} makes names with the bidirectional control(s) {bidi!r}, which make a "
+            "listing show the name reordered (a '.pt' file can pass for another); remove them"
+        )
+
+
+def control_characters(text: str) -> str:
+    """The control characters (C0, DEL, C1) in ``text``, each once, sorted; empty when there are none."""
+    return "".join(sorted({char for char in text if unicodedata.category(char) == "Cc"}))
+
+
+def bidi_controls(text: str) -> str:
+    """The bidirectional controls in ``text`` (embeddings, overrides, isolates and marks), each once, sorted."""
+    return "".join(sorted(set(text) & _BIDI_CONTROLS))
 
 
 def _encoded(template: str, name: str, argument: str) -> bytes:

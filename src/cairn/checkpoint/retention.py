@@ -6,38 +6,79 @@ import logging
 import os
 import re
 import shutil
+import stat
+from collections.abc import Iterator
+from typing import NamedTuple
 
 from cairn.checkpoint.commit import is_temporary
 
-__all__ = ["PROGRESS_ORDER", "list_checkpoints", "prune"]
+__all__ = ["ENTRY_KINDS", "PROGRESS_ORDER", "NamedEntry", "list_checkpoints", "named_entries", "prune"]
 
 log = logging.getLogger(__name__)
 
 PROGRESS_ORDER = ("epoch", "batch", "sample", "token", "batch_in_epoch", "sample_in_epoch", "token_in_epoch")
 
 
+class NamedEntry(NamedTuple):
+    """One entry under a save folder whose relative name matches a checkpoint name pattern."""
+
+    path: str
+    match: re.Match[str]
+    kind: str  # one of ENTRY_KINDS
+    modified: float  # of the entry itself (a link's own time, not its target's)
+
+
+ENTRY_KINDS = ("file", "sharded", "link", "folder", "special")  # the first two are checkpoints
+
+
+def named_entries(folder: str, pattern: re.Pattern[str]) -> Iterator[NamedEntry]:
+    """Every entry under ``folder`` whose relative name matches ``pattern``, with what it is: a regular ``file``, a
+    ``sharded`` checkpoint folder (one holding ``cairn.pt``), a ``link``, a plain ``folder``, or a ``special`` file
+    (FIFO, socket, device). Temporaries are skipped; links to folders, sharded checkpoints and temporary folders are
+    never walked into, so the walk stays inside ``folder``."""
+    if not os.path.isdir(folder):
+        return
+    for root, folders, files in os.walk(folder):  # os.walk never follows a link to a folder
+        entries = [(name, _kind(os.path.join(root, name))) for name in [*folders, *files] if not is_temporary(name)]
+        folders[:] = [name for name, (kind, _) in entries if kind == "folder"]  # walked into: names may hold folders
+        for name, (kind, modified) in entries:
+            if kind is None:
+                continue  # gone since the folder was listed
+            path = os.path.join(root, name)
+            match = pattern.match(os.path.relpath(path, folder).replace(os.sep, "/"))
+            if match is not None:
+                yield NamedEntry(path, match, kind, modified)
+
+
+def _kind(path: str) -> tuple[str | None, float]:
+    """What ``path`` is, from its own ``lstat`` (a link is a link, wherever it leads), and when it last changed."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None, 0.0
+    if stat.S_ISLNK(info.st_mode):
+        return "link", info.st_mtime
+    if stat.S_ISREG(info.st_mode):
+        return "file", info.st_mtime
+    if not stat.S_ISDIR(info.st_mode):
+        return "special", info.st_mtime
+    return ("sharded" if os.path.isfile(os.path.join(path, "cairn.pt")) else "folder"), info.st_mtime
+
+
 def list_checkpoints(folder: str, pattern: re.Pattern[str]) -> list[str]:
-    """Paths under ``folder`` whose relative name matches ``pattern`` (files, and sharded checkpoint folders),
-    oldest first.
+    """Paths under ``folder`` whose relative name matches ``pattern`` (regular files, and sharded checkpoint
+    folders), oldest first.
 
     Order comes from the progress numbers in the names (epoch, batch, ...), then from modification time.
-    Links (such as ``latest``) and temporary files are never listed.
+    Links (such as ``latest``), temporary files, plain folders and special files (FIFOs, sockets) are never listed.
     """
     found: list[tuple[tuple[float, ...], str]] = []
-    if not os.path.isdir(folder):
-        return []
-    for root, folders, files in os.walk(folder):
-        sharded = [name for name in folders if os.path.isfile(os.path.join(root, name, "cairn.pt"))]
-        folders[:] = [name for name in folders if name not in sharded]  # a sharded checkpoint is one entry
-        for name in [*files, *sharded]:
-            path = os.path.join(root, name)
-            relative = os.path.relpath(path, folder)
-            match = pattern.match(relative.replace(os.sep, "/"))
-            if match is None or is_temporary(name) or os.path.islink(path):
-                continue
-            numbers = match.groupdict()
-            key = tuple(float(numbers[k]) for k in PROGRESS_ORDER if numbers.get(k) is not None)
-            found.append(((*key, os.path.getmtime(path)), path))
+    for entry in named_entries(folder, pattern):
+        if entry.kind not in ("file", "sharded"):
+            continue
+        numbers = entry.match.groupdict()
+        key = tuple(float(numbers[k]) for k in PROGRESS_ORDER if numbers.get(k) is not None)
+        found.append(((*key, entry.modified), entry.path))
     return [path for _, path in sorted(found)]
 
 

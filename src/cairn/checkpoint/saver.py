@@ -7,6 +7,8 @@ import itertools
 import logging
 import os
 import posixpath
+import re
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -28,7 +30,7 @@ from cairn.checkpoint.naming import (
 )
 from cairn.checkpoint.policy import is_last_checkpoint_event, save_policy
 from cairn.checkpoint.remote import guard_store_names
-from cairn.checkpoint.retention import list_checkpoints, prune
+from cairn.checkpoint.retention import list_checkpoints, named_entries, prune
 from cairn.checkpoint.sharded import ShardedAsyncSaves, save_sharded
 from cairn.checkpoint.snapshot import SnapshotBuffers
 from cairn.core.callback import Callback
@@ -36,6 +38,7 @@ from cairn.core.event import Event
 from cairn.core.interval import IntervalLike
 from cairn.core.state import State
 from cairn.loggers.logger import Logger
+from cairn.utils.arguments import check_flag
 from cairn.utils.dist import barrier, broadcast_object, get_rank, on_rank_zero, share_rank_zero_failure
 
 __all__ = ["CheckpointSaver", "save_checkpoint"]
@@ -89,21 +92,21 @@ class CheckpointSaver(Callback):
             check_names(folder, filename, latest_filename, remote_file_name, latest_remote_file_name)
         )
         self.policy = save_policy(save_interval)
-        self.weights_only = weights_only
+        self.weights_only = check_flag(weights_only, argument="weights_only")
         if isinstance(num_checkpoints_to_keep, bool) or not isinstance(num_checkpoints_to_keep, int):
             raise ValueError(f"num_checkpoints_to_keep={num_checkpoints_to_keep!r}: use an int (-1 keeps all)")
         if num_checkpoints_to_keep < -1:
             raise ValueError(f"num_checkpoints_to_keep={num_checkpoints_to_keep}: use -1 (keep all), 0, or more")
         _refuse_latest_names_that_clash(self)
         self.num_checkpoints_to_keep = num_checkpoints_to_keep
-        self.overwrite = overwrite
+        self.overwrite = check_flag(overwrite, argument="overwrite")
         self.ignore_keys = check_ignore_keys(ignore_keys, argument="ignore_keys", loading=False)
         self.saved_checkpoints: list[str] = []
         self.save_order: list[int] = []  # a process-wide sequence number per save, to merge several savers' lists
         self._last_saved_batch: int | None = None
         self._uploading: list[tuple[Future[str], str]] = []  # (upload, local file it came from)
         self._uploading_lock = threading.Lock()  # the background save appends, the training thread prunes
-        self.async_save = bool(async_save)
+        self.async_save = check_flag(async_save, argument="async_save")
         self._background = BackgroundSaves()
         self._snapshot = SnapshotBuffers()
         self._sharded_async: ShardedAsyncSaves | None = None
@@ -152,9 +155,15 @@ class CheckpointSaver(Callback):
         refuse_existing = not (self.overwrite or state.resumed_from is not None)
         pointer = self.remote_names(state)[1]
         guard_store_names(logger, state, self.remote_template(), pointer, refuse_existing=refuse_existing)
+        pattern = name_pattern(self.filename, state, rank=0)
+        sharded = state.sharded_checkpoints
+        obstacle = _in_the_way(folder, pattern, overwrite=self.overwrite, sharded=sharded) if get_rank() == 0 else None
+        obstacle = broadcast_object(obstacle)  # rank 0 alone writes: what its folder holds decides for every rank
+        if obstacle is not None:
+            raise FileExistsError(obstacle)
         if not refuse_existing:
             return
-        existing = broadcast_object(list_checkpoints(folder, name_pattern(self.filename, state, rank=0)))
+        existing = broadcast_object(list_checkpoints(folder, pattern))
         if existing:
             raise FileExistsError(
                 f"{folder!r} already holds checkpoints of this run's name pattern ({existing[-1]!r} and "
@@ -348,6 +357,42 @@ def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:
             f"save_latest_filename + '.symlink') can both name {clash!r}, and the pointer would replace that "
             "checkpoint in the store; pass a latest_remote_file_name no checkpoint name can take"
         )
+
+
+def _in_the_way(folder: str, pattern: re.Pattern[str], *, overwrite: bool, sharded: bool) -> str | None:
+    """Why the save of some name of ``pattern`` would fail after training, or None: a link (unless overwrite
+    replaces it), a folder that is no checkpoint, or a FIFO, socket or device. Autoresume and the check for
+    existing checkpoints list only checkpoints, so without this the first save of that name failed an epoch in."""
+    for entry in named_entries(folder, pattern):
+        path = entry.path
+        if entry.kind == "link" and (not overwrite or (sharded and not os.path.exists(path))):
+            replace = "a sharded checkpoint folder cannot replace a link that leads nowhere" if overwrite else (
+                "pass save_overwrite=True (overwrite=True) to replace it"
+            )
+            return (
+                f"{path!r} is a symbolic link named like one of this run's checkpoints, and the save of that name "
+                f"would fail after training: remove or rename it, or {replace}"
+            )
+        if entry.kind == "folder":
+            return (
+                f"{path!r} is a folder named like one of this run's checkpoints but is none (it holds no cairn.pt), "
+                "and no save can replace it, even with overwrite: move it away, or choose another save_folder or "
+                "save_filename"
+            )
+        if entry.kind == "special":
+            return (
+                f"{path!r} is a {_special_kind(path)} named like one of this run's checkpoints, not a checkpoint, "
+                "and the save of that name would fail or replace it: remove it, or choose another save_folder"
+            )
+    return None
+
+
+def _special_kind(path: str) -> str:
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "special file"
+    return "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device or special file"
 
 
 def _remove_with_link(path: str) -> None:

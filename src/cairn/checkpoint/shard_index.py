@@ -88,7 +88,7 @@ def read_shard_index(folder: str) -> Metadata:
     path = os.path.join(folder, INDEX_FILE)
     _require_regular_file(path, folder)
     try:
-        with open(path, "rb") as file:
+        with _open_regular(path, folder) as file:
             index = _IndexUnpickler(file).load()
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
@@ -120,7 +120,9 @@ def verify_shard_digests(folder: str, index: Metadata, digests: Any) -> None:
     for name in [INDEX_FILE, *sorted({entry.relative_path for entry in index.storage_data.values()})]:
         if name not in digests:
             raise CheckpointCorruptError(f"shard {name!r} of {folder!r} was not there when the folder was written")
-        if file_digest(os.path.join(folder, name)) != digests[name]:
+        path = os.path.join(folder, name)
+        _require_regular_file(path, folder)  # checked again here: a FIFO swapped in since would block the read
+        if file_digest(path) != digests[name]:
             raise CheckpointCorruptError(
                 f"shard {name!r} of {folder!r} fails its digest: its bytes changed after it was written (disk or "
                 "transfer damage, or an edit); load an earlier checkpoint"
@@ -301,7 +303,7 @@ def _check_byte_entries(index: Metadata, folder: str) -> None:
     for key, entry in index.storage_data.items():
         if not isinstance(index.state_dict_metadata.get(key.fqn), BytesStorageMetadata):
             continue
-        with open(os.path.join(folder, entry.relative_path), "rb") as file:
+        with _open_regular(os.path.join(folder, entry.relative_path), folder) as file:
             file.seek(entry.offset)
             _load_plain(io.BytesIO(file.read(entry.length)), key.fqn, folder)
 
@@ -334,11 +336,38 @@ def _require_regular_file(path: str, folder: str) -> int:
             f"{path!r} is missing from the sharded checkpoint {folder!r}; the folder is incomplete: load an earlier one"
         ) from None
     if not stat.S_ISREG(info.st_mode):
-        raise UnsafeCheckpointError(
-            f"{path!r} is a symlink or not a regular file; cairn writes neither into a sharded checkpoint, and "
-            "follows neither out of its folder: replace it with the real file, or load an earlier checkpoint"
-        )
+        raise _not_regular(path)
     return info.st_size
+
+
+def _not_regular(path: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{path!r} is a symlink or not a regular file; cairn writes neither into a sharded checkpoint, and "
+        "follows neither out of its folder: replace it with the real file, or load an earlier checkpoint"
+    )
+
+
+def _open_regular(path: str, folder: str) -> io.BufferedReader:
+    """``path`` opened for reading, only if it is a regular file: checked before the open (a FIFO is never opened:
+    that blocks until a writer comes), and again on what was opened (a link or FIFO swapped in between the two is
+    opened without following or waiting, then refused)."""
+    _require_regular_file(path, folder)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        raise CheckpointCorruptError(
+            f"{path!r} is missing from the sharded checkpoint {folder!r}; the folder is incomplete: load an earlier one"
+        ) from None
+    except OSError:  # ELOOP: a link; ENXIO: a socket
+        raise _not_regular(path) from None
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise _not_regular(path)
+        return os.fdopen(descriptor, "rb")  # O_NONBLOCK changes nothing for a regular file
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 class SafeReader(FileSystemReader):
@@ -361,7 +390,7 @@ class SafeReader(FileSystemReader):
         folder = str(self.path)
         for item in sorted(plan.items, key=lambda item: (self._stored(item).relative_path, self._stored(item).offset)):
             stored = self._stored(item)
-            with open(os.path.join(folder, stored.relative_path), "rb") as file:
+            with _open_regular(os.path.join(folder, stored.relative_path), folder) as file:
                 file.seek(stored.offset)
                 data = io.BytesIO(file.read(stored.length))
             if item.type == LoadItemType.BYTE_IO:

@@ -11,9 +11,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from cairn.core.event import Event
 from cairn.core.state import State
 from cairn.core.time import Time, TimeUnit, ensure_time
+from cairn.utils.arguments import plain_bool
 
 __all__ = ["IntervalPolicy", "interval_policy"]
 
@@ -30,7 +33,7 @@ def interval_policy(interval: IntervalLike, *, batch_event: Event, epoch_event: 
     argument's name, used in error messages.
     """
     if callable(interval) and not isinstance(interval, (Time, str, int)):
-        return interval
+        return _YesOrNo(interval, name=name)
     time = ensure_time(interval, name=name)
     if time.value <= 0:
         raise ValueError(f"{name}={interval!r}: an interval must be greater than zero")
@@ -40,6 +43,38 @@ def interval_policy(interval: IntervalLike, *, batch_event: Event, epoch_event: 
             "use '1ba' to act after every batch"
         )
     return _EveryInterval(time, batch_event=batch_event, epoch_event=epoch_event)
+
+
+class _YesOrNo:
+    """A user's ``(state, event)`` function whose answer must be a bool: ``"no"`` would count as yes (a save after
+    every batch), and a tensor of several values would fail inside torch with a message about ambiguity."""
+
+    def __init__(self, function: IntervalPolicy, *, name: str) -> None:
+        self.function = function
+        self.name = name
+
+    def __repr__(self) -> str:
+        return repr(self.function)
+
+    def __call__(self, state: State, event: Event) -> bool:
+        answer = self.function(state, event)
+        if answer is True or answer is False:  # the common case, without a call
+            return answer
+        flag = plain_bool(answer, tensors=True)
+        if flag is None:
+            raise TypeError(
+                f"{self.name}={self.function!r} returned {_describe(answer)} at {event.name}, not a bool; "
+                "return True or False"
+            )
+        return flag
+
+
+def _describe(answer: object) -> str:
+    """A short account of a wrong answer: a tensor's repr can run to many lines."""
+    if isinstance(answer, torch.Tensor):
+        return f"a tensor of shape {tuple(answer.shape)} and dtype {answer.dtype}"
+    text = repr(answer)
+    return f"{text if len(text) <= 80 else text[:77] + '...'} (a {type(answer).__name__})"
 
 
 class _EveryInterval:

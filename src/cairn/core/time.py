@@ -263,6 +263,19 @@ def _unreadable(original: str, why: str) -> ValueError:
     return ValueError(f"cannot read {original!r} as a time: {why}; use {ACCEPTED_FORMS}")
 
 
+_COUNT_LIMIT = 2**63  # an int64 holds every count below it; a count from a file beyond it is refused
+
+
+def _shown(value: Number) -> str:
+    """A count as the message shows it (Python refuses to print an int of more than 4300 digits)."""
+    return f"a {value.bit_length()}-bit number" if isinstance(value, int) and value.bit_length() > 64 else repr(value)
+
+
+def _is_duration(value: Number) -> bool:
+    """Seconds a loop can have taken: finite, not negative (an int too large for a float is no duration)."""
+    return 0 <= value <= _LARGEST and not (isinstance(value, float) and math.isnan(value))
+
+
 @dataclass(frozen=True)
 class Timestamp:
     """Where the training loop stands: totals since the start of the run, and counts within the current epoch.
@@ -318,8 +331,9 @@ class Timestamp:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Timestamp:
-        """Rebuild a timestamp, refusing anything but known names holding counts (whole numbers, never negative)
-        and durations (numbers)."""
+        """Rebuild a timestamp, refusing anything but known names holding counts (whole numbers from 0 to below
+        2**63, what torch and numpy hold) and durations (finite numbers of seconds, never negative), and counts
+        that no training loop produces: a count within the epoch above the run's total of the same kind."""
         known = {f.name: f.type for f in fields(cls)}
         unknown = sorted(set(state) - set(known))
         if unknown:
@@ -327,6 +341,24 @@ class Timestamp:
         for key, value in state.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"timestamp field {key!r} must be a number, not {type(value).__name__}")
-            if known[key] in (int, "int") and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"timestamp field {key!r} must be a whole number of at least 0, not {value!r}")
-        return cls(**state)
+            if known[key] in (int, "int"):
+                if not isinstance(value, int) or not 0 <= value < _COUNT_LIMIT:
+                    raise ValueError(
+                        f"timestamp field {key!r} must be a whole number from 0 to below 2**63, not {_shown(value)}"
+                    )
+            elif not _is_duration(value):
+                raise ValueError(f"timestamp field {key!r} must be finite seconds, at least 0, not {_shown(value)}")
+        timestamp = cls(**state)
+        timestamp._check_counts_within_epoch()
+        return timestamp
+
+    def _check_counts_within_epoch(self) -> None:
+        """A count within the epoch is part of the run's total of the same kind (both grow by the same amount each
+        batch, and only the first is reset at each epoch), so it can never exceed it. Nothing ties epochs to batches:
+        an epoch can end without a batch (a resumed run at the end of its loader)."""
+        for within, total in (("batch_in_epoch", "batch"), ("sample_in_epoch", "sample"), ("token_in_epoch", "token")):
+            if getattr(self, within) > getattr(self, total):
+                raise ValueError(
+                    f"timestamp field {within!r} ({getattr(self, within)}) exceeds {total!r} ({getattr(self, total)}), "
+                    "which no training loop produces"
+                )

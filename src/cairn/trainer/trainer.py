@@ -14,7 +14,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from cairn.checkpoint.keys import check_ignore_keys
-from cairn.checkpoint.naming import check_names
+from cairn.checkpoint.naming import bidi_controls, check_names, control_characters
 from cairn.checkpoint.resume import restore, saving_from_arguments
 from cairn.checkpoint.saver import CheckpointSaver
 from cairn.core.callback import Algorithm, Callback
@@ -41,6 +41,7 @@ from cairn.trainer.preemption import (
     preemption_watch,
 )
 from cairn.trainer.run_name import generate_run_name
+from cairn.utils.arguments import check_flag
 from cairn.utils.dist import broadcast_object, get_rank, is_distributed
 from cairn.utils.reproducibility import MAX_SEED, make_seed, rank_seed, seed_all
 
@@ -49,6 +50,7 @@ __all__ = ["Trainer"]
 log = logging.getLogger(__name__)
 
 _MAX_DURATION_UNITS = (TimeUnit.EPOCH, TimeUnit.BATCH, TimeUnit.SAMPLE, TimeUnit.TOKEN)
+_SCHEDULER_METHODS = ("step", "state_dict", "load_state_dict")  # stepped after each batch, and checkpointed
 
 
 class Trainer:
@@ -103,6 +105,28 @@ class Trainer:
         preemption_signals: SignalLike | Sequence[SignalLike] = DEFAULT_PREEMPTION_SIGNALS,
         preemption_exit_code: int = DEFAULT_PREEMPTION_EXIT_CODE,
     ) -> None:
+        (
+            progress_bar,
+            save_overwrite,
+            save_weights_only,
+            save_async,
+            load_weights_only,
+            load_strict_model_weights,
+            load_progress_bar,
+            autoresume,
+            save_on_preemption,
+        ) = _check_flags(
+            progress_bar=progress_bar,
+            save_overwrite=save_overwrite,
+            save_weights_only=save_weights_only,
+            save_async=save_async,
+            load_weights_only=load_weights_only,
+            load_strict_model_weights=load_strict_model_weights,
+            load_progress_bar=load_progress_bar,
+            autoresume=autoresume,
+            save_on_preemption=save_on_preemption,
+        )
+        _check_loaders(train_dataloader=train_dataloader, eval_dataloader=eval_dataloader)
         if save_folder is not None:  # checked first, under the Trainer's argument names (the saver checks them again)
             save_folder, save_filename, save_latest_filename, save_remote_file_name, _ = check_names(
                 save_folder, save_filename, save_latest_filename, save_remote_file_name, prefix="save_"
@@ -117,6 +141,7 @@ class Trainer:
         model.to(torch_device)
         optimizer_list = _as_list(optimizers, torch.optim.Optimizer, "optimizers")
         _refuse_optimizers_that_need_a_closure(optimizer_list)
+        _refuse_optimizers_outside_the_model(optimizer_list, model)  # before FSDP2 replaces the parameters
         self._model.forward_module = wrap_model(model, torch_device, fsdp, optimizer_list)  # DDP, or FSDP2 shards
         train_dataloader = shard_dataloader(train_dataloader, rank_zero_seed)
         eval_dataloader = shard_dataloader(eval_dataloader, rank_zero_seed)
@@ -153,7 +178,7 @@ class Trainer:
             device=torch_device,
             precision=precision_.value,
             optimizers=optimizer_list or [_default_optimizer(model)],
-            schedulers=_as_list(schedulers, object, "schedulers"),
+            schedulers=_check_schedulers(schedulers),
             algorithms=_as_list(algorithms, Algorithm, "algorithms"),
             # the saver before the loggers: at FIT_END its last async save reaches the uploaders before they wait
             callbacks=[*_as_list(callbacks, Callback, "callbacks"), *([saver] if saver else []), *destinations],
@@ -446,6 +471,64 @@ def _as_list(value: Any, kind: type, name: str) -> list[Any]:
     return items
 
 
+def _check_flags(**flags: object) -> tuple[bool, ...]:
+    """Each yes/no argument as a real ``bool``, in the order given: ``save_overwrite="False"`` would overwrite."""
+    return tuple(check_flag(value, argument=name) for name, value in flags.items())
+
+
+def _check_loaders(**loaders: object) -> None:
+    """A loader that cannot be iterated would fail only when first used: an eval loader perhaps an epoch later."""
+    for name, loader in loaders.items():
+        if loader is None and name != "train_dataloader":
+            continue
+        if isinstance(loader, (str, bytes)) or not (hasattr(loader, "__iter__") or hasattr(loader, "__getitem__")):
+            what = "a path, not a loader" if isinstance(loader, (str, bytes)) else "not iterable"
+            raise TypeError(
+                f"{name}={loader!r} is {what}; pass a torch DataLoader or another iterable that yields batches"
+            )
+
+
+def _check_schedulers(schedulers: Any) -> list[Any]:
+    """The loop calls ``step()`` after every batch and each checkpoint stores ``state_dict()`` (a resume calls
+    ``load_state_dict``): a scheduler lacking one would fail at the first batch or the first checkpoint."""
+    items = _as_list(schedulers, object, "schedulers")
+    for scheduler in items:
+        missing = [name for name in _SCHEDULER_METHODS if not callable(getattr(scheduler, name, None))]
+        if missing:
+            raise TypeError(
+                f"schedulers: {scheduler!r} has no {', '.join(missing)} method; pass learning-rate schedulers such as "
+                "torch.optim.lr_scheduler.LambdaLR"
+            )
+        needed = _required_parameters(scheduler.step)
+        if needed:
+            raise ValueError(
+                f"schedulers: {scheduler!r}.step() needs {', '.join(needed)}, and the Trainer calls it after each "
+                "batch with no arguments; step it from a callback instead"
+            )
+    return items
+
+
+def _required_parameters(function: Any) -> list[str]:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: let it be
+        return []
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in plain and p.default is inspect.Parameter.empty]
+
+
+def _refuse_optimizers_outside_the_model(optimizers: Sequence[torch.optim.Optimizer], model: nn.Module) -> None:
+    """An optimizer over another model's parameters would step every batch and never change this model. One with
+    some parameters outside it (a learnable temperature kept beside the model) is fine."""
+    own = {id(parameter) for parameter in model.parameters()}
+    for index, optimizer in enumerate(optimizers):
+        if not any(id(p) in own for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError(
+                f"optimizers[{index}]={type(optimizer).__name__} holds none of the model's parameters, so training "
+                "would never change the model; build it from model.parameters()"
+            )
+
+
 def _check_seed(seed: int) -> int:
     """A seed outside what every generator takes would be folded into range silently: two seeds, one run."""
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -464,6 +547,12 @@ def _check_run_name(run_name: str) -> str:
         raise TypeError(f"run_name={run_name!r} is a {kind}; give a str, or None for a generated one")
     if not run_name.strip():
         raise ValueError(f"run_name={run_name!r} is blank; give a name, or None for a generated one")
+    unsafe = control_characters(run_name) + bidi_controls(run_name)
+    if unsafe:
+        raise ValueError(
+            f"run_name={run_name!r} holds the control character(s) {unsafe!r}, which would steer a terminal or show "
+            "file names reordered; remove them"
+        )
     return run_name
 
 
