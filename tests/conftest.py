@@ -65,6 +65,33 @@ def params_of(module: nn.Module) -> dict[str, Any]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def build_trainer(tmp_path: Any, **kwargs: Any) -> Any:
+    """A small trainer saving into ``tmp_path/ckpt`` unless told otherwise; nothing is trained until ``fit()``."""
+    from cairn import Trainer
+    from cairn.models import Classifier
+
+    kwargs.setdefault("save_folder", str(tmp_path / "ckpt"))
+    kwargs.setdefault("max_duration", "2ba")
+    kwargs.setdefault("model", Classifier(TinyNet()))
+    kwargs.setdefault("train_dataloader", make_loader())
+    kwargs.setdefault("progress_bar", False)
+    kwargs.setdefault("run_name", "run")
+    return Trainer(**kwargs)
+
+
+def refused_at_construction(tmp_path: Any, error: type[Exception], argument: str, value: Any, **kwargs: Any) -> str:
+    """Build a trainer with ``argument=value``; assert the constructor raises ``error`` naming both in one sentence
+    and writes nothing; return the message."""
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(error) as info:
+        build_trainer(tmp_path, **{argument: value}, **kwargs)
+    message = str(info.value)
+    assert f"{argument}={value!r}" in message, message
+    assert "\n" not in message, "one sentence"
+    assert set(tmp_path.rglob("*")) == before, "a refused trainer wrote something"
+    return message
+
+
 # Object-store servers on 127.0.0.1, started by fixtures (each module documents its server).
 from store_servers.azurite import *  # noqa: E402, F403
 from store_servers.faulty_proxy import *  # noqa: E402, F403

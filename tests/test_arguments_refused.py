@@ -16,27 +16,8 @@ from cairn.callbacks import CheckpointSaver
 from cairn.models import Classifier
 from cairn.utils.checkpoint import load_checkpoint, save_checkpoint
 from conftest import TinyNet, make_loader, params_of
-
-
-def build(tmp_path: Path, **kwargs: Any) -> Trainer:
-    """A trainer saving into ``tmp_path/ckpt`` unless told otherwise; nothing is trained."""
-    kwargs.setdefault("save_folder", str(tmp_path / "ckpt"))
-    kwargs.setdefault("max_duration", "2ba")
-    return Trainer(
-        model=Classifier(TinyNet()), train_dataloader=make_loader(), progress_bar=False, run_name="run", **kwargs
-    )
-
-
-def refused(tmp_path: Path, error: type[Exception], argument: str, value: Any, **kwargs: Any) -> str:
-    """Build a trainer with ``argument=value``; assert the constructor raises ``error`` naming both, writes nothing."""
-    before = set(tmp_path.rglob("*"))
-    with pytest.raises(error) as info:
-        build(tmp_path, **{argument: value}, **kwargs)
-    message = str(info.value)
-    assert f"{argument}={value!r}" in message, message
-    assert "\n" not in message, "one sentence"
-    assert set(tmp_path.rglob("*")) == before, "a refused trainer wrote something"
-    return message
+from conftest import build_trainer as build
+from conftest import refused_at_construction as refused
 
 
 @pytest.fixture(scope="module")

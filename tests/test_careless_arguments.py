@@ -12,34 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from cairn import Event, Trainer
+from cairn import Event
 from cairn.callbacks import CheckpointSaver
 from cairn.core.state import State
 from cairn.models import Classifier
 from conftest import TinyNet, make_loader, params_of
-
-
-def build(tmp_path: Path, **kwargs: Any) -> Trainer:
-    """A trainer saving into ``tmp_path/ckpt`` unless told otherwise; nothing is trained."""
-    kwargs.setdefault("save_folder", str(tmp_path / "ckpt"))
-    kwargs.setdefault("max_duration", "2ba")
-    kwargs.setdefault("model", Classifier(TinyNet()))
-    kwargs.setdefault("train_dataloader", make_loader())
-    kwargs.setdefault("progress_bar", False)
-    kwargs.setdefault("run_name", "run")
-    return Trainer(**kwargs)
-
-
-def refused(tmp_path: Path, error: type[Exception], argument: str, value: Any, **kwargs: Any) -> str:
-    """Build a trainer with ``argument=value``; assert the constructor raises ``error`` naming both, writes nothing."""
-    before = set(tmp_path.rglob("*"))
-    with pytest.raises(error) as info:
-        build(tmp_path, **{argument: value}, **kwargs)
-    message = str(info.value)
-    assert f"{argument}={value!r}" in message, message
-    assert "\n" not in message, "one sentence"
-    assert set(tmp_path.rglob("*")) == before, "a refused trainer wrote something"
-    return message
+from conftest import build_trainer as build
+from conftest import refused_at_construction as refused
 
 
 def saved_names(tmp_path: Path) -> list[str]:

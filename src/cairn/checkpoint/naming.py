@@ -49,7 +49,7 @@ FORMAT_VARIABLES = (
     "epoch_wct",
     "batch_wct",
 )
-_PROGRESS_VARIABLES = PROGRESS_VARIABLES = FORMAT_VARIABLES[6:]
+PROGRESS_VARIABLES = FORMAT_VARIABLES[6:]
 
 
 _NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows filesystems alike
@@ -119,7 +119,7 @@ def _check_field(template: str, field: str, spec: str, conversion: str | None, a
         )
     if "{" in spec or "}" in spec:
         raise ValueError(f"{argument}={template!r} nests a field in {{{field}:{spec}}}; write the spec out in full")
-    if field in _PROGRESS_VARIABLES and not _DIGITS_ONLY_SPEC.match(spec):
+    if field in PROGRESS_VARIABLES and not _DIGITS_ONLY_SPEC.match(spec):
         raise ValueError(
             f"{argument}={template!r} writes {{{field}:{spec}}} with characters other than digits, so retention and "
             f"autoresume could not read the number back from names on disk; use {{{field}}} or {{{field}:06d}}"
@@ -351,7 +351,7 @@ def format_name(template: str, state: State, *, rank: int | None = None) -> str:
 
 def name_pattern(template: str, state: State, *, rank: int | None = None) -> re.Pattern[str]:
     """A regex matching every name ``template`` can produce in this run (progress variables left open)."""
-    fixed = {k: v for k, v in _variables(state).items() if k not in _PROGRESS_VARIABLES}
+    fixed = {k: v for k, v in _variables(state).items() if k not in PROGRESS_VARIABLES}
     if rank is not None:
         fixed["rank"] = rank
     pattern = ""
