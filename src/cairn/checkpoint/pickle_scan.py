@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import pickletools
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -107,7 +108,9 @@ def scan_pickle(
     noise). ``legacy``: an old-style torch file, whose storage ids carry one more field.
     """
     try:
-        return _Scan(archive=archive, legacy=legacy, file_size=file_size).run(stream)
+        with warnings.catch_warnings():  # pickletools warns about the odd escapes a damaged STRING opcode holds
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return _Scan(archive=archive, legacy=legacy, file_size=file_size).run(stream)
     except _Refused as refusal:
         if refusal.unsafe:
             raise UnsafeCheckpointError(
