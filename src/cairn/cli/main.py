@@ -33,6 +33,7 @@ _EXAMPLES = """examples:
 
 _CKPT_EXAMPLES = """examples:
   cairn ckpt ls runs/first                  list, newest first; * marks what latest points to
+  cairn ckpt ls --json runs/first           the same as one JSON object, for scripts
   cairn ckpt show runs/first/latest-rank0.pt
   cairn ckpt show --json ep3.pt             one JSON object, for scripts
   cairn ckpt verify runs/first s3://bucket/run/

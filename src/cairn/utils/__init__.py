@@ -1,11 +1,11 @@
-"""Helpers users reach for directly: seeding, object stores (re-exported from :mod:`cairn.storage`), and
-:mod:`cairn.utils.checkpoint` for saving and loading by hand."""
+"""Helpers users reach for directly: seeding, object stores (re-exported from :mod:`cairn.storage`, also as
+:mod:`cairn.utils.object_store`), and :mod:`cairn.utils.checkpoint` for saving and loading by hand."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from cairn.storage import ObjectStore
+from cairn.utils.object_store import STORES, ObjectStore
 from cairn.utils.reproducibility import load_rng_state, make_seed, rng_state, seed_all
 
 __all__ = [
@@ -22,8 +22,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("S3ObjectStore", "GCSObjectStore", "OCIObjectStore", "LibcloudObjectStore"):
-        import cairn.storage
+    if name in STORES:
+        from cairn.utils import object_store
 
-        return getattr(cairn.storage, name)
+        return getattr(object_store, name)
     raise AttributeError(f"module 'cairn.utils' has no attribute {name!r}")
