@@ -404,7 +404,7 @@ def test_colours_only_on_a_terminal_and_never_with_no_color(run_dir: Path) -> No
 
 @pytest.mark.slow
 def test_a_large_read_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
-    """A checkpoint over the 256 MiB threshold: a bar on a terminal, none with --no-progress."""
+    """A checkpoint over the 64 MiB threshold (it is 260 MiB): a bar on a terminal, none with --no-progress."""
     from cairn.checkpoint.commit import write_checkpoint
     from cairn.checkpoint.content import seal
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from cairn.errors import CheckpointWriteError
+from cairn.names import TEMP_MARKER
 
 __all__ = [
     "STALE_AFTER_S",
@@ -48,7 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TEMP_MARKER = ".cairn-tmp-"
 STALE_AFTER_S = 24 * 3600  # a temporary of a writer this machine cannot see is removed once silent this long
 _WRITER = re.compile(r"(?P<machine>[0-9a-f]{8})-(?P<pid>\d{1,10})-[0-9a-f]{8}\Z")
 TEMPORARY_NAME_EXTRA = len(f".{TEMP_MARKER}{'0' * 8}-{2**22}-{'0' * 8}")  # what it adds to a name (pids < 2**22)

@@ -11,9 +11,11 @@ import torch
 from cairn.core.state import State, class_keys, model_weights_module
 from cairn.errors import CheckpointIncompatibleError
 
-__all__ = ["check_compatible"]
+__all__ = ["check_compatible", "model_name_problems", "model_shape_problems"]
 
 log = logging.getLogger(__name__)
+
+Shape = tuple[int, ...] | str  # a tensor's shape, or the type name of a value that is not a tensor
 
 
 def check_compatible(saved: Mapping[str, Any], state: State, *, weights_only: bool, strict: bool, source: str) -> None:
@@ -42,11 +44,10 @@ def _model_problems(saved: Any, state: State, *, strict: bool) -> list[str]:
     expected = model_weights_module(state.model).state_dict()
     missing = [name for name in expected if name not in saved]
     unexpected = [name for name in saved if name not in expected]
-    problems = [
-        f"model weight {name!r}: checkpoint has shape {_shape(saved[name])}, model has {_shape(value)}"
-        for name, value in expected.items()
-        if name in saved and _shape(saved[name]) != _shape(value)
-    ]
+    problems = model_shape_problems(
+        {name: _shape(saved[name]) for name in expected if name in saved},
+        {name: _shape(value) for name, value in expected.items()},
+    )
     problems += [
         f"model weight {name!r}: checkpoint has dtype {saved[name].dtype}, model has {value.dtype}, which would "
         "change its values"
@@ -58,8 +59,7 @@ def _model_problems(saved: Any, state: State, *, strict: bool) -> list[str]:
         and not _holds_exactly(value.dtype, saved[name].dtype)
     ]
     if strict:
-        problems += [f"model weight {name!r} is missing from the checkpoint" for name in missing]
-        problems += [f"model weight {name!r} is in the checkpoint but not in the model" for name in unexpected]
+        problems += model_name_problems(missing, unexpected)
     elif missing or unexpected:
         log.warning(
             "loading model weights non-strictly: %d missing from the checkpoint %s, %d not in the model %s",
@@ -69,6 +69,23 @@ def _model_problems(saved: Any, state: State, *, strict: bool) -> list[str]:
             unexpected,
         )
     return problems
+
+
+def model_shape_problems(saved: Mapping[str, Shape], expected: Mapping[str, Shape]) -> list[str]:
+    """Each model weight present on both sides whose shapes differ, named with both shapes. Shared by single-file
+    checkpoints (shapes of the saved tensors) and sharded ones (shapes from the shards' index, before any read)."""
+    return [
+        f"model weight {name!r}: checkpoint has shape {saved[name]}, model has {shape}"
+        for name, shape in expected.items()
+        if name in saved and saved[name] != shape
+    ]
+
+
+def model_name_problems(missing: Sequence[str], unexpected: Sequence[str]) -> list[str]:
+    """What a strict load refuses: weights of the model missing from the checkpoint, and weights it has in excess."""
+    return [f"model weight {name!r} is missing from the checkpoint" for name in missing] + [
+        f"model weight {name!r} is in the checkpoint but not in the model" for name in unexpected
+    ]
 
 
 def _keyed_problems(kind: str, saved: Any, objects: Sequence[Any]) -> list[str]:

@@ -23,6 +23,7 @@ from cairn.core.model_state import model_state, model_weights_module
 from cairn.core.state import State, class_keys
 from cairn.utils.dist import all_gather_object, get_world_size
 from cairn.utils.reproducibility import rng_state
+from cairn.version import __version__
 
 __all__ = [
     "FORMAT_VERSION",
@@ -131,8 +132,6 @@ def is_weights_only(checkpoint: dict[str, Any]) -> bool:
 
 
 def _metadata(world_size: int, weights_only: bool) -> dict[str, Any]:
-    from cairn import __version__
-
     return {
         "format_version": FORMAT_VERSION,
         "cairn_version": str(__version__),

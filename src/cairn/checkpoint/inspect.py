@@ -26,8 +26,9 @@ import torch
 from cairn.checkpoint.commit import is_temporary
 from cairn.checkpoint.content import is_sharded, is_weights_only
 from cairn.checkpoint.loader import check_archive
-from cairn.checkpoint.sharded import METADATA_FILE, is_sharded_folder
+from cairn.checkpoint.sharded import is_sharded_folder
 from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
+from cairn.names import METADATA_FILE, POINTER_SUFFIX
 from cairn.storage.base import ObjectStore
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
 #: A file with one of these suffixes is listed even when it cannot be read (as ``unreadable``), so that damage is
 #: seen; any other file that is not a checkpoint is left out of a listing.
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
-POINTER_SUFFIX = ".symlink"  # a store's latest pointer: an object `<latest name>.symlink` holding the target's name
 
 _PROGRESS_KEYS = ("epoch", "batch", "sample", "token")
 

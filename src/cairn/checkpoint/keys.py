@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 IgnoreKeys = tuple[str, ...] | Callable[[dict[str, Any]], Any]
 
-_TOP_LEVEL = ("state", "rng")  # SPEC 5: every path starts with one of these
+# every path starts with one of these (docs/checkpointing.md, "What a checkpoint file holds")
+_TOP_LEVEL = ("state", "rng")
 _METADATA_KEYS = (  # what checkpoint.content writes into state/metadata, and the loader reads back
     "format_version",
     "cairn_version",

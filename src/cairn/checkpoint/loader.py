@@ -19,7 +19,7 @@ import torch
 from cairn.checkpoint.archive import check_archive, check_old_style_file
 from cairn.checkpoint.compat import check_compatible
 from cairn.checkpoint.content import FORMAT_VERSION, content_hash, drop_keys, is_sharded, is_weights_only, map_tensors
-from cairn.checkpoint.sharded import METADATA_FILE, is_sharded_folder, load_shards
+from cairn.checkpoint.sharded import is_sharded_folder, load_shards
 from cairn.core.model_state import load_model_state
 from cairn.core.state import State
 from cairn.core.time import Timestamp
@@ -29,6 +29,7 @@ from cairn.errors import (
     CheckpointNotFoundError,
     UnsafeCheckpointError,
 )
+from cairn.names import METADATA_FILE
 from cairn.utils.dist import get_rank
 from cairn.utils.reproducibility import check_generator_states, check_rng_state, load_rng_state
 from cairn.utils.text import printable

@@ -10,8 +10,9 @@ import string
 import unicodedata
 from typing import Any
 
-from cairn.checkpoint.commit import TEMP_MARKER, TEMPORARY_NAME_EXTRA
+from cairn.checkpoint.commit import TEMPORARY_NAME_EXTRA
 from cairn.core.state import State
+from cairn.names import TEMP_MARKER
 from cairn.storage.uri import is_uri, parse_uri
 
 __all__ = [

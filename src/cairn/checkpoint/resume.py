@@ -26,6 +26,7 @@ from cairn.checkpoint.saver import CheckpointSaver
 from cairn.core.state import State
 from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, ObjectStoreError
 from cairn.loggers.remote_uploader_downloader import RemoteUploaderDownloader
+from cairn.names import DAMAGED_MARKER
 from cairn.storage.base import ObjectStore
 from cairn.storage.uri import is_uri, parse_uri, store_from_uri
 from cairn.utils.dist import get_rank
@@ -199,7 +200,7 @@ def _set_aside_damaged_object(
 
 def _damaged_name(name: str) -> str:
     """``<name>.damaged-<UTC time>-<token>``: where a damaged checkpoint is kept, locally or in a store."""
-    return f"{name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(2)}"
+    return f"{name}{DAMAGED_MARKER}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(2)}"
 
 
 def _remote_file_name(uploader: RemoteUploaderDownloader, object_name: str) -> str | None:
@@ -240,8 +241,6 @@ def restore(
             log.info("autoresume: continuing from %s", path)
             return path
         log.info("autoresume: no checkpoint in %s yet; starting fresh", format_name(saver.folder, state, rank=0))
-        if load_path is None:
-            return None
     if load_path is None:
         return None
     checkpoint = _read(load_path, load_object_store, progress=progress)
@@ -309,7 +308,8 @@ def _batches(checkpoint: dict[str, Any]) -> int:
 def _note_ignored_load_options(
     load_path: str | None, *, weights_only: bool, strict: bool, ignore_keys: Sequence[str]
 ) -> None:
-    """The ``load_*`` options shape a first load; resuming a run's own checkpoint restores all of it (SPEC 6)."""
+    """The ``load_*`` options shape a first load; resuming a run's own checkpoint restores all of it
+    (docs/checkpointing.md, "Autoresume")."""
     ignored = [
         name
         for name, given in (

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from cairn.checkpoint.commit import is_temporary
+from cairn.names import METADATA_FILE
 
 __all__ = ["ENTRY_KINDS", "PROGRESS_ORDER", "NamedEntry", "list_checkpoints", "named_entries", "prune"]
 
@@ -62,7 +63,7 @@ def _kind(path: str) -> tuple[str | None, float]:
         return "file", info.st_mtime
     if not stat.S_ISDIR(info.st_mode):
         return "special", info.st_mtime
-    return ("sharded" if os.path.isfile(os.path.join(path, "cairn.pt")) else "folder"), info.st_mtime
+    return ("sharded" if os.path.isfile(os.path.join(path, METADATA_FILE)) else "folder"), info.st_mtime
 
 
 def list_checkpoints(folder: str, pattern: re.Pattern[str]) -> list[str]:

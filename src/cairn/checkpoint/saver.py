@@ -13,7 +13,6 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
 
 from cairn.checkpoint.background import BackgroundSaves
 from cairn.checkpoint.commit import atomic_symlink, remove_stale_temporaries, write_checkpoint
@@ -38,6 +37,7 @@ from cairn.core.event import Event
 from cairn.core.interval import IntervalLike
 from cairn.core.state import State
 from cairn.loggers.logger import Logger
+from cairn.names import POINTER_SUFFIX
 from cairn.utils.arguments import check_flag
 from cairn.utils.dist import barrier, broadcast_object, get_rank, on_rank_zero, share_rank_zero_failure
 
@@ -101,6 +101,7 @@ class CheckpointSaver(Callback):
         self.num_checkpoints_to_keep = num_checkpoints_to_keep
         self.overwrite = check_flag(overwrite, argument="overwrite")
         self.ignore_keys = check_ignore_keys(ignore_keys, argument="ignore_keys", loading=False)
+        # not written into checkpoints: the files on disk are the record, and a resumed run lists only what it saves
         self.saved_checkpoints: list[str] = []
         self.save_order: list[int] = []  # a process-wide sequence number per save, to merge several savers' lists
         self._last_saved_batch: int | None = None
@@ -316,7 +317,7 @@ class CheckpointSaver(Callback):
         if self.latest_filename is None:
             return name, None
         folder = posixpath.dirname(format_name(template, state, rank=0))
-        return name, posixpath.join(folder, format_name(self.latest_filename, state, rank=0)) + ".symlink"
+        return name, posixpath.join(folder, format_name(self.latest_filename, state, rank=0)) + POINTER_SUFFIX
 
     def _forget_uploaded(self) -> None:
         """With ``num_checkpoints_to_keep=0``, delete local copies whose uploads succeeded; a failed one stays."""
@@ -326,12 +327,6 @@ class CheckpointSaver(Callback):
         for future, path in finished:
             if future.exception() is None and self.num_checkpoints_to_keep == 0:
                 _remove_with_link(path)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"saved_checkpoints": list(self.saved_checkpoints)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        del state  # the files on disk are the record; a resumed run lists only what it saves itself
 
 
 def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:
@@ -349,12 +344,12 @@ def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:
     remote = saver.remote_template()
     pointer = saver.latest_remote_file_name
     if pointer is None and saver.latest_filename is not None:
-        pointer = posixpath.join(posixpath.dirname(remote), saver.latest_filename) + ".symlink"
+        pointer = posixpath.join(posixpath.dirname(remote), saver.latest_filename) + POINTER_SUFFIX
     clash = None if pointer is None else template_clash(remote, pointer, nested=False)
     if clash is not None:
         raise ValueError(
             f"save_remote_file_name={remote!r} and the latest pointer {pointer!r} (latest_remote_file_name, or "
-            f"save_latest_filename + '.symlink') can both name {clash!r}, and the pointer would replace that "
+            f"save_latest_filename + {POINTER_SUFFIX!r}) can both name {clash!r}, and the pointer would replace that "
             "checkpoint in the store; pass a latest_remote_file_name no checkpoint name can take"
         )
 

@@ -36,8 +36,8 @@ from torch.futures import Future
 from cairn.checkpoint.archive import check_archive_bytes
 from cairn.checkpoint.content import file_digest
 from cairn.checkpoint.loader import error_reason, needs_code
-from cairn.checkpoint.sharded import METADATA_FILE
 from cairn.errors import CheckpointCorruptError, UnsafeCheckpointError
+from cairn.names import METADATA_FILE
 from cairn.utils.text import printable
 
 __all__ = [

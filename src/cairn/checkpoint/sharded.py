@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 
-from cairn.checkpoint.commit import TEMP_MARKER, _write_failed, fsync_path, temporary_suffix, write_checkpoint
+from cairn.checkpoint.commit import _write_failed, fsync_path, temporary_suffix, write_checkpoint
+from cairn.checkpoint.compat import model_name_problems, model_shape_problems
 from cairn.checkpoint.content import build_checkpoint, file_digest, seal
 from cairn.core.model_state import model_weights_module
 from cairn.core.state import State, class_keys
 from cairn.errors import CairnError, CheckpointCorruptError, CheckpointIncompatibleError
+from cairn.names import METADATA_FILE, TEMP_MARKER
 from cairn.utils.dist import broadcast_object, get_rank, on_rank_zero
 
 __all__ = [
@@ -35,8 +37,6 @@ __all__ = [
     "save_sharded",
     "write_sharded_folder",
 ]
-
-METADATA_FILE = "cairn.pt"
 
 
 def is_sharded_folder(path: str) -> bool:
@@ -274,16 +274,10 @@ def _check_model_fits(folder: str, index: dict[str, Any], state: State, *, stric
         if key.startswith("model.") and hasattr(meta, "size")
     }
     expected = {k: tuple(v.shape) for k, v in model_weights_module(state.model).state_dict().items()}
-    problems = [
-        f"model weight {k!r}: checkpoint has shape {saved[k]}, model has {shape}"
-        for k, shape in expected.items()
-        if k in saved and saved[k] != shape
-    ]
+    problems = model_shape_problems(saved, expected)
     if strict:
-        problems += [f"model weight {k!r} is missing from the checkpoint" for k in expected if k not in saved]
-        problems += [
-            f"model weight {k!r} is in the checkpoint but not in the model" for k in saved if k not in expected
-        ]
+        missing, unexpected = [k for k in expected if k not in saved], [k for k in saved if k not in expected]
+        problems += model_name_problems(missing, unexpected)
     if problems:
         listing = "\n  - ".join(problems)
         raise CheckpointIncompatibleError(f"sharded checkpoint {folder} does not fit this run:\n  - {listing}")

@@ -40,7 +40,7 @@ _CKPT_EXAMPLES = """examples:
   cairn ckpt convert ep3.pt --to safetensors model.safetensors
   cairn ckpt diff ep2.pt ep3.pt
 
-Each command has its own --help. Colours only on a terminal (NO_COLOR turns them off); reads of 256 MiB or
+Each command has its own --help. Colours only on a terminal (NO_COLOR turns them off); reads of 64 MiB or
 more show a progress bar on stderr unless --no-progress.
 """
 

@@ -18,14 +18,15 @@ from typing import Any
 
 from cairn.checkpoint import read_checkpoint
 from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
+from cairn.names import POINTER_SUFFIX
 from cairn.storage.base import ObjectStore
+from cairn.storage.settings import PROGRESS_BAR_BYTES
 from cairn.storage.uri import is_uri, parse_uri, store_from_uri
 
 __all__ = ["PROGRESS_BYTES", "Opened", "opened", "local_copy", "store_for"]
 
 #: Reads of at least this many bytes show a progress bar on stderr (when it is a terminal).
-PROGRESS_BYTES = 256 << 20
-_POINTER_SUFFIX = ".symlink"
+PROGRESS_BYTES = PROGRESS_BAR_BYTES
 
 _stores: dict[str, ObjectStore] = {}
 
@@ -79,14 +80,14 @@ def _follow_pointer(store: ObjectStore, name: str) -> str:
     latest name that the pointer stands for (``run/latest-rank0.pt`` for ``run/latest-rank0.pt.symlink``)."""
     from cairn.checkpoint.remote import read_pointer
 
-    if name.endswith(_POINTER_SUFFIX):
+    if name.endswith(POINTER_SUFFIX):
         pointer = name
     else:
         try:
             store.get_object_size(name)
             return name
         except ObjectNotFoundError:
-            pointer = name + _POINTER_SUFFIX
+            pointer = name + POINTER_SUFFIX
     target = read_pointer(store, pointer)
     if target is None:
         raise CheckpointNotFoundError(

@@ -54,11 +54,3 @@ class Event(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
-    @property
-    def is_eval(self) -> bool:
-        return self.value.startswith("eval_")
-
-    @property
-    def is_checkpoint(self) -> bool:
-        return self in (Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT)

@@ -100,11 +100,6 @@ class State:
         self.previous_timestamp = self.timestamp
         self.timestamp = timestamp
 
-    def elapsed_fraction(self) -> float:
-        """How far through ``max_duration`` the run is, from 0 to 1."""
-        done = self.timestamp.get(self.max_duration.unit).value
-        return min(1.0, done / self.max_duration.value) if self.max_duration.value else 1.0
-
     def is_done(self) -> bool:
         if self._stop_requested:
             return True

@@ -25,12 +25,14 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from cairn.core.event import Event
 from cairn.errors import CheckpointCorruptError, ObjectExistsError, ObjectNotFoundError, ObjectStoreError
 from cairn.loggers.logger import LoggerDestination
+from cairn.names import POINTER_SUFFIX
 from cairn.storage.base import ObjectStore, TransientStoreError
+from cairn.storage.settings import PROGRESS_BAR_BYTES, retry_wait
 from cairn.storage.uri import parse_uri, store_from_uri
 from cairn.utils.text import printable
 
@@ -42,7 +44,6 @@ __all__ = ["RemoteUploaderDownloader", "read_pointer"]
 
 log = logging.getLogger(__name__)
 
-PROGRESS_BAR_BYTES = 64 << 20  # files at least this large get a progress bar
 _POINTER_LIMIT = 4096  # a pointer holds one object name
 
 #: a checkpoint's progress read from its name in the store (comparable tuples), or None for a name it cannot order
@@ -88,7 +89,7 @@ class RemoteUploaderDownloader(LoggerDestination):
         if "{remote_file_name}" not in file_path_format_string:
             raise ValueError(f"file_path_format_string={file_path_format_string!r} must contain {{remote_file_name}}")
         self.bucket_uri = parsed.bucket_uri + (f"/{parsed.path}" if parsed.path else "")
-        self._spec = _StoreSpec(parsed.bucket_uri, _with_prefix(parsed.scheme, parsed.path, backend_kwargs))
+        self._spec = _StoreSpec(parsed.bucket_uri, _with_prefix(parsed.path, backend_kwargs))
         self.num_concurrent_uploads = num_concurrent_uploads
         self.use_procs = use_procs
         self.num_attempts = num_attempts
@@ -279,7 +280,8 @@ class RemoteUploaderDownloader(LoggerDestination):
             raise ObjectStoreError(f"{self.bucket_uri} cannot be used: {err}") from None
 
 
-def _with_prefix(scheme: str, path: str, backend_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+def _with_prefix(path: str, backend_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The store's arguments, with the URI's path as its key prefix unless the caller gave one."""
     kwargs = dict(backend_kwargs or {})
     if path:
         kwargs.setdefault("prefix", path)
@@ -304,7 +306,7 @@ def _worker_store(spec: _StoreSpec) -> ObjectStore:
 def _retrying(num_attempts: int) -> Retrying:
     return Retrying(
         stop=stop_after_attempt(num_attempts),
-        wait=wait_exponential(multiplier=0.2, max=10),
+        wait=retry_wait(),
         retry=retry_if_exception_type((TransientStoreError, ObjectNotFoundError)),
         reraise=True,
     )
@@ -389,7 +391,7 @@ def _upload_and_verify(store: ObjectStore, filename: str, name: str, overwrite: 
 
 
 def _write_pointer(store: ObjectStore, pointer: str, target: str) -> None:
-    with tempfile.NamedTemporaryFile("w", suffix=".symlink", delete=False) as file:
+    with tempfile.NamedTemporaryFile("w", suffix=POINTER_SUFFIX, delete=False) as file:
         file.write(target)
     try:
         _upload_and_verify(store, file.name, pointer, overwrite=True)

@@ -17,9 +17,10 @@ import secrets
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from cairn.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
+from cairn.storage.settings import retry_wait
 
 __all__ = ["ObjectStore", "ProgressCallback", "TransientStoreError", "file_md5"]
 
@@ -204,7 +205,7 @@ class ObjectStore(abc.ABC):
         """Run ``call`` with exponential backoff on transient failures; raise cairn's errors with ``what`` in them."""
         retrying = Retrying(
             stop=stop_after_attempt(max(1, self.num_attempts)),
-            wait=wait_exponential(multiplier=0.2, max=5),
+            wait=retry_wait(),
             retry=retry_if_exception_type(TransientStoreError),
             reraise=True,
             before_sleep=lambda state: log.warning(

@@ -81,7 +81,7 @@ class Trainer:
         algorithms: Algorithm | Sequence[Algorithm] | None = None,
         progress_bar: bool = True,
         parallelism_config: dict[str, Any] | None = None,
-        # saving (SPEC 4): they build one CheckpointSaver
+        # saving (docs/checkpointing.md, "Saving"): they build one CheckpointSaver
         save_folder: str | None = None,
         save_filename: str = "ep{epoch}-ba{batch}-rank{rank}.pt",
         save_latest_filename: str | None = "latest-rank{rank}.pt",
@@ -92,7 +92,7 @@ class Trainer:
         save_remote_file_name: str | None = None,
         save_ignore_keys: Sequence[str] | None = None,
         save_async: bool = False,
-        # loading and resuming (SPEC 6)
+        # loading and resuming (docs/checkpointing.md, "Loading and resuming")
         load_path: str | None = None,
         load_object_store: ObjectStore | RemoteUploaderDownloader | None = None,
         load_weights_only: bool = False,

@@ -1,0 +1,22 @@
+"""The names cairn gives things on disk and in a store, in one place so that writers and readers agree.
+
+A leaf module: it imports nothing from cairn, so that any module (saving, loading, the tools, the loggers, the
+command line) can use it without closing an import circle.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DAMAGED_MARKER", "METADATA_FILE", "POINTER_SUFFIX", "TEMP_MARKER"]
+
+#: A sharded checkpoint folder's file holding everything but the sharded tensors (its content hash included);
+#: a folder holding it is a sharded checkpoint.
+METADATA_FILE = "cairn.pt"
+
+#: Marks a file or folder still being written (``.<name>.cairn-tmp-<machine>-<pid>-<token>``); never a checkpoint.
+TEMP_MARKER = ".cairn-tmp-"
+
+#: A store's latest pointer is the object ``<latest name>.symlink``, holding the name of the object it stands for.
+POINTER_SUFFIX = ".symlink"
+
+#: Autoresume keeps a damaged checkpoint beside it as ``<name>.damaged-<UTC time>-<token>``.
+DAMAGED_MARKER = ".damaged-"
