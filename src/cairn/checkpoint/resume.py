@@ -32,7 +32,14 @@ from cairn.storage.uri import is_uri, parse_uri, store_from_uri
 from cairn.utils.dist import get_rank
 from cairn.utils.text import printable
 
-__all__ = ["find_latest_checkpoint", "find_remote_latest", "restore", "saving_from_arguments"]
+__all__ = [
+    "check_autoresume_names",
+    "find_latest_checkpoint",
+    "find_remote_latest",
+    "restore",
+    "saving_from_arguments",
+    "uploader_among",
+]
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +221,27 @@ def _remote_file_name(uploader: RemoteUploaderDownloader, object_name: str) -> s
     return name if uploader.remote_name(name) == object_name else None
 
 
+def uploader_among(destinations: Sequence[object]) -> RemoteUploaderDownloader | None:
+    """The first uploader among the run's loggers: the store autoresume reads, and whose names it must find again."""
+    return next((d for d in destinations if isinstance(d, RemoteUploaderDownloader)), None)
+
+
+def check_autoresume_names(
+    saver: CheckpointSaver | None, destinations: Sequence[object], *, autoresume: bool, run_name: str | None
+) -> None:
+    """Refuse ``autoresume=True`` when the checkpoint names hold ``{run_name}`` and no run name is given: each
+    restart would make up a new name, and look for its checkpoints where none were ever written."""
+    if autoresume and run_name is None and saver is not None and "{run_name}" in _name_templates(saver, destinations):
+        raise ValueError("autoresume=True with {run_name} in the checkpoint names needs an explicit run_name")
+
+
+def _name_templates(saver: CheckpointSaver, destinations: Sequence[object]) -> str:
+    """Every name template autoresume must find again: local ones, and remote ones when something uploads."""
+    uploads = uploader_among(destinations) is not None
+    remote = (saver.remote_file_name or "{run_name}/checkpoints/") if uploads else ""
+    return saver.folder + saver.filename + remote
+
+
 def restore(
     state: State,
     *,
@@ -224,14 +252,18 @@ def restore(
     ignore_keys: Sequence[str],
     autoresume: bool,
     saver: CheckpointSaver | None,
-    uploader: RemoteUploaderDownloader | None = None,
+    destinations: Sequence[object] = (),
     progress: bool = True,
 ) -> str | None:
-    """Load what the arguments ask for into ``state``; return the checkpoint's path, or None for a fresh start."""
+    """Load what the arguments ask for into ``state``; return the checkpoint's path, or None for a fresh start.
+
+    ``destinations`` are the run's loggers: autoresume also looks in the store of the first uploader among them.
+    """
     if autoresume:
         if saver is None:
             raise ValueError("autoresume=True needs save_folder: that is where it looks for the run's checkpoints")
         found = find_latest_checkpoint(saver, state)
+        uploader = uploader_among(destinations)
         if uploader is not None:
             found = _local_unless_store_is_ahead(found, saver, state, uploader, progress=progress)
         if found is not None:

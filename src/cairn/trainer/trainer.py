@@ -7,6 +7,7 @@ import inspect
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from torchmetrics import Metric
 
 from cairn.checkpoint.keys import check_ignore_keys
 from cairn.checkpoint.naming import bidi_controls, check_names, control_characters
-from cairn.checkpoint.resume import restore, saving_from_arguments
+from cairn.checkpoint.resume import check_autoresume_names, restore, saving_from_arguments
 from cairn.checkpoint.saver import CheckpointSaver
 from cairn.core.callback import Algorithm, Callback
 from cairn.core.engine import Engine
@@ -37,6 +38,7 @@ from cairn.trainer.preemption import (
     DEFAULT_PREEMPTION_EXIT_CODE,
     DEFAULT_PREEMPTION_SIGNALS,
     Preempted,
+    PreemptionWatch,
     SignalLike,
     preemption_watch,
 )
@@ -51,6 +53,17 @@ log = logging.getLogger(__name__)
 
 _MAX_DURATION_UNITS = (TimeUnit.EPOCH, TimeUnit.BATCH, TimeUnit.SAMPLE, TimeUnit.TOKEN)
 _SCHEDULER_METHODS = ("step", "state_dict", "load_state_dict")  # stepped after each batch, and checkpointed
+_FLAGS = (  # the yes/no arguments, checked in this order
+    "progress_bar",
+    "save_overwrite",
+    "save_weights_only",
+    "save_async",
+    "load_weights_only",
+    "load_strict_model_weights",
+    "load_progress_bar",
+    "autoresume",
+    "save_on_preemption",
+)
 
 
 class Trainer:
@@ -105,116 +118,77 @@ class Trainer:
         preemption_signals: SignalLike | Sequence[SignalLike] = DEFAULT_PREEMPTION_SIGNALS,
         preemption_exit_code: int = DEFAULT_PREEMPTION_EXIT_CODE,
     ) -> None:
-        (
-            progress_bar,
-            save_overwrite,
-            save_weights_only,
-            save_async,
-            load_weights_only,
-            load_strict_model_weights,
-            load_progress_bar,
-            autoresume,
-            save_on_preemption,
-        ) = _check_flags(
-            progress_bar=progress_bar,
-            save_overwrite=save_overwrite,
-            save_weights_only=save_weights_only,
-            save_async=save_async,
-            load_weights_only=load_weights_only,
-            load_strict_model_weights=load_strict_model_weights,
-            load_progress_bar=load_progress_bar,
-            autoresume=autoresume,
-            save_on_preemption=save_on_preemption,
-        )
-        _check_loaders(train_dataloader=train_dataloader, eval_dataloader=eval_dataloader)
-        if save_folder is not None:  # checked first, under the Trainer's argument names (the saver checks them again)
-            save_folder, save_filename, save_latest_filename, save_remote_file_name, _ = check_names(
-                save_folder, save_filename, save_latest_filename, save_remote_file_name, prefix="save_"
-            )
-        save_ignore_keys = check_ignore_keys(save_ignore_keys, argument="save_ignore_keys", loading=False)
-        load_ignore_keys = check_ignore_keys(load_ignore_keys, argument="load_ignore_keys", loading=True)
-        fsdp = parse_parallelism_config(parallelism_config)
-        self._model = ModelAdapter(model)
-        torch_device = init_from_environment(resolve_device(device))
-        rank_zero_seed = broadcast_object(make_seed() if seed is None else _check_seed(seed))
-        seed_all(rank_seed(rank_zero_seed, get_rank()))
-        model.to(torch_device)
-        optimizer_list = _as_list(optimizers, torch.optim.Optimizer, "optimizers")
-        _refuse_optimizers_that_need_a_closure(optimizer_list)
-        _refuse_optimizers_outside_the_model(optimizer_list, model)  # before FSDP2 replaces the parameters
-        self._model.forward_module = wrap_model(model, torch_device, fsdp, optimizer_list)  # DDP, or FSDP2 shards
-        train_dataloader = shard_dataloader(train_dataloader, rank_zero_seed)
-        eval_dataloader = shard_dataloader(eval_dataloader, rank_zero_seed)
-        precision_ = parse_precision(precision)
-        destinations = _as_list(loggers, LoggerDestination, "loggers")
-        if progress_bar:
-            destinations.append(ProgressBarLogger())
-        saver, uploader = saving_from_arguments(
-            save_folder,
-            save_filename=save_filename,
-            save_remote_file_name=save_remote_file_name,
-            latest_filename=save_latest_filename,
-            save_interval=save_interval,
-            weights_only=save_weights_only,
-            num_checkpoints_to_keep=save_num_checkpoints_to_keep,
-            overwrite=save_overwrite,
-            ignore_keys=save_ignore_keys,
-            async_save=save_async,
-        )
-        if uploader is not None:
-            destinations.append(uploader)
-        if (
-            autoresume
-            and run_name is None
-            and saver is not None
-            and "{run_name}" in _name_templates(saver, destinations)
-        ):
-            raise ValueError("autoresume=True with {run_name} in the checkpoint names needs an explicit run_name")
-        self.state = State(
-            model=model,
-            run_name=broadcast_object(generate_run_name() if run_name is None else _check_run_name(run_name)),
-            rank_zero_seed=rank_zero_seed,
-            max_duration=_parse_max_duration(max_duration),
-            device=torch_device,
-            precision=precision_.value,
-            optimizers=optimizer_list or [_default_optimizer(model)],
-            schedulers=_check_schedulers(schedulers),
-            algorithms=_as_list(algorithms, Algorithm, "algorithms"),
-            # the saver before the loggers: at FIT_END its last async save reaches the uploaders before they wait
-            callbacks=[*_as_list(callbacks, Callback, "callbacks"), *([saver] if saver else []), *destinations],
-            scaler=make_grad_scaler(precision_, torch_device),
-            train_metrics=_on_device(self._model.metrics(is_train=True), torch_device),
-            eval_metrics={"eval": _on_device(self._model.metrics(is_train=False), torch_device)},
-            device_train_microbatch_size=_check_microbatch_size(device_train_microbatch_size),
-        )
-        if save_on_preemption and not self._savers():
-            raise ValueError("save_on_preemption=True needs somewhere to save: pass save_folder (or a CheckpointSaver)")
-        self._preemption = preemption_watch(save_on_preemption, preemption_signals, preemption_exit_code)
-        self.state.sharded_checkpoints = bool(fsdp and fsdp["state_dict_type"] == "sharded" and is_distributed())
-        self.state.train_dataloader = train_dataloader
-        self.state.eval_dataloader = eval_dataloader
-        self.state.dataloader_len = _len_or_none(train_dataloader)
-        self._precision = precision_
+        args = _checked_arguments(**{name: value for name, value in locals().items() if name != "self"})
+        fsdp = parse_parallelism_config(args.parallelism_config)
+        self._model = ModelAdapter(args.model)
+        device = init_from_environment(resolve_device(args.device))
+        rank_zero_seed = _seed_every_rank(args.seed)
+        args.model.to(device)
+        optimizers = _checked_optimizers(args.optimizers, args.model)  # before FSDP2 replaces the parameters
+        self._model.forward_module = wrap_model(args.model, device, fsdp, optimizers)  # DDP, or FSDP2 shards
+        train_dataloader = shard_dataloader(args.train_dataloader, rank_zero_seed)
+        eval_dataloader = shard_dataloader(args.eval_dataloader, rank_zero_seed)
+        self._precision = parse_precision(args.precision)
+        destinations = _destinations(args.loggers, progress_bar=args.progress_bar)
+        saver, uploader = saving_from_arguments(args.save_folder, **_saving_keywords(args))
+        destinations.extend([uploader] if uploader is not None else [])  # a URI save_folder uploads
+        check_autoresume_names(saver, destinations, autoresume=args.autoresume, run_name=args.run_name)
+        self.state = self._new_state(args, device, rank_zero_seed, optimizers, saver, destinations)
+        self._preemption = self._preemption_watch(args)
+        self._attach_loaders(train_dataloader, eval_dataloader, fsdp)
         self._eval_due = interval_policy(
-            eval_interval, batch_event=Event.BATCH_END, epoch_event=Event.EPOCH_END, name="eval_interval"
+            args.eval_interval, batch_event=Event.BATCH_END, epoch_event=Event.EPOCH_END, name="eval_interval"
         )
         self.logger = Logger(self.state, destinations)
         self.engine = Engine(self.state, self.logger)
         self.engine.run_event(Event.INIT)
-        restore(
-            self.state,
-            load_path=load_path,
-            load_object_store=load_object_store,
-            weights_only=load_weights_only,
-            strict=load_strict_model_weights,
-            ignore_keys=load_ignore_keys,
-            autoresume=autoresume,
-            saver=saver,
-            uploader=next((d for d in destinations if isinstance(d, RemoteUploaderDownloader)), None),
-            progress=load_progress_bar,
-        )
+        restore(self.state, saver=saver, destinations=destinations, **_loading_keywords(args))
         restore_loader_position(train_dataloader, self.state)
         self.logger.log_hyperparameters(self._hyperparameters())
+
+    def _new_state(
+        self,
+        args: SimpleNamespace,
+        device: torch.device,
+        rank_zero_seed: int,
+        optimizers: list[torch.optim.Optimizer],
+        saver: CheckpointSaver | None,
+        destinations: list[LoggerDestination],
+    ) -> State:
+        """The run's state; its run name is checked (or made up) here, after the saving checks, as it always was."""
+        model = args.model
+        return State(
+            model=model,
+            run_name=broadcast_object(generate_run_name() if args.run_name is None else _check_run_name(args.run_name)),
+            rank_zero_seed=rank_zero_seed,
+            max_duration=_parse_max_duration(args.max_duration),
+            device=device,
+            precision=self._precision.value,
+            optimizers=optimizers or [_default_optimizer(model)],
+            schedulers=_check_schedulers(args.schedulers),
+            algorithms=_as_list(args.algorithms, Algorithm, "algorithms"),
+            # the saver before the loggers: at FIT_END its last async save reaches the uploaders before they wait
+            callbacks=[*_as_list(args.callbacks, Callback, "callbacks"), *([saver] if saver else []), *destinations],
+            scaler=make_grad_scaler(self._precision, device),
+            train_metrics=_on_device(self._model.metrics(is_train=True), device),
+            eval_metrics={"eval": _on_device(self._model.metrics(is_train=False), device)},
+            device_train_microbatch_size=_check_microbatch_size(args.device_train_microbatch_size),
+        )
+
+    def _preemption_watch(self, args: SimpleNamespace) -> PreemptionWatch | None:
+        """The signal watch ``save_on_preemption`` asks for; refused when no saver (``save_folder`` or a
+        ``CheckpointSaver`` among the callbacks) could write the checkpoint it promises."""
+        if args.save_on_preemption and not self._savers():
+            raise ValueError("save_on_preemption=True needs somewhere to save: pass save_folder (or a CheckpointSaver)")
+        return preemption_watch(args.save_on_preemption, args.preemption_signals, args.preemption_exit_code)
+
+    def _attach_loaders(
+        self, train_dataloader: Iterable[Any], eval_dataloader: Iterable[Any] | None, fsdp: dict[str, Any] | None
+    ) -> None:
+        self.state.sharded_checkpoints = bool(fsdp and fsdp["state_dict_type"] == "sharded" and is_distributed())
+        self.state.train_dataloader = train_dataloader
+        self.state.eval_dataloader = eval_dataloader
+        self.state.dataloader_len = _len_or_none(train_dataloader)
 
     @property
     def saved_checkpoints(self) -> list[str]:
@@ -437,13 +411,6 @@ class Trainer:
         }
 
 
-def _name_templates(saver: CheckpointSaver, destinations: Sequence[LoggerDestination]) -> str:
-    """Every name template autoresume must find again: local ones, and remote ones when something uploads."""
-    uploads = any(isinstance(d, RemoteUploaderDownloader) for d in destinations)
-    remote = (saver.remote_file_name or "{run_name}/checkpoints/") if uploads else ""
-    return saver.folder + saver.filename + remote
-
-
 def _parse_max_duration(value: int | str | Time[Any]) -> Time[Any]:
     duration = ensure_time(value, name="max_duration")
     if duration.unit not in _MAX_DURATION_UNITS:
@@ -471,9 +438,70 @@ def _as_list(value: Any, kind: type, name: str) -> list[Any]:
     return items
 
 
-def _check_flags(**flags: object) -> tuple[bool, ...]:
-    """Each yes/no argument as a real ``bool``, in the order given: ``save_overwrite="False"`` would overwrite."""
-    return tuple(check_flag(value, argument=name) for name, value in flags.items())
+def _checked_arguments(**given: Any) -> SimpleNamespace:
+    """Every ``Trainer`` argument by name, the cheap checks done (before any training time is spent) and their
+    values normalised: the yes/no flags as real ``bool`` (``save_overwrite="False"`` would overwrite), the loaders
+    iterable, the save names and the ignore keys in their checked form."""
+    args = SimpleNamespace(**given)
+    for name in _FLAGS:
+        setattr(args, name, check_flag(getattr(args, name), argument=name))
+    _check_loaders(train_dataloader=args.train_dataloader, eval_dataloader=args.eval_dataloader)
+    if args.save_folder is not None:  # checked first, under the Trainer's argument names (the saver checks them again)
+        args.save_folder, args.save_filename, args.save_latest_filename, args.save_remote_file_name, _ = check_names(
+            args.save_folder, args.save_filename, args.save_latest_filename, args.save_remote_file_name, prefix="save_"
+        )
+    args.save_ignore_keys = check_ignore_keys(args.save_ignore_keys, argument="save_ignore_keys", loading=False)
+    args.load_ignore_keys = check_ignore_keys(args.load_ignore_keys, argument="load_ignore_keys", loading=True)
+    return args
+
+
+def _seed_every_rank(seed: int | None) -> int:
+    """Seed this rank's generators from the run's seed (rank 0's, shared); return that seed."""
+    rank_zero_seed = broadcast_object(make_seed() if seed is None else _check_seed(seed))
+    seed_all(rank_seed(rank_zero_seed, get_rank()))
+    return rank_zero_seed
+
+
+def _checked_optimizers(optimizers: Any, model: nn.Module) -> list[torch.optim.Optimizer]:
+    optimizer_list = _as_list(optimizers, torch.optim.Optimizer, "optimizers")
+    _refuse_optimizers_that_need_a_closure(optimizer_list)
+    _refuse_optimizers_outside_the_model(optimizer_list, model)
+    return optimizer_list
+
+
+def _destinations(loggers: Any, *, progress_bar: bool) -> list[LoggerDestination]:
+    destinations = _as_list(loggers, LoggerDestination, "loggers")
+    if progress_bar:
+        destinations.append(ProgressBarLogger())
+    return destinations
+
+
+def _saving_keywords(args: SimpleNamespace) -> dict[str, Any]:
+    """The ``save_*`` arguments under the names :func:`saving_from_arguments` takes."""
+    return {
+        "save_filename": args.save_filename,
+        "save_remote_file_name": args.save_remote_file_name,
+        "latest_filename": args.save_latest_filename,
+        "save_interval": args.save_interval,
+        "weights_only": args.save_weights_only,
+        "num_checkpoints_to_keep": args.save_num_checkpoints_to_keep,
+        "overwrite": args.save_overwrite,
+        "ignore_keys": args.save_ignore_keys,
+        "async_save": args.save_async,
+    }
+
+
+def _loading_keywords(args: SimpleNamespace) -> dict[str, Any]:
+    """The ``load_*`` arguments and ``autoresume`` under the names :func:`restore` takes."""
+    return {
+        "load_path": args.load_path,
+        "load_object_store": args.load_object_store,
+        "weights_only": args.load_weights_only,
+        "strict": args.load_strict_model_weights,
+        "ignore_keys": args.load_ignore_keys,
+        "autoresume": args.autoresume,
+        "progress": args.load_progress_bar,
+    }
 
 
 def _check_loaders(**loaders: object) -> None:
