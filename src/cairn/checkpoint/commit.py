@@ -1,5 +1,7 @@
-"""The one way cairn puts a file on disk: nobody ever sees half of it.
+"""The one way cairn puts a checkpoint on disk: nobody ever sees half of it.
 
+The file form (:func:`atomic_write`) lives in the leaf module :mod:`cairn.atomic`, so that downloads commit through
+it too; this module adds the checkpoint writer, the latest link, and the clearing of interrupted writers' leftovers.
 Data goes to a hidden temporary name in the target's own folder (same filesystem, so the rename is atomic), is
 flushed and fsynced, then renamed over the target; the folder is fsynced so the rename survives a power cut.
 A crash at any moment leaves either the old file or the new one, never a mix, plus at worst a temporary file
@@ -18,20 +20,27 @@ reused pid on a dead writer's temporary).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import re
-import secrets
 import shutil
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from cairn.errors import CheckpointWriteError
+from cairn.atomic import (
+    TEMPORARY_NAME_EXTRA,
+    WRITER_PATTERN,
+    atomic_write,
+    fsync_path,
+    is_temporary,
+    remove_quietly,
+    temporary_path,
+    temporary_suffix,
+    this_machine,
+)
+from cairn.atomic import write_failed as _write_failed  # noqa: F401 - the sharded writer imports it from here
 from cairn.names import TEMP_MARKER
 
 __all__ = [
@@ -50,85 +59,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STALE_AFTER_S = 24 * 3600  # a temporary of a writer this machine cannot see is removed once silent this long
-_WRITER = re.compile(r"(?P<machine>[0-9a-f]{8})-(?P<pid>\d{1,10})-[0-9a-f]{8}\Z")
-TEMPORARY_NAME_EXTRA = len(f".{TEMP_MARKER}{'0' * 8}-{2**22}-{'0' * 8}")  # what it adds to a name (pids < 2**22)
-
-
-def temporary_suffix() -> str:
-    """What follows :data:`TEMP_MARKER` in a temporary's name: this machine, this process, and a random token."""
-    return f"{_machine()}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _machine() -> str:
-    """This host and pid namespace, as 8 hex digits: where a pid means something."""
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:  # not Linux: the host name alone
-        namespace = 0
-    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
-
-
-def _temporary_name(target: str) -> str:
-    folder, name = os.path.split(target)
-    return os.path.join(folder, f".{name}{TEMP_MARKER}{temporary_suffix()}")
-
-
-def is_temporary(name: str) -> bool:
-    return TEMP_MARKER in os.path.basename(name)
-
-
-def atomic_write(target: str, write: Callable[[str], None], *, overwrite: bool = True) -> None:
-    """Create ``target`` atomically: ``write(temporary)`` creates the file at a temporary path beside it, which is then
-    fsynced and renamed over ``target`` (the folder fsynced too). With ``overwrite=False`` an existing file is kept.
-    """
-    folder = os.path.dirname(target) or "."
-    os.makedirs(folder, exist_ok=True)
-    temporary = _temporary_name(target)
-    try:
-        try:
-            write(temporary)
-            fsync_path(temporary)
-        except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError
-            raise _write_failed(target, folder, err) from err
-        if overwrite:
-            os.replace(temporary, target)
-        else:
-            _rename_without_replacing(temporary, target)
-    except BaseException:
-        _remove_quietly(temporary)
-        raise
-    fsync_path(folder)
-
-
-def _write_failed(target: str, folder: str, err: BaseException) -> CheckpointWriteError:
-    """One sentence on what happened and what to do; the free space is the usual suspect, so it is stated."""
-    try:
-        free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free there"
-    except OSError:
-        free = "free space unknown"
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return CheckpointWriteError(
-        f"could not write the checkpoint {target} ({reason}; {free}): the disk may be full, a file size limit "
-        "reached or the folder not writable. Nothing was replaced, earlier checkpoints are intact; free space or "
-        "choose another save_folder, then resume"
-    )
-
-
-def _rename_without_replacing(source: str, target: str) -> None:
-    """``link`` then ``unlink`` fails with FileExistsError instead of silently replacing ``target``."""
-    try:
-        os.link(source, target)
-    except FileExistsError:
-        raise FileExistsError(
-            f"{target} already exists and overwrite is off; pass overwrite=True (save_overwrite=True) to replace it, "
-            "or choose a save_filename that includes {batch}"
-        ) from None
-    except OSError:  # a filesystem without hard links: fall back to a check, then an atomic rename
-        if os.path.exists(target):
-            raise FileExistsError(f"{target} already exists and overwrite is off") from None
-        os.replace(source, target)
-        return
-    os.unlink(source)
 
 
 def write_checkpoint(checkpoint: dict[str, Any], path: str, *, overwrite: bool = True) -> None:
@@ -174,23 +104,14 @@ def atomic_symlink(link: str, target: str) -> None:
             "away, or choose a save_latest_filename (latest_filename) that no checkpoint name can take"
         )
     relative = os.path.relpath(target, folder)
-    temporary = _temporary_name(link)
+    temporary = temporary_path(link)
     os.symlink(relative, temporary)
     try:
         os.replace(temporary, link)
     except BaseException:
-        _remove_quietly(temporary)
+        remove_quietly(temporary)
         raise
     fsync_path(folder)
-
-
-def fsync_path(path: str) -> None:
-    """fsync a file's data, or a folder's entries (so a rename in it survives a power cut)."""
-    descriptor = os.open(path or ".", os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
@@ -221,8 +142,8 @@ def remove_stale_temporaries(folder: str) -> list[str]:
 
 def _writer_is_gone(path: str, now: float) -> bool:
     """Whether no process can still be writing ``path``: its pid is gone (this machine), or it fell silent."""
-    match = _WRITER.match(os.path.basename(path).rsplit(TEMP_MARKER, 1)[1])
-    if match is not None and match["machine"] == _machine() and not _process_is_running(int(match["pid"])):
+    match = WRITER_PATTERN.match(os.path.basename(path).rsplit(TEMP_MARKER, 1)[1])
+    if match is not None and match["machine"] == this_machine() and not _process_is_running(int(match["pid"])):
         return True
     return now - _last_change(path) > STALE_AFTER_S  # also ends a reused pid's hold on a dead writer's file
 
@@ -260,11 +181,4 @@ def _remove_tree_quietly(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
-        _remove_quietly(path)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        remove_quietly(path)

@@ -26,6 +26,7 @@ import torch
 from cairn.checkpoint.commit import is_temporary
 from cairn.checkpoint.content import is_sharded, is_weights_only
 from cairn.checkpoint.loader import check_archive
+from cairn.checkpoint.retention import folder_entries
 from cairn.checkpoint.sharded import is_sharded_folder
 from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
 from cairn.names import METADATA_FILE, POINTER_SUFFIX
@@ -36,6 +37,7 @@ __all__ = [
     "Listing",
     "ListedCheckpoint",
     "ModuleSize",
+    "checkpoint_files",
     "checkpoint_kind",
     "list_checkpoints_at",
     "list_local_checkpoints",
@@ -43,6 +45,7 @@ __all__ = [
     "model_tensor_sizes",
     "peek_checkpoint",
     "progress_from_name",
+    "size_on_disk",
     "summarize",
 ]
 
@@ -118,25 +121,20 @@ def list_local_checkpoints(folder: str, *, recursive: bool = False) -> Listing:
 
 
 def _scan(folder: str, *, recursive: bool) -> tuple[list[str], list[str]]:
-    """Candidate checkpoint paths and symlinks under ``folder``; a sharded folder is one candidate."""
+    """Candidate checkpoint paths and symlinks under ``folder``; a sharded folder is one candidate. A folder that
+    cannot be read is an error (a listing that silently left it out would mislead)."""
     candidates: list[str] = []
     links: list[str] = []
-    pending = [folder]
-    while pending:
-        with os.scandir(pending.pop()) as scan:
-            for item in sorted(scan, key=lambda entry: entry.name):
-                if is_temporary(item.name):
-                    continue
-                if item.is_symlink():
-                    links.append(item.path)
-                elif item.is_dir():
-                    if is_sharded_folder(item.path):
-                        candidates.append(item.path)
-                    elif recursive:
-                        pending.append(item.path)
-                elif item.is_file():
-                    candidates.append(item.path)
+    for entry in folder_entries(folder, recursive=recursive, on_error=_raise):
+        if entry.kind == "link":
+            links.append(entry.path)
+        elif entry.kind in ("file", "sharded"):
+            candidates.append(entry.path)
     return candidates, links
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def _relative(path: str, folder: str) -> str:
@@ -145,7 +143,7 @@ def _relative(path: str, folder: str) -> str:
 
 def _local_entry(name: str, path: str) -> ListedCheckpoint | None:
     checkpoint = peek_checkpoint(path)
-    size = _size_on_disk(path)
+    size = size_on_disk(path)
     if checkpoint is None:
         if not name.endswith(CHECKPOINT_SUFFIXES):
             return None  # some other file: a log, a config
@@ -198,11 +196,18 @@ def _is_plain_torch_archive(path: str) -> bool:
         return False
 
 
-def _size_on_disk(path: str) -> int:
+def checkpoint_files(path: str) -> list[str]:
+    """The files a checkpoint's bytes are in: the file itself, or a sharded folder's regular files (links not
+    followed), sorted."""
     if not os.path.isdir(path):
-        return os.path.getsize(path)
+        return [path]
     with os.scandir(path) as scan:
-        return sum(item.stat(follow_symlinks=False).st_size for item in scan if item.is_file(follow_symlinks=False))
+        return sorted(item.path for item in scan if item.is_file(follow_symlinks=False))
+
+
+def size_on_disk(path: str) -> int:
+    """A checkpoint's bytes on disk (a sharded folder: all its files); 0 when nothing is at ``path``."""
+    return sum(os.path.getsize(file) for file in checkpoint_files(path)) if os.path.exists(path) else 0
 
 
 def list_remote_checkpoints(store: ObjectStore, prefix: str, *, recursive: bool = False) -> Listing:

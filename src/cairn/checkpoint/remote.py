@@ -3,15 +3,17 @@ run from replacing another run's checkpoints in a store (``save_overwrite=False`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import posixpath
 import re
 import string
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from cairn.atomic import NAME_MAX
 from cairn.checkpoint.loader import read_checkpoint
 from cairn.checkpoint.naming import format_name, name_pattern
 from cairn.checkpoint.retention import PROGRESS_ORDER
@@ -24,6 +26,7 @@ from cairn.utils.dist import broadcast_object, get_rank, share_rank_zero_failure
 from cairn.utils.text import printable
 
 __all__ = [
+    "downloaded",
     "fixed_prefix",
     "guard_store_names",
     "progress_in_name",
@@ -41,28 +44,46 @@ def read_remote_checkpoint(
     A download that does not verify is handed to ``keep_damaged`` (its local path) before the
     ``CheckpointCorruptError`` is raised: the only moment its bytes are at hand, to keep a copy of them.
     """
-    with tempfile.TemporaryDirectory(prefix="cairn-download-") as folder:
-        local = os.path.join(folder, _local_name(name))
+    with downloaded(store, name, progress=progress) as local:
         try:
-            download_with_progress(store, name, local, overwrite=False, progress=progress)
-        except ObjectNotFoundError:
-            raise CheckpointNotFoundError(
-                f"no checkpoint at {store.get_uri(name)}: check the name (list the bucket to see what is there)"
-            ) from None
-        try:
-            checkpoint = read_checkpoint(local)
+            return read_checkpoint(local)
         except CheckpointCorruptError:
             if keep_damaged is not None:
                 keep_damaged(local)
             raise
-    return checkpoint
+
+
+@contextlib.contextmanager
+def downloaded(
+    store: ObjectStore,
+    name: str,
+    *,
+    progress: bool,
+    local_name: str | None = None,
+    folder_prefix: str = "cairn-download-",
+    hint: str = "list the bucket to see what is there",
+) -> Iterator[str]:
+    """The local path of a download of ``name`` into a private temporary folder, deleted when the ``with`` ends.
+
+    The file is called ``local_name``, else the object's own base name where it is a plain one; a missing object is
+    a :class:`~cairn.errors.CheckpointNotFoundError` whose message ends with ``hint``.
+    """
+    with tempfile.TemporaryDirectory(prefix=folder_prefix) as folder:
+        local = os.path.join(folder, local_name or _local_name(name))
+        try:
+            download_with_progress(store, name, local, overwrite=False, progress=progress)
+        except ObjectNotFoundError:
+            raise CheckpointNotFoundError(f"no checkpoint at {store.get_uri(name)}: check the name ({hint})") from None
+        yield local
 
 
 def _local_name(name: str) -> str:
     """The object's own base name when it is a plain one (errors then name the file the user knows), else a fixed
-    one: a listing or pointer may hold ``..`` or control characters, which must never choose where a file lands."""
+    one: a listing or pointer may hold ``..`` or control characters, which must never choose where a file lands,
+    and a store's names may be longer than a local file name can be."""
     base = posixpath.basename(name)
-    return base if base not in ("", ".", "..") and base.isprintable() else "checkpoint.pt"
+    fits = len(os.fsencode(base)) <= NAME_MAX
+    return base if base not in ("", ".", "..") and base.isprintable() and fits else "checkpoint.pt"
 
 
 def guard_store_names(

@@ -7,13 +7,22 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from cairn.checkpoint.commit import is_temporary
 from cairn.names import METADATA_FILE
 
-__all__ = ["ENTRY_KINDS", "PROGRESS_ORDER", "NamedEntry", "list_checkpoints", "named_entries", "prune"]
+__all__ = [
+    "ENTRY_KINDS",
+    "PROGRESS_ORDER",
+    "FolderEntry",
+    "NamedEntry",
+    "folder_entries",
+    "list_checkpoints",
+    "named_entries",
+    "prune",
+]
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +41,39 @@ class NamedEntry(NamedTuple):
 ENTRY_KINDS = ("file", "sharded", "link", "folder", "special")  # the first two are checkpoints
 
 
-def named_entries(folder: str, pattern: re.Pattern[str]) -> Iterator[NamedEntry]:
-    """Every entry under ``folder`` whose relative name matches ``pattern``, with what it is: a regular ``file``, a
-    ``sharded`` checkpoint folder (one holding ``cairn.pt``), a ``link``, a plain ``folder``, or a ``special`` file
-    (FIFO, socket, device). Temporaries are skipped; links to folders, sharded checkpoints and temporary folders are
-    never walked into, so the walk stays inside ``folder``."""
+class FolderEntry(NamedTuple):
+    """One entry under a folder, and what it is (one of :data:`ENTRY_KINDS`)."""
+
+    path: str
+    kind: str
+    modified: float  # of the entry itself (a link's own time, not its target's)
+
+
+def folder_entries(
+    folder: str, *, recursive: bool = True, on_error: Callable[[OSError], None] | None = None
+) -> Iterator[FolderEntry]:
+    """Every entry under ``folder``, with what it is: a regular ``file``, a ``sharded`` checkpoint folder (one holding
+    ``cairn.pt``), a ``link``, a plain ``folder``, or a ``special`` file (FIFO, socket, device). Temporaries are
+    skipped; with ``recursive``, plain folders are walked into, but links to folders, sharded checkpoints and
+    temporary folders never are, so the walk stays inside ``folder``. A folder that cannot be read is skipped, or
+    handed to ``on_error`` (which may raise). The one folder walker: retention, resume and ``cairn ckpt ls`` use it."""
     if not os.path.isdir(folder):
         return
-    for root, folders, files in os.walk(folder):  # os.walk never follows a link to a folder
+    for root, folders, files in os.walk(folder, onerror=on_error):  # os.walk never follows a link to a folder
         entries = [(name, _kind(os.path.join(root, name))) for name in [*folders, *files] if not is_temporary(name)]
-        folders[:] = [name for name, (kind, _) in entries if kind == "folder"]  # walked into: names may hold folders
+        folders[:] = [name for name, (kind, _) in entries if kind == "folder"] if recursive else []
         for name, (kind, modified) in entries:
-            if kind is None:
-                continue  # gone since the folder was listed
-            path = os.path.join(root, name)
-            match = pattern.match(os.path.relpath(path, folder).replace(os.sep, "/"))
-            if match is not None:
-                yield NamedEntry(path, match, kind, modified)
+            if kind is not None:  # else gone since the folder was listed
+                yield FolderEntry(os.path.join(root, name), kind, modified)
+
+
+def named_entries(folder: str, pattern: re.Pattern[str]) -> Iterator[NamedEntry]:
+    """Every entry under ``folder`` (see :func:`folder_entries`, walked recursively: names may hold folders) whose
+    relative name matches ``pattern``, with what it is."""
+    for entry in folder_entries(folder):
+        match = pattern.match(os.path.relpath(entry.path, folder).replace(os.sep, "/"))
+        if match is not None:
+            yield NamedEntry(entry.path, match, entry.kind, entry.modified)
 
 
 def _kind(path: str) -> tuple[str | None, float]:

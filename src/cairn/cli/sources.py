@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from cairn.checkpoint import read_checkpoint
+from cairn.checkpoint.inspect import checkpoint_files, size_on_disk
+from cairn.checkpoint.remote import downloaded, read_pointer
 from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
 from cairn.names import POINTER_SUFFIX
 from cairn.storage.base import ObjectStore
@@ -54,7 +55,7 @@ def opened(target: str, *, progress: bool) -> Iterator[Opened]:
     """Read and verify ``target`` (path or URI); errors name ``target``, never the temporary download."""
     with local_copy(target, progress=progress) as (path, label):
         _read_ahead(path, progress=progress)
-        yield Opened(read_checkpoint(path), path, label, _size(path))
+        yield Opened(read_checkpoint(path), path, label, size_on_disk(path))
 
 
 @contextlib.contextmanager
@@ -66,9 +67,14 @@ def local_copy(target: str, *, progress: bool) -> Iterator[tuple[str, str]]:
     store, name = store_for(target)
     name = _follow_pointer(store, name)
     label = store.get_uri(name)
-    with tempfile.TemporaryDirectory(prefix="cairn-cli-") as folder:
-        local = os.path.join(folder, "checkpoint.pt")
-        _download(store, name, local, progress=progress)
+    with downloaded(
+        store,
+        name,
+        progress=progress and sys.stderr.isatty(),
+        local_name="checkpoint.pt",
+        folder_prefix="cairn-cli-",
+        hint="cairn ckpt ls on its prefix shows what is there",
+    ) as local:
         try:
             yield local, label
         except CairnError as err:
@@ -78,8 +84,6 @@ def local_copy(target: str, *, progress: bool) -> Iterator[tuple[str, str]]:
 def _follow_pointer(store: ObjectStore, name: str) -> str:
     """``name`` itself when it is an object; the object a latest pointer names when ``name`` is the pointer, or the
     latest name that the pointer stands for (``run/latest-rank0.pt`` for ``run/latest-rank0.pt.symlink``)."""
-    from cairn.checkpoint.remote import read_pointer
-
     if name.endswith(POINTER_SUFFIX):
         pointer = name
     else:
@@ -96,33 +100,13 @@ def _follow_pointer(store: ObjectStore, name: str) -> str:
     return target
 
 
-def _download(store: ObjectStore, name: str, local: str, *, progress: bool) -> None:
-    from cairn.loggers.remote_uploader_downloader import download_with_progress
-
-    try:
-        download_with_progress(store, name, local, overwrite=False, progress=progress and sys.stderr.isatty())
-    except ObjectNotFoundError:
-        raise CheckpointNotFoundError(f"no checkpoint at {store.get_uri(name)}: check the name") from None
-
-
-def _files(path: str) -> list[str]:
-    if not os.path.isdir(path):
-        return [path]
-    with os.scandir(path) as scan:
-        return sorted(item.path for item in scan if item.is_file(follow_symlinks=False))
-
-
-def _size(path: str) -> int:
-    return sum(os.path.getsize(file) for file in _files(path)) if os.path.exists(path) else 0
-
-
 def _read_ahead(path: str, *, progress: bool) -> None:
     """Read a large checkpoint once with a progress bar, so that the verified read after it comes from the page
     cache: a person sees it moving instead of a silent wait. Skipped for small files, with ``--no-progress``, and
     when stderr is not a terminal (nobody would see the bar; the read would be wasted)."""
     if not progress or not sys.stderr.isatty() or not os.path.exists(path):
         return
-    files = _files(path)
+    files = checkpoint_files(path)
     total = sum(os.path.getsize(file) for file in files)
     if total < PROGRESS_BYTES:
         return

@@ -13,18 +13,21 @@ import contextlib
 import hashlib
 import logging
 import os
-import secrets
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
+from cairn.atomic import atomic_write
 from cairn.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
 from cairn.storage.settings import retry_wait
 
 __all__ = ["ObjectStore", "ProgressCallback", "TransientStoreError", "file_md5"]
 
 log = logging.getLogger(__name__)
+
+#: Room left in a download's temporary name for what an SDK adds to it (some write ``<name>.<random>``, then rename).
+_SDK_ROOM = 16
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done so far, total bytes)
 T = TypeVar("T")
@@ -86,18 +89,16 @@ class ObjectStore(abc.ABC):
     def download_object(
         self, name: str, filename: str, overwrite: bool = False, callback: ProgressCallback | None = None
     ) -> None:
-        """Download ``name`` into ``filename``; the file appears complete or not at all (temp name, then rename)."""
+        """Download ``name`` into ``filename``; the file appears complete or not at all, through the same commit as a
+        checkpoint (:func:`cairn.atomic.atomic_write`: temporary beside it, fsync, rename). The store's errors pass
+        on as raised."""
         if os.path.exists(filename) and not overwrite:
             raise FileExistsError(f"{filename!r} already exists; pass overwrite=True to replace it")
-        folder = os.path.dirname(os.path.abspath(filename))
-        os.makedirs(folder, exist_ok=True)
-        temporary = os.path.join(folder, f".{os.path.basename(filename)}.cairn-tmp-{secrets.token_hex(4)}")
-        try:
+
+        def download(temporary: str) -> None:
             self._retrying(f"download {self.get_uri(name)}", self._download, self.key(name), temporary, callback)
-            os.replace(temporary, filename)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+
+        atomic_write(os.path.abspath(filename), download, overwrite=overwrite, explain_failure=False, room=_SDK_ROOM)
 
     def get_object_size(self, name: str) -> int:
         return self._retrying(f"read the size of {self.get_uri(name)}", self._size, self.key(name))
