@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,6 +95,43 @@ def refused_at_construction(tmp_path: Any, error: type[Exception], argument: str
     assert "\n" not in message, "one sentence"
     assert set(tmp_path.rglob("*")) == before, "a refused trainer wrote something"
     return message
+
+
+@contextlib.contextmanager
+def fifo_writer(fifo: Path) -> Iterator[threading.Event]:
+    """A writer waiting on ``fifo``: its open returns only when someone opens it to read, which sets the event
+    (a reader that must never open a FIFO asserts the event stays unset)."""
+    connected = threading.Event()
+
+    def writer() -> None:
+        with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as pipe:
+            connected.set()
+            pipe.write(b"not a shard")
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        yield connected
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer's open return, so it ends
+        thread.join(timeout=10)
+
+
+def s3_run_trainer(max_duration: str = "3ep", init_seed: int = 0, **kwargs: Any) -> Any:
+    """The store tests' run: TinyNet on 32 samples in batches of 8 (4 batches an epoch), on the CPU, seed 7."""
+    from cairn import Trainer
+    from cairn.models import Classifier
+
+    torch.manual_seed(init_seed)
+    return Trainer(
+        model=Classifier(TinyNet(), num_classes=3),
+        train_dataloader=make_loader(n=32, batch_size=8),
+        max_duration=max_duration,
+        device="cpu",
+        seed=7,
+        progress_bar=False,
+        **kwargs,
+    )
 
 
 # Object-store servers on 127.0.0.1, started by fixtures (each module documents its server).

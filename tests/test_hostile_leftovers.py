@@ -4,13 +4,11 @@ cairn writes, refused on load; and a FIFO swapped in for a shard after its index
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
 import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from cairn.checkpoint.convert import convert
 from cairn.core.time import Timestamp
 from cairn.errors import CheckpointCorruptError, CheckpointIncompatibleError, UnsafeCheckpointError
 from cairn.models import Classifier
-from conftest import TinyNet, make_loader
+from conftest import TinyNet, fifo_writer, make_loader
 
 NEXT = "ep1-ba4-rank0.pt"  # the first checkpoint a run of one epoch (4 batches) saves under the default name
 
@@ -293,25 +291,6 @@ def test_timestamps_the_loop_can_reach_still_load() -> None:
 # -- 5. a FIFO swapped in for a shard after its index was checked ---------------------------------------------------
 
 
-@contextlib.contextmanager
-def _fifo_writer(fifo: Path) -> Iterator[threading.Event]:
-    """A writer waiting on ``fifo``: its open returns only when someone opens it to read, which sets the event."""
-    connected = threading.Event()
-
-    def writer() -> None:
-        with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as pipe:
-            connected.set()
-            pipe.write(b"not a shard")
-
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    try:
-        yield connected
-    finally:
-        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer's open return, so it ends
-        thread.join(timeout=10)
-
-
 @pytest.fixture
 def sharded_folder(tmp_path: Path, checkpoint_file: Path) -> Path:
     folder = tmp_path / "sharded"
@@ -331,7 +310,7 @@ def test_a_fifo_swapped_in_before_the_digests_are_checked_is_never_opened(sharde
 
     index = read_shard_index(str(sharded_folder))
     digests = torch.load(sharded_folder / "cairn.pt", weights_only=True)["state"]["metadata"]["shards"]
-    with _fifo_writer(_swap_in_fifo(sharded_folder)) as connected:
+    with fifo_writer(_swap_in_fifo(sharded_folder)) as connected:
         with pytest.raises(UnsafeCheckpointError, match="not a regular file"):
             verify_shard_digests(str(sharded_folder), index, digests)
         assert not connected.is_set(), "the FIFO was opened for reading"
@@ -345,7 +324,7 @@ def test_a_fifo_swapped_in_before_the_shards_are_read_is_never_opened(sharded_fo
 
     tensors = read_whole_shards(str(sharded_folder))
     index = read_shard_index(str(sharded_folder))  # as load_shards does, just before DCP reads the shards
-    with _fifo_writer(_swap_in_fifo(sharded_folder)) as connected:
+    with fifo_writer(_swap_in_fifo(sharded_folder)) as connected:
         with pytest.raises(UnsafeCheckpointError, match="not a regular file"), _shard_errors(str(sharded_folder)):
             dcp.load(tensors, storage_reader=SafeReader(str(sharded_folder), index), planner=SafeLoadPlanner())
         assert not connected.is_set(), "the FIFO was opened for reading"

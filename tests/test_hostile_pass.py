@@ -3,13 +3,11 @@ closing review): each is refused quickly with a clear error before training, or 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from cairn.checkpoint import read_checkpoint
 from cairn.checkpoint.content import seal
 from cairn.errors import CheckpointCorruptError, CheckpointIncompatibleError
 from cairn.models import Classifier
-from conftest import TinyNet, make_dataset, make_loader
+from conftest import TinyNet, fifo_writer, make_dataset, make_loader
 
 
 def _trainer(**kwargs: Any) -> Trainer:
@@ -55,22 +53,10 @@ def _resealed(original: Path, edit: Callable[[dict[str, Any]], None], target: Pa
 def test_a_fifo_as_load_path_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
     fifo = tmp_path / "c.pt"
     os.mkfifo(fifo)
-    connected = threading.Event()
-
-    def writer() -> None:  # its open returns only when someone opens the FIFO to read: that would be the bug
-        with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as pipe:
-            connected.set()
-            pipe.write(b"not a checkpoint")
-
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    try:
+    with fifo_writer(fifo) as connected:  # its open returns only when someone opens the FIFO to read: the bug
         with pytest.raises(CheckpointCorruptError, match="FIFO"):
             _trainer(load_path=str(fifo))
         assert not connected.is_set(), "the FIFO was opened for reading"
-    finally:
-        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer's open return, so it ends
-        thread.join(timeout=10)
 
 
 def test_a_device_linked_as_a_checkpoint_is_refused_at_once(tmp_path: Path) -> None:

@@ -13,31 +13,18 @@ from typing import Any
 
 import boto3
 import pytest
-import torch
 
 from cairn import Trainer
 from cairn.checkpoint import read_checkpoint
 from cairn.loggers import RemoteUploaderDownloader
-from cairn.models import Classifier
-from conftest import TinyNet, make_loader
+from conftest import s3_run_trainer
 from store_servers.moto import bucket_objects, new_s3_bucket
 
 BATCHES_PER_EPOCH = 4  # 32 samples, batches of 8
 
 
 def _trainer(bucket: str, max_duration: str, **kwargs: Any) -> Trainer:
-    torch.manual_seed(0)
-    return Trainer(
-        model=Classifier(TinyNet(), num_classes=3),
-        train_dataloader=make_loader(n=32, batch_size=8),
-        max_duration=max_duration,
-        device="cpu",
-        seed=7,
-        progress_bar=False,
-        save_folder=f"s3://{bucket}/run",
-        save_filename="ep{epoch}.pt",
-        **kwargs,
-    )
+    return s3_run_trainer(max_duration, save_folder=f"s3://{bucket}/run", save_filename="ep{epoch}.pt", **kwargs)
 
 
 def _client(endpoint: str) -> Any:

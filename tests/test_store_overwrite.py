@@ -12,15 +12,13 @@ from typing import Any
 
 import boto3
 import pytest
-import torch
 
-from cairn import Callback, Trainer
+from cairn import Callback
 from cairn.checkpoint import read_checkpoint
 from cairn.errors import ObjectExistsError
 from cairn.loggers import RemoteUploaderDownloader
-from cairn.models import Classifier
 from cairn.storage.base import ObjectStore
-from conftest import TinyNet, make_loader
+from conftest import s3_run_trainer
 from store_servers.moto import bucket_objects
 
 STORE_KINDS = ["s3", "gcs", "gcs_hmac", "oci", "libcloud_s3", "libcloud_azure"]
@@ -31,17 +29,7 @@ def store(request: pytest.FixtureRequest) -> ObjectStore:
     return request.getfixturevalue(f"{request.param}_store")
 
 
-def _trainer(max_duration: str = "3ep", init_seed: int = 0, **kwargs: Any) -> Trainer:
-    torch.manual_seed(init_seed)
-    return Trainer(
-        model=Classifier(TinyNet(), num_classes=3),
-        train_dataloader=make_loader(n=32, batch_size=8),
-        max_duration=max_duration,
-        device="cpu",
-        seed=7,
-        progress_bar=False,
-        **kwargs,
-    )
+_trainer = s3_run_trainer
 
 
 def _put(endpoint: str, bucket: str, key: str, body: bytes) -> None:
