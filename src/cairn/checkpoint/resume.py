@@ -120,7 +120,12 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def find_remote_latest(
-    saver: CheckpointSaver, state: State, uploader: RemoteUploaderDownloader, *, progress: bool
+    saver: CheckpointSaver,
+    state: State,
+    uploader: RemoteUploaderDownloader,
+    *,
+    progress: bool,
+    listed: list[str] | None = None,
 ) -> tuple[str, dict[str, Any]] | None:
     """The newest checkpoint of ``saver``'s remote names in ``uploader``'s store that downloads and verifies, with
     its content; None if none does.
@@ -133,9 +138,11 @@ def find_remote_latest(
     remote template could have produced it (another run may share the pointer). A damaged object falls back to
     the one before it, and is kept aside (:func:`_set_aside_damaged_object`) so that the run can save that name
     again. Tries the newest first and stops at the first that verifies: no more is downloaded than needed.
+    ``listed`` is the store's listing (:func:`store_checkpoints`) when the caller already has it.
     """
     store = uploader.store
-    listed = store_checkpoints(uploader, saver.remote_template(), state)
+    if listed is None:
+        listed = store_checkpoints(uploader, saver.remote_template(), state)
     pointed = _pointer_target(saver, state, uploader)
     pattern = name_pattern(uploader.remote_template(saver.remote_template()), state, rank=0)
     candidates = sorted(listed, key=lambda name: (progress_in_name(pattern, name) or (), name == pointed), reverse=True)
@@ -297,9 +304,10 @@ def _local_unless_store_is_ahead(
     every restart. Names are compared first (no download); the store's checkpoint is taken only when its
     timestamp is really ahead of the local one's once downloaded and verified.
     """
-    if found is not None and not _store_may_be_ahead(found[0], saver, state, uploader):
+    listed = store_checkpoints(uploader, saver.remote_template(), state)  # listed once, for both steps below
+    if found is not None and not _store_may_be_ahead(found[0], listed, saver, state, uploader):
         return found
-    remote = find_remote_latest(saver, state, uploader, progress=progress)
+    remote = find_remote_latest(saver, state, uploader, progress=progress, listed=listed)
     if found is None or (remote is not None and _batches(remote[1]) > _batches(found[1])):
         if found is not None and remote is not None:
             log.warning(
@@ -311,13 +319,14 @@ def _local_unless_store_is_ahead(
     return found
 
 
-def _store_may_be_ahead(local: str, saver: CheckpointSaver, state: State, uploader: RemoteUploaderDownloader) -> bool:
+def _store_may_be_ahead(
+    local: str, listed: list[str], saver: CheckpointSaver, state: State, uploader: RemoteUploaderDownloader
+) -> bool:
     """Whether the newest name of the run in the store carries higher progress numbers than the local file's
     (both templates must number the same things; otherwise the names cannot tell, and the local file stands)."""
     folder = format_name(saver.folder, state, rank=0)
     local_numbers = _numbers(name_pattern(saver.filename, state, rank=0), _relative_name(local, folder))
     remote_pattern = name_pattern(uploader.remote_template(saver.remote_template()), state, rank=0)
-    listed = store_checkpoints(uploader, saver.remote_template(), state)
     if not listed or not local_numbers:
         return False
     remote_numbers = _numbers(remote_pattern, listed[0])
