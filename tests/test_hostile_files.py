@@ -28,6 +28,7 @@ from cairn import Trainer
 from cairn.checkpoint import read_checkpoint
 from cairn.checkpoint.content import content_hash, seal
 from cairn.core import Callback
+from cairn.errors import CheckpointCorruptError
 from cairn.models import Classifier
 from conftest import TinyNet, make_loader
 
@@ -321,3 +322,15 @@ def test_an_archive_with_records_the_checkpoint_does_not_describe_is_refused(
         read_checkpoint(str(path))
     assert type(info.value).__name__ == "CheckpointCorruptError", info.value
     assert "archive" in str(info.value) and "content hash" not in str(info.value)
+
+
+@pytest.mark.parametrize("declared", [2**40, 2**62])
+def test_an_operand_that_declares_more_bytes_than_the_file_holds_is_refused(tmp_path: Path, declared: int) -> None:
+    """A 14-byte old-style pickle whose BINBYTES8 claims ``declared`` bytes: reading the operand as declared
+    allocated that much first (a raw MemoryError, or worse where memory is overcommitted)."""
+    import struct
+
+    path = tmp_path / "c.pt"
+    path.write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", declared) + b"abc")
+    with pytest.raises(CheckpointCorruptError, match="bytes8"):
+        read_checkpoint(str(path))

@@ -163,7 +163,7 @@ class _Scan:
     def run(self, stream: IO[bytes]) -> dict[str, StorageRef]:
         start = stream.tell()
         try:
-            for opcode, arg, _ in _opcodes(stream):
+            for opcode, arg, _ in _opcodes(_Bounded(stream, self.file_size)):
                 self.step(opcode.name, arg)
         except (IndexError, KeyError, TypeError) as err:  # a stack or memo that a real pickle never leaves
             raise _Refused(f"malformed pickle ({type(err).__name__})") from None
@@ -258,7 +258,25 @@ class _Scan:
         return _Built("storage", 1, ref)
 
 
-def _opcodes(stream: IO[bytes]) -> Iterator[tuple[Any, Any, Any]]:
+class _Bounded:
+    """``stream`` for pickletools, whose reads never ask for more than the file can still hold: an opcode that
+    declares 2**62 bytes of operand would otherwise have ``read`` allocate that much before finding the file short."""
+
+    def __init__(self, stream: IO[bytes], file_size: int) -> None:
+        self._stream, self._file_size = stream, file_size
+
+    def read(self, size: int = -1) -> bytes:
+        room = max(self._file_size - self._stream.tell(), 0)
+        return self._stream.read(room if size < 0 else min(size, room))
+
+    def readline(self) -> bytes:
+        return self._stream.readline(max(self._file_size - self._stream.tell(), 0))
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+
+def _opcodes(stream: _Bounded) -> Iterator[tuple[Any, Any, Any]]:
     try:
         yield from pickletools.genops(stream)
     except ValueError as err:  # genops' word for truncation and for bytes that are not opcodes
