@@ -13,7 +13,7 @@ import torch
 from cairn import Trainer
 from cairn.callbacks import CheckpointSaver
 from cairn.checkpoint import read_checkpoint
-from cairn.checkpoint.snapshot import SnapshotBuffers
+from cairn.checkpoint.save.snapshot import SnapshotBuffers
 from cairn.models import Classifier
 from conftest import TinyNet, make_loader
 

@@ -23,7 +23,7 @@ from torch import nn
 import cairn.errors
 from cairn import Event, Trainer
 from cairn.checkpoint import read_checkpoint
-from cairn.checkpoint.content import content_hash
+from cairn.checkpoint.format import content_hash
 from cairn.core import Callback, State
 from cairn.errors import (
     CairnError,

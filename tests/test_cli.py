@@ -405,8 +405,8 @@ def test_colours_only_on_a_terminal_and_never_with_no_color(run_dir: Path) -> No
 @pytest.mark.slow
 def test_a_large_read_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     """A checkpoint over the 64 MiB threshold (it is 260 MiB): a bar on a terminal, none with --no-progress."""
-    from cairn.checkpoint.commit import write_checkpoint
-    from cairn.checkpoint.content import seal
+    from cairn.checkpoint.save.commit import write_checkpoint
+    from cairn.checkpoint.save.content import seal
 
     big = tmp_path / "big.pt"
     model = {"w": torch.zeros(65 << 20)}  # 260 MiB of float32
@@ -421,7 +421,7 @@ def test_a_large_read_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None
 
 
 def test_tensor_comparison_is_exact_and_reports_the_largest_gap() -> None:
-    from cairn.checkpoint.compare import compare_tensors
+    from cairn.checkpoint.tools.compare import compare_tensors
 
     nan = float("nan")
     a = {
@@ -451,7 +451,7 @@ def test_tensor_comparison_is_exact_and_reports_the_largest_gap() -> None:
 
 
 def test_progress_is_read_from_default_names() -> None:
-    from cairn.checkpoint.inspect import progress_from_name
+    from cairn.checkpoint.tools.listing import progress_from_name
 
     assert progress_from_name("run/checkpoints/ep3-ba24-rank0.pt") == (3, 24)
     assert progress_from_name("ep12.pt") == (12, None)
@@ -471,9 +471,9 @@ def test_tied_and_viewed_tensors_are_written_to_safetensors_as_copies(tmp_path: 
     pytest.importorskip("safetensors")
     from safetensors.torch import load_file
 
-    from cairn.checkpoint.commit import write_checkpoint
-    from cairn.checkpoint.content import seal
-    from cairn.checkpoint.convert import convert
+    from cairn.checkpoint.save.commit import write_checkpoint
+    from cairn.checkpoint.save.content import seal
+    from cairn.checkpoint.tools.convert import convert
 
     shared, row = torch.randn(4, 3), torch.arange(10.0)
     model = {"embed.weight": shared, "lm_head.weight": shared, "transposed": shared.t(), "part": row[2:5]}

@@ -10,7 +10,7 @@ import boto3
 import pytest
 
 from cairn.checkpoint import read_checkpoint
-from cairn.checkpoint.commit import TEMP_MARKER
+from cairn.checkpoint.save.commit import TEMP_MARKER
 from conftest import build_trainer
 
 
@@ -39,7 +39,7 @@ def test_a_store_object_with_a_long_name_is_read(
     """A 230-byte base name is a valid local file name, but a temporary named after it in full is not; a 300-byte
     one is not a local file name at all (a store allows 1024): either must be read, not fail with 'File name too
     long'."""
-    from cairn.checkpoint.remote import read_remote_checkpoint
+    from cairn.checkpoint.load.remote import read_remote_checkpoint
 
     name = "run/" + "e" * (length - 3) + ".pt"
     store = _store_holding(moto_endpoint, s3_bucket, name, checkpoint_file.read_bytes())

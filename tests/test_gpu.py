@@ -106,7 +106,7 @@ def test_checkpoints_of_a_gpu_run_hold_cpu_tensors_and_resume_on_the_gpu(tmp_pat
 
 def test_async_saves_stage_gpu_tensors_in_pinned_memory_and_match_sync_saves(tmp_path) -> None:
     from cairn.checkpoint import read_checkpoint
-    from cairn.checkpoint.snapshot import SnapshotBuffers
+    from cairn.checkpoint.save.snapshot import SnapshotBuffers
 
     buffers = SnapshotBuffers()
     staged = buffers.take({"w": torch.arange(4.0, device="cuda")})

@@ -26,7 +26,8 @@ import torch
 
 from cairn import Trainer
 from cairn.checkpoint import read_checkpoint
-from cairn.checkpoint.content import content_hash, seal
+from cairn.checkpoint.format import content_hash
+from cairn.checkpoint.save.content import seal
 from cairn.core import Callback
 from cairn.errors import CheckpointCorruptError
 from cairn.models import Classifier
@@ -123,7 +124,7 @@ class Reduces:
 _WRITER = textwrap.dedent(
     """
     import sys, torch
-    from cairn.checkpoint.content import seal
+    from cairn.checkpoint.save.content import seal
     checkpoint = torch.load(sys.argv[1], weights_only=True)
     checkpoint["state"]["callbacks"] = {"Sets": {
         "five": {"alpha", "beta", "gamma", "delta", "epsilon"},

@@ -17,8 +17,9 @@ import torch
 
 from cairn import Trainer
 from cairn.checkpoint import read_checkpoint
-from cairn.checkpoint.content import FORMAT_VERSION, seal
-from cairn.checkpoint.convert import convert
+from cairn.checkpoint.format import FORMAT_VERSION
+from cairn.checkpoint.save.content import seal
+from cairn.checkpoint.tools.convert import convert
 from cairn.core.time import Timestamp
 from cairn.errors import CheckpointCorruptError, CheckpointIncompatibleError, UnsafeCheckpointError
 from cairn.models import Classifier
@@ -306,7 +307,7 @@ def _swap_in_fifo(folder: Path) -> Path:
 
 
 def test_a_fifo_swapped_in_before_the_digests_are_checked_is_never_opened(sharded_folder: Path) -> None:
-    from cairn.checkpoint.shard_index import read_shard_index, verify_shard_digests
+    from cairn.checkpoint.load.shard_index import read_shard_index, verify_shard_digests
 
     index = read_shard_index(str(sharded_folder))
     digests = torch.load(sharded_folder / "cairn.pt", weights_only=True)["state"]["metadata"]["shards"]
@@ -319,8 +320,8 @@ def test_a_fifo_swapped_in_before_the_digests_are_checked_is_never_opened(sharde
 def test_a_fifo_swapped_in_before_the_shards_are_read_is_never_opened(sharded_folder: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
-    from cairn.checkpoint.shard_index import SafeLoadPlanner, SafeReader, read_shard_index
-    from cairn.checkpoint.sharded import _shard_errors, read_whole_shards
+    from cairn.checkpoint.load.shard_index import SafeLoadPlanner, SafeReader, read_shard_index
+    from cairn.checkpoint.load.sharded import _shard_errors, read_whole_shards
 
     tensors = read_whole_shards(str(sharded_folder))
     index = read_shard_index(str(sharded_folder))  # as load_shards does, just before DCP reads the shards

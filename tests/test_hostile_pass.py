@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from cairn import Trainer
 from cairn.checkpoint import read_checkpoint
-from cairn.checkpoint.content import seal
+from cairn.checkpoint.save.content import seal
 from cairn.errors import CheckpointCorruptError, CheckpointIncompatibleError
 from cairn.models import Classifier
 from conftest import TinyNet, fifo_writer, make_dataset, make_loader

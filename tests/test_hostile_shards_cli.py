@@ -27,8 +27,9 @@ import torch
 
 from cairn import Trainer
 from cairn.checkpoint import read_checkpoint
-from cairn.checkpoint.content import file_digest, seal
-from cairn.checkpoint.convert import convert
+from cairn.checkpoint.format import file_digest
+from cairn.checkpoint.save.content import seal
+from cairn.checkpoint.tools.convert import convert
 from cairn.cli.main import main as cairn_main
 from cairn.errors import CheckpointCorruptError
 from cairn.models import Classifier

@@ -23,7 +23,7 @@ import torch
 from cairn import Callback, Trainer
 from cairn.callbacks import CheckpointSaver
 from cairn.checkpoint import read_checkpoint
-from cairn.checkpoint.commit import atomic_symlink, remove_stale_temporaries
+from cairn.checkpoint.save.commit import atomic_symlink, remove_stale_temporaries
 from cairn.core import State
 from cairn.errors import CheckpointCorruptError
 from cairn.loggers import Logger
@@ -223,8 +223,8 @@ def test_only_a_checkpoint_of_this_runs_pattern_is_set_aside(tmp_path: Path) -> 
 
 WRITER = """
 import os, sys
-from cairn.checkpoint.commit import atomic_write
-from cairn.checkpoint.sharded import _temporary_folder
+from cairn.checkpoint.save.commit import atomic_write
+from cairn.checkpoint.save.sharded import _temporary_folder
 
 folder, then = sys.argv[1], sys.argv[2]
 shards = _temporary_folder(os.path.join(folder, "sharded-ep1"))
@@ -294,7 +294,7 @@ def test_a_starting_run_removes_a_dead_writers_temporaries(tmp_path: Path) -> No
 
 
 def test_temporaries_of_other_machines_and_old_names_wait_until_silent_for_long(tmp_path: Path) -> None:
-    from cairn.checkpoint.commit import STALE_AFTER_S
+    from cairn.checkpoint.save.commit import STALE_AFTER_S
 
     other_host = tmp_path / ".ep1.pt.cairn-tmp-0badbeef-1234-abcd1234"
     old_form = tmp_path / ".ep2.pt.cairn-tmp-1234-abcd1234"
@@ -364,7 +364,7 @@ def test_autoresume_restores_everything_whatever_the_load_options(
 
 def test_names_with_non_ascii_digits_are_never_taken_for_checkpoints(tmp_path: Path) -> None:
     """``\\d`` matches any Unicode digit: ``ep٩.pt`` (Arabic-Indic nine) would have been ordered as epoch 9."""
-    from cairn.checkpoint.naming import name_pattern
+    from cairn.checkpoint.naming.templates import name_pattern
     from cairn.core import Time
 
     state = State(

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from cairn import Trainer
 from cairn.checkpoint import load_checkpoint, read_checkpoint
-from cairn.checkpoint.content import content_hash
+from cairn.checkpoint.format import content_hash
 from cairn.errors import CairnError
 from cairn.models import Classifier
 from conftest import TinyNet, make_loader

@@ -21,8 +21,9 @@ import torch
 
 from cairn import Trainer
 from cairn.checkpoint import load_checkpoint, read_checkpoint
-from cairn.checkpoint.content import file_digest, seal
-from cairn.checkpoint.convert import convert
+from cairn.checkpoint.format import file_digest
+from cairn.checkpoint.save.content import seal
+from cairn.checkpoint.tools.convert import convert
 from cairn.errors import CairnError, CheckpointCorruptError, UnsafeCheckpointError
 from cairn.models import Classifier
 from conftest import TinyNet, make_loader, params_of
@@ -337,7 +338,7 @@ def test_a_store_object_named_with_dot_dot_or_control_characters_downloads_insid
 ) -> None:
     """The object's name never chooses where its download lands: ``run/..`` must not write beside the temporary
     folder, whatever the store answers."""
-    from cairn.checkpoint.remote import read_remote_checkpoint
+    from cairn.checkpoint.load.remote import read_remote_checkpoint
     from cairn.utils import S3ObjectStore
 
     scratch = tmp_path / "tmp"

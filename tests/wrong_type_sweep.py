@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cairn.checkpoint import load_checkpoint  # noqa: E402
-from cairn.checkpoint.content import content_hash  # noqa: E402
+from cairn.checkpoint.format import content_hash  # noqa: E402
 from cairn.errors import CairnError  # noqa: E402
 from conftest import TinyNet  # noqa: E402
 from test_checkpoint_errors import make_trainer, save_real_checkpoint  # noqa: E402

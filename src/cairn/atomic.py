@@ -1,12 +1,12 @@
 """The one way cairn puts a file on disk, checkpoint or download: nobody ever sees half of it.
 
 A leaf module (it imports only :mod:`cairn.errors` and :mod:`cairn.names`), so that both the checkpoint writers
-(:mod:`cairn.checkpoint.commit`, which builds the checkpoint forms on top of it) and the object stores' downloads
+(:mod:`cairn.checkpoint.save.commit`, which builds the checkpoint forms on top of it) and the object stores' downloads
 (:mod:`cairn.storage.base`) commit through it without closing an import circle.
 
 Data goes to a hidden temporary name in the target's own folder (same filesystem, so the rename is atomic), is
 fsynced, then renamed over the target; the folder is fsynced so the rename survives a power cut. A temporary's name
-says who writes it: ``.<target>.cairn-tmp-<machine>-<pid>-<token>`` (see :mod:`cairn.checkpoint.commit` for who
+says who writes it: ``.<target>.cairn-tmp-<machine>-<pid>-<token>`` (see :mod:`cairn.checkpoint.save.commit` for who
 clears the ones an interrupted writer leaves).
 """
 

@@ -1,16 +1,18 @@
-"""Checkpoints, one module per seam.
+"""Checkpoints: saving, loading and the tools, each in its own package (see ``docs/architecture.md``).
 
-- when: :mod:`~cairn.checkpoint.policy` turns ``save_interval`` into one ``(state, event) -> bool`` policy;
-- what: :mod:`~cairn.checkpoint.content` builds the plain-data dict and its content hash;
-- how: :mod:`~cairn.checkpoint.commit` is the single atomic write path (temp name, fsync, rename, fsync folder);
-- how many: :mod:`~cairn.checkpoint.retention` prunes from what is on disk;
-- reading back: :mod:`~cairn.checkpoint.loader` (safe, verified) and :mod:`~cairn.checkpoint.compat` (does it fit);
-- resuming: :mod:`~cairn.checkpoint.resume` finds the newest good checkpoint and wires the Trainer's arguments.
-- looking inside: :mod:`~cairn.checkpoint.inspect` lists and summarizes checkpoints, :mod:`~cairn.checkpoint.compare`
-  diffs two (``cairn ckpt ls / show / diff``).
+- ``save/``: when (:mod:`~cairn.checkpoint.save.policy`), what (:mod:`~cairn.checkpoint.save.content`), how
+  (:mod:`~cairn.checkpoint.save.writers`, :mod:`~cairn.checkpoint.save.commit`), how many
+  (:mod:`~cairn.checkpoint.save.retention`), and the callback that runs them (:mod:`~cairn.checkpoint.save.saver`);
+- ``load/``: safe reading (:mod:`~cairn.checkpoint.load.loader`), whether it fits
+  (:mod:`~cairn.checkpoint.load.compatibility`), sharded folders and checkpoints in a store;
+- :mod:`~cairn.checkpoint.resume`: the newest good checkpoint a saver wrote, and the Trainer's arguments wired;
+- ``tools/``: listing, comparing and converting (``cairn ckpt ls / show / diff / convert``);
+- shared by both halves: the file format (:mod:`~cairn.checkpoint.format`), names (``naming/``), folders
+  (:mod:`~cairn.checkpoint.folder`), tensor trees (:mod:`~cairn.checkpoint.tree`) and ``ignore_keys``
+  (:mod:`~cairn.checkpoint.keys`).
 """
 
-from cairn.checkpoint.loader import load_checkpoint, read_checkpoint
-from cairn.checkpoint.saver import CheckpointSaver
+from cairn.checkpoint.load.loader import load_checkpoint, read_checkpoint
+from cairn.checkpoint.save.saver import CheckpointSaver
 
 __all__ = ["CheckpointSaver", "load_checkpoint", "read_checkpoint"]

@@ -12,17 +12,17 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from cairn.checkpoint.loader import apply_checkpoint, read_checkpoint
-from cairn.checkpoint.naming import format_name, name_pattern
-from cairn.checkpoint.remote import (
+from cairn.checkpoint.folder import list_checkpoints
+from cairn.checkpoint.load.loader import apply_checkpoint, read_checkpoint
+from cairn.checkpoint.load.remote import (
     PROGRESS_ORDER,
     progress_in_name,
     read_pointer,
     read_remote_checkpoint,
     store_checkpoints,
 )
-from cairn.checkpoint.retention import list_checkpoints
-from cairn.checkpoint.saver import CheckpointSaver
+from cairn.checkpoint.naming.templates import format_name, name_pattern
+from cairn.checkpoint.save.saver import CheckpointSaver
 from cairn.core.state import State
 from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, ObjectStoreError
 from cairn.loggers.remote_uploader_downloader import RemoteUploaderDownloader

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cairn.checkpoint.convert import FORMATS
+from cairn.checkpoint.tools.convert import FORMATS
 from cairn.cli.output import fail, printable
 from cairn.cli.sources import local_copy
 from cairn.errors import CairnError
@@ -42,7 +42,7 @@ def add_parser(commands: argparse._SubParsersAction, parent: argparse.ArgumentPa
 
 
 def run(args: argparse.Namespace) -> int:
-    from cairn.checkpoint.convert import check_output, convert
+    from cairn.checkpoint.tools.convert import check_output, convert
 
     try:
         check_output(args.out, args.target)  # before a download, not after

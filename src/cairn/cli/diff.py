@@ -14,8 +14,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from cairn.checkpoint.compare import CheckpointDiff, Difference, TensorDifference, compare_checkpoints
-from cairn.checkpoint.sharded import read_whole_shards
+from cairn.checkpoint.load.sharded import read_whole_shards
+from cairn.checkpoint.tools.compare import CheckpointDiff, Difference, TensorDifference, compare_checkpoints
 from cairn.cli.output import Style, fail, printable, table
 from cairn.cli.sources import Opened, opened
 from cairn.errors import CairnError

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from cairn.checkpoint.inspect import ListedCheckpoint, Listing, list_checkpoints_at
+from cairn.checkpoint.tools.listing import ListedCheckpoint, Listing, list_checkpoints_at
 from cairn.cli.output import Style, fail, human_size, local_time, printable, table
 from cairn.errors import CairnError
 

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from cairn.checkpoint.inspect import CheckpointSummary, model_tensor_sizes, summarize
+from cairn.checkpoint.tools.listing import CheckpointSummary, model_tensor_sizes, summarize
 from cairn.cli.output import Style, fail, human_size, local_time, printable, table
 from cairn.cli.sources import opened
 from cairn.errors import CairnError

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cairn.checkpoint import read_checkpoint
-from cairn.checkpoint.inspect import checkpoint_files, size_on_disk
-from cairn.checkpoint.remote import downloaded, read_pointer
+from cairn.checkpoint.load.remote import downloaded, read_pointer
+from cairn.checkpoint.tools.listing import checkpoint_files, size_on_disk
 from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
 from cairn.names import POINTER_SUFFIX
 from cairn.storage.base import ObjectStore

@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 
-from cairn.checkpoint.inspect import list_local_checkpoints, list_remote_checkpoints
-from cairn.checkpoint.sharded import is_sharded_folder
+from cairn.checkpoint.shards import is_sharded_folder
+from cairn.checkpoint.tools.listing import list_local_checkpoints, list_remote_checkpoints
 from cairn.cli.output import Style, printable
 from cairn.cli.sources import opened, store_for
 from cairn.errors import CairnError

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 from cairn.core.event import Event
 
 if TYPE_CHECKING:
+    from cairn.core.logger import Logger
     from cairn.core.state import State
-    from cairn.loggers.logger import Logger
 
 __all__ = ["Algorithm", "Callback"]
 

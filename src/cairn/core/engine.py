@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cairn.core.event import Event
+from cairn.core.logger import Logger
 from cairn.core.state import State
-from cairn.loggers.logger import Logger
 
 __all__ = ["Engine"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cairn.loggers.logger import LoggerDestination
+from cairn.core.logger import LoggerDestination
 
 __all__ = ["InMemoryLogger"]
 

@@ -7,11 +7,11 @@ from typing import IO, TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from cairn.loggers.logger import LoggerDestination
+from cairn.core.logger import LoggerDestination
 
 if TYPE_CHECKING:
+    from cairn.core.logger import Logger
     from cairn.core.state import State
-    from cairn.loggers.logger import Logger
 
 __all__ = ["ProgressBarLogger"]
 

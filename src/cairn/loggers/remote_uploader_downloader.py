@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from cairn.core.event import Event
+from cairn.core.logger import LoggerDestination
 from cairn.errors import CheckpointCorruptError, ObjectExistsError, ObjectNotFoundError, ObjectStoreError
-from cairn.loggers.logger import LoggerDestination
 from cairn.names import POINTER_SUFFIX
 from cairn.storage.base import ObjectStore, TransientStoreError
 from cairn.storage.settings import PROGRESS_BAR_BYTES, retry_wait
@@ -37,8 +37,8 @@ from cairn.storage.uri import parse_uri, store_from_uri
 from cairn.utils.text import printable
 
 if TYPE_CHECKING:
+    from cairn.core.logger import Logger
     from cairn.core.state import State
-    from cairn.loggers.logger import Logger
 
 __all__ = ["RemoteUploaderDownloader", "read_pointer"]
 

@@ -15,16 +15,16 @@ from torch import nn
 from torchmetrics import Metric
 
 from cairn.checkpoint.keys import check_ignore_keys
-from cairn.checkpoint.naming import bidi_controls, check_names, control_characters
+from cairn.checkpoint.naming.checks import bidi_controls, check_names, control_characters
 from cairn.checkpoint.resume import check_autoresume_names, restore, saving_from_arguments
-from cairn.checkpoint.saver import CheckpointSaver
+from cairn.checkpoint.save.saver import CheckpointSaver
 from cairn.core.callback import Algorithm, Callback
 from cairn.core.engine import Engine
 from cairn.core.event import Event
 from cairn.core.interval import IntervalLike, interval_policy
+from cairn.core.logger import Logger, LoggerDestination
 from cairn.core.state import State
 from cairn.core.time import Time, TimeUnit, ensure_time
-from cairn.loggers.logger import Logger, LoggerDestination
 from cairn.loggers.progress_bar import ProgressBarLogger
 from cairn.loggers.remote_uploader_downloader import RemoteUploaderDownloader
 from cairn.storage.base import ObjectStore

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from cairn.checkpoint.commit import is_temporary
-from cairn.checkpoint.content import is_sharded, is_weights_only
-from cairn.checkpoint.loader import check_archive
-from cairn.checkpoint.retention import folder_entries
-from cairn.checkpoint.sharded import is_sharded_folder
+from cairn.checkpoint.folder import folder_entries
+from cairn.checkpoint.format import is_sharded, is_weights_only
+from cairn.checkpoint.load.loader import check_archive
+from cairn.checkpoint.save.commit import is_temporary
+from cairn.checkpoint.shards import is_sharded_folder
 from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
 from cairn.names import METADATA_FILE, POINTER_SUFFIX
 from cairn.storage.base import ObjectStore
@@ -247,7 +247,7 @@ def _pointer_targets(
     store: ObjectStore, pointers: Iterable[str], folder: str
 ) -> tuple[dict[str, list[str]], list[str]]:
     """Which object each latest pointer names (pointer names shown without ``.symlink``), and broken pointers."""
-    from cairn.checkpoint.remote import read_pointer
+    from cairn.checkpoint.load.remote import read_pointer
 
     targets: dict[str, list[str]] = {}
     notes: list[str] = []
@@ -435,7 +435,7 @@ def model_tensor_sizes(folder: str) -> dict[str, tuple[int, int]]:
     """A sharded folder's model tensors (name -> elements, bytes), from its shard index alone: no shard is read."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from cairn.checkpoint.shard_index import read_shard_index  # torch.distributed.checkpoint is slow to import
+    from cairn.checkpoint.load.shard_index import read_shard_index  # torch.distributed.checkpoint is slow to import
 
     sizes = {}
     for key, meta in read_shard_index(folder).state_dict_metadata.items():

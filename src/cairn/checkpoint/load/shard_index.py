@@ -33,9 +33,8 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from cairn.checkpoint.archive import check_archive_bytes
-from cairn.checkpoint.content import file_digest
-from cairn.checkpoint.loader import error_reason, needs_code
+from cairn.checkpoint.format import file_digest
+from cairn.checkpoint.load.archive import check_archive_bytes, error_reason, needs_code
 from cairn.errors import CheckpointCorruptError, UnsafeCheckpointError
 from cairn.names import METADATA_FILE
 from cairn.utils.text import printable

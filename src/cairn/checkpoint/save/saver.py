@@ -14,29 +14,24 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from cairn.checkpoint.background import BackgroundSaves
-from cairn.checkpoint.commit import atomic_symlink, remove_stale_temporaries, write_checkpoint
-from cairn.checkpoint.content import build_checkpoint, collect_checkpoint, seal
+from cairn.checkpoint.folder import list_checkpoints, named_entries
 from cairn.checkpoint.keys import check_ignore_keys
-from cairn.checkpoint.naming import (
-    PROGRESS_VARIABLES,
-    check_names,
-    check_not_a_file,
-    fields_of,
-    format_name,
-    name_pattern,
-    template_clash,
-)
-from cairn.checkpoint.policy import is_last_checkpoint_event, save_policy
-from cairn.checkpoint.remote import guard_store_names
-from cairn.checkpoint.retention import list_checkpoints, named_entries, prune
-from cairn.checkpoint.sharded import ShardedAsyncSaves, save_sharded
-from cairn.checkpoint.snapshot import SnapshotBuffers
+from cairn.checkpoint.load.remote import guard_store_names
+from cairn.checkpoint.naming.checks import check_names, check_not_a_file
+from cairn.checkpoint.naming.clash import template_clash
+from cairn.checkpoint.naming.templates import PROGRESS_VARIABLES, fields_of, format_name, name_pattern
+from cairn.checkpoint.save.background import BackgroundSaves
+from cairn.checkpoint.save.commit import atomic_symlink, remove_stale_temporaries, write_checkpoint
+from cairn.checkpoint.save.content import build_checkpoint, collect_checkpoint, seal
+from cairn.checkpoint.save.policy import is_last_checkpoint_event, save_policy
+from cairn.checkpoint.save.retention import prune
+from cairn.checkpoint.save.sharded import ShardedAsyncSaves, save_sharded
+from cairn.checkpoint.save.snapshot import SnapshotBuffers
 from cairn.core.callback import Callback
 from cairn.core.event import Event
 from cairn.core.interval import IntervalLike
+from cairn.core.logger import Logger
 from cairn.core.state import State
-from cairn.loggers.logger import Logger
 from cairn.names import POINTER_SUFFIX
 from cairn.utils.arguments import check_flag
 from cairn.utils.dist import barrier, broadcast_object, get_rank, on_rank_zero, share_rank_zero_failure
@@ -64,8 +59,9 @@ class CheckpointSaver(Callback):
     """Saves checkpoints of the run into ``folder`` on a schedule.
 
     ``folder``, ``filename`` and ``latest_filename`` are format strings (``{run_name}``, ``{epoch}``, ``{batch}``,
-    ``{rank}``, ... see ``cairn.checkpoint.naming.FORMAT_VARIABLES``); folders inside a name are created. The end of
-    training is always saved once. ``num_checkpoints_to_keep`` counts the files matching ``filename`` on disk.
+    ``{rank}``, ... see ``cairn.checkpoint.naming.templates.FORMAT_VARIABLES``); folders inside a name are
+    created. The end of training is always saved once. ``num_checkpoints_to_keep`` counts the files matching
+    ``filename`` on disk.
 
     With ``async_save=True`` a save only copies the state into reused host buffers (pinned memory for GPU tensors)
     and returns; a background thread hashes, writes, fsyncs and renames the file, then moves ``latest``, hands the

@@ -5,7 +5,7 @@ storage the pickle names, and a few fixed records. The content hash covers what 
 the archive itself is held to exactly that: no record the checkpoint does not reference (a planted script or a
 spare tensor would otherwise ride along in a file that verifies), no storage record missing or of another size
 than the pickle declares (torch maps ``offset .. offset + declared`` of the file, whatever the record holds), and
-a pickle that asks for nothing cairn never writes (see :mod:`cairn.checkpoint.pickle_scan`).
+a pickle that asks for nothing cairn never writes (see :mod:`cairn.checkpoint.load.pickle_scan`).
 
 The records are read through torch's own zip reader as well as Python's: a file the two see differently is
 refused, so what is checked here is what torch will read.
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import zipfile
 
 import torch
 
-from cairn.checkpoint.pickle_scan import StorageRef, scan_pickle
+from cairn.checkpoint.load.pickle_scan import StorageRef, scan_pickle
 from cairn.errors import CheckpointCorruptError
 
 __all__ = ["check_archive", "check_old_style_file", "check_regular_file"]
@@ -173,3 +174,29 @@ def _check_storage_records(
         held = reader.get_record_size(name)
         if held != ref.nbytes or reader.get_record_offset(name) + held > size:
             raise _damaged(path, f"an archive whose record {name!r} holds {held} bytes where {ref.nbytes} are declared")
+
+
+# Pickle opcodes that import or call something: GLOBAL, STACK_GLOBAL, INST, OBJ, NEWOBJ, NEWOBJ_EX, EXT1/2/4, REDUCE.
+_CODE_OPCODES = {ord(c) for c in "c\x93io\x81\x92\x82\x83\x84R"}
+
+
+def needs_code(message: str, *, is_archive: bool) -> bool:
+    """A named global, or (inside a well-formed torch archive) an opcode that imports or calls something.
+
+    Outside an archive an odd opcode is far more likely noise than a payload, so it counts as damage.
+    """
+    if "GLOBAL" in message:
+        return True
+    operand = re.search(r"Unsupported operand (\d+)", message)
+    return is_archive and operand is not None and int(operand.group(1)) in _CODE_OPCODES
+
+
+def error_reason(err: BaseException) -> str:
+    """The line of torch's (long) message that says what was wrong; the offending global when there is one."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch's message carries terminal bold codes
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for keyword in ("GLOBAL", "Unsupported", "failed finding", "error"):
+        for line in lines:
+            if keyword in line and not line.startswith("Weights only load failed"):
+                return line[:200]
+    return (lines[-1] if lines else type(err).__name__)[:200]

@@ -31,6 +31,7 @@ from typing import IO, Any
 
 import torch
 
+from cairn.checkpoint.tree import overlaps
 from cairn.errors import CheckpointCorruptError, UnsafeCheckpointError
 
 __all__ = ["StorageRef", "overlaps", "scan_pickle", "view_problem"]
@@ -137,16 +138,6 @@ def view_problem(offset: int, size: tuple[int, ...], stride: tuple[int, ...], st
         return f"a tensor view (offset {offset}, size {size}, strides {stride}) ends past its {storage_numel} elements"
     return None
 
-
-def overlaps(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    """Whether two elements of a view may share memory: each stride, smallest first, must step past everything
-    the smaller ones reach (a plain, sliced or permuted view does; a zero stride does not)."""
-    reach = 0
-    for step, count in sorted((s, n) for n, s in zip(size, stride, strict=True) if n > 1):
-        if step <= reach:
-            return True
-        reach += (count - 1) * step
-    return False
 
 
 class _Scan:

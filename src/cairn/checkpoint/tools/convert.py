@@ -1,8 +1,9 @@
 """Turning one kind of checkpoint into another, offline and in one process.
 
 Forms: ``single-file`` (everything in one file), ``weights-only`` (the model and metadata), ``sharded`` (a folder of
-DCP shards, :mod:`~cairn.checkpoint.sharded`), and ``safetensors`` (the model's tensors for other tools, with
-``pip install 'cairn[safetensors]'``). Every output is written through :func:`~cairn.checkpoint.commit.atomic_write`.
+DCP shards, :mod:`~cairn.checkpoint.save.sharded`), and ``safetensors`` (the model's tensors for other tools, with
+``pip install 'cairn[safetensors]'``). Every output is written through
+:func:`~cairn.checkpoint.save.commit.atomic_write`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import Any
 
 import torch
 
-from cairn.checkpoint.commit import atomic_write, write_checkpoint
-from cairn.checkpoint.content import content_hash, is_sharded
-from cairn.checkpoint.loader import read_checkpoint
-from cairn.checkpoint.sharded import is_sharded_folder, read_whole_shards, write_sharded_folder
+from cairn.checkpoint.format import content_hash, is_sharded
+from cairn.checkpoint.load.loader import read_checkpoint
+from cairn.checkpoint.load.sharded import read_whole_shards
+from cairn.checkpoint.save.commit import atomic_write, write_checkpoint
+from cairn.checkpoint.save.sharded import write_sharded_folder
+from cairn.checkpoint.shards import is_sharded_folder
 
 __all__ = ["FORMATS", "check_output", "convert"]
 

@@ -10,16 +10,17 @@ import logging
 import math
 import os
 import pickle
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from cairn.checkpoint.archive import check_archive, check_old_style_file
-from cairn.checkpoint.compat import check_compatible
-from cairn.checkpoint.content import FORMAT_VERSION, content_hash, drop_keys, is_sharded, is_weights_only, map_tensors
-from cairn.checkpoint.sharded import is_sharded_folder, load_shards
+from cairn.checkpoint.format import FORMAT_VERSION, content_hash, drop_keys, is_sharded, is_weights_only
+from cairn.checkpoint.load.archive import check_archive, check_old_style_file, error_reason, needs_code
+from cairn.checkpoint.load.compatibility import check_compatible
+from cairn.checkpoint.load.sharded import load_shards
+from cairn.checkpoint.shards import is_sharded_folder
+from cairn.checkpoint.tree import map_tensors
 from cairn.core.model_state import load_model_state
 from cairn.core.state import State
 from cairn.core.time import Timestamp
@@ -66,7 +67,7 @@ def _read_file(path: str) -> dict[str, Any]:
 def _read_sharded_folder(folder: str) -> dict[str, Any]:
     """The index first (it could run code or point outside the folder), then ``cairn.pt``, then every shard's
     digest: a damaged shard is found before any of its bytes reach a model."""
-    from cairn.checkpoint.shard_index import read_shard_index, verify_shard_digests  # slow to import: only here
+    from cairn.checkpoint.load.shard_index import read_shard_index, verify_shard_digests  # slow to import: only here
 
     index = read_shard_index(folder)
     checkpoint = _read_file(os.path.join(folder, METADATA_FILE))
@@ -110,31 +111,6 @@ def _torch_load_safely(path: str, *, is_archive: bool) -> Any:
             f"{path!r} is truncated or corrupt ({error_reason(err)}); load an earlier checkpoint"
         ) from None
 
-
-# Pickle opcodes that import or call something: GLOBAL, STACK_GLOBAL, INST, OBJ, NEWOBJ, NEWOBJ_EX, EXT1/2/4, REDUCE.
-_CODE_OPCODES = {ord(c) for c in "c\x93io\x81\x92\x82\x83\x84R"}
-
-
-def needs_code(message: str, *, is_archive: bool) -> bool:
-    """A named global, or (inside a well-formed torch archive) an opcode that imports or calls something.
-
-    Outside an archive an odd opcode is far more likely noise than a payload, so it counts as damage.
-    """
-    if "GLOBAL" in message:
-        return True
-    operand = re.search(r"Unsupported operand (\d+)", message)
-    return is_archive and operand is not None and int(operand.group(1)) in _CODE_OPCODES
-
-
-def error_reason(err: BaseException) -> str:
-    """The line of torch's (long) message that says what was wrong; the offending global when there is one."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch's message carries terminal bold codes
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for keyword in ("GLOBAL", "Unsupported", "failed finding", "error"):
-        for line in lines:
-            if keyword in line and not line.startswith("Weights only load failed"):
-                return line[:200]
-    return (lines[-1] if lines else type(err).__name__)[:200]
 
 
 def _check_structure(checkpoint: Any, path: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from cairn.checkpoint.inspect import checkpoint_kind
+from cairn.checkpoint.tools.listing import checkpoint_kind
 
 __all__ = [
     "CheckpointDiff",
@@ -80,7 +80,7 @@ def compare_checkpoints(
     """Compare two checkpoints as :func:`~cairn.checkpoint.read_checkpoint` returns them.
 
     ``a_model``/``b_model`` give the model tensors when they are not in the checkpoint itself (a sharded folder's
-    are in its shards: :func:`~cairn.checkpoint.sharded.read_whole_shards`).
+    are in its shards: :func:`~cairn.checkpoint.load.sharded.read_whole_shards`).
     """
     a_state, b_state = a["state"], b["state"]
     sharded = bool(a_state["metadata"].get("sharded") or b_state["metadata"].get("sharded"))

@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from cairn.atomic import NAME_MAX
-from cairn.checkpoint.loader import read_checkpoint
-from cairn.checkpoint.naming import format_name, name_pattern
-from cairn.checkpoint.retention import PROGRESS_ORDER
+from cairn.checkpoint.folder import PROGRESS_ORDER
+from cairn.checkpoint.load.loader import read_checkpoint
+from cairn.checkpoint.naming.templates import format_name, name_pattern
+from cairn.core.logger import Logger
 from cairn.core.state import State
 from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, ObjectNotFoundError, ObjectStoreError
-from cairn.loggers.logger import Logger
 from cairn.loggers.remote_uploader_downloader import RemoteUploaderDownloader, download_with_progress, read_pointer
 from cairn.storage.base import ObjectStore
 from cairn.utils.dist import broadcast_object, get_rank, share_rank_zero_failure

@@ -1,30 +1,26 @@
-"""How many checkpoints are kept: decided from the files on disk, so it survives restarts and crashes."""
+"""What a checkpoint folder holds: the one walker that retention, resume and ``cairn ckpt ls`` share."""
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-import shutil
 import stat
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from cairn.checkpoint.commit import is_temporary
+from cairn.checkpoint.save.commit import is_temporary
 from cairn.names import METADATA_FILE
 
 __all__ = [
     "ENTRY_KINDS",
-    "PROGRESS_ORDER",
     "FolderEntry",
     "NamedEntry",
+    "PROGRESS_ORDER",
     "folder_entries",
     "list_checkpoints",
     "named_entries",
-    "prune",
 ]
 
-log = logging.getLogger(__name__)
 
 PROGRESS_ORDER = ("epoch", "batch", "sample", "token", "batch_in_epoch", "sample_in_epoch", "token_in_epoch")
 
@@ -106,21 +102,3 @@ def list_checkpoints(folder: str, pattern: re.Pattern[str]) -> list[str]:
         key = tuple(float(numbers[k]) for k in PROGRESS_ORDER if numbers.get(k) is not None)
         found.append(((*key, entry.modified), entry.path))
     return [path for _, path in sorted(found)]
-
-
-def prune(folder: str, pattern: re.Pattern[str], keep: int, *, protect: str | None = None) -> list[str]:
-    """Delete all but the newest ``keep`` checkpoints (never ``protect``); a failed delete is logged, not fatal."""
-    if keep < 0:
-        return []
-    checkpoints = list_checkpoints(folder, pattern)
-    doomed = checkpoints[: max(len(checkpoints) - keep, 0)]
-    removed = []
-    for path in doomed:
-        if protect is not None and os.path.abspath(path) == os.path.abspath(protect):
-            continue
-        try:
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            removed.append(path)
-        except OSError as err:
-            log.warning("could not remove old checkpoint %s (%s); it will be retried at the next save", path, err)
-    return removed
