@@ -80,8 +80,8 @@ class _SlowFirstWrite(CheckpointSaver):
         self.release = threading.Event()
         self.batches_while_writing = 0
 
-    def _start_single_file(self, state, path):  # noqa: ANN001, ANN202
-        write = super()._start_single_file(state, path)
+    def _start_write(self, state, path):  # noqa: ANN001, ANN202
+        write = super()._start_write(state, path)
 
         def held() -> None:
             assert self.release.wait(timeout=60), "the test never released the write"

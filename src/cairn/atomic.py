@@ -1,13 +1,16 @@
-"""The one way cairn puts a file on disk, checkpoint or download: nobody ever sees half of it.
+"""The one way cairn puts a file or a folder on disk, checkpoint or download: nobody ever sees half of it.
 
 A leaf module (it imports only :mod:`cairn.errors` and :mod:`cairn.names`), so that both the checkpoint writers
-(:mod:`cairn.checkpoint.save.commit`, which builds the checkpoint forms on top of it) and the object stores' downloads
-(:mod:`cairn.storage.base`) commit through it without closing an import circle.
+(:mod:`cairn.checkpoint.save.commit`, which builds the checkpoint forms on top of it, and the sharded writer,
+:mod:`cairn.checkpoint.save.sharded`) and the object stores' downloads (:mod:`cairn.storage.base`) commit through it
+without closing an import circle.
 
 Data goes to a hidden temporary name in the target's own folder (same filesystem, so the rename is atomic), is
-fsynced, then renamed over the target; the folder is fsynced so the rename survives a power cut. A temporary's name
-says who writes it: ``.<target>.cairn-tmp-<machine>-<pid>-<token>`` (see :mod:`cairn.checkpoint.save.commit` for who
-clears the ones an interrupted writer leaves).
+fsynced, then renamed over the target; the folder is fsynced so the rename survives a power cut. The file form is
+:func:`atomic_write`; the folder form (a sharded checkpoint, which many processes fill) is :func:`temporary_folder`,
+filled by its writers, then :func:`publish_folder`. A temporary's name says who writes it:
+``.<target>.cairn-tmp-<machine>-<pid>-<token>``, a folder's as a file's (see :mod:`cairn.checkpoint.save.commit`
+for who clears the ones an interrupted writer leaves).
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ from cairn.names import TEMP_MARKER
 
 __all__ = [
     "NAME_MAX",
+    "RETIRED_SUFFIX",
     "TEMPORARY_NAME_EXTRA",
     "WRITER_PATTERN",
     "atomic_write",
     "fsync_path",
     "is_temporary",
+    "publish_folder",
     "remove_quietly",
+    "temporary_folder",
     "temporary_path",
     "temporary_suffix",
     "this_machine",
@@ -41,6 +47,7 @@ __all__ = [
 WRITER_PATTERN = re.compile(r"(?P<machine>[0-9a-f]{8})-(?P<pid>\d{1,10})-[0-9a-f]{8}\Z")
 NAME_MAX = 255  #: bytes in one file name on the usual filesystems (ext4, xfs, btrfs, tmpfs, APFS)
 TEMPORARY_NAME_EXTRA = len(f".{TEMP_MARKER}{'0' * 8}-{2**22}-{'0' * 8}")  # what it adds to a name (pids < 2**22)
+RETIRED_SUFFIX = "-old"  #: a folder being replaced is set aside as ``<temporary>-old`` until the new one is in place
 
 
 def temporary_suffix() -> str:
@@ -61,15 +68,16 @@ def this_machine() -> str:
     return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
 
 
-def temporary_path(target: str, *, room: int = 0) -> str:
+def temporary_path(target: str, *, room: int = 0, suffix: str | None = None) -> str:
     """A fresh temporary name beside ``target`` (same folder, so renaming it over ``target`` is atomic).
 
     The target's name is cut short where the temporary's would not fit in :data:`NAME_MAX` bytes, less ``room``
     (what a writer adds to the name it is given): any name that fits can be written. Readers of a temporary's name
-    need only the marker and what follows it.
+    need only the marker and what follows it. ``suffix`` (a :func:`temporary_suffix`) is given where several
+    processes must agree on one name; otherwise this process draws a fresh one.
     """
     folder, name = os.path.split(target)
-    end = f"{TEMP_MARKER}{temporary_suffix()}"
+    end = f"{TEMP_MARKER}{temporary_suffix() if suffix is None else suffix}"
     while name and len(os.fsencode(f".{name}{end}")) + room > NAME_MAX:
         name = name[:-1]
     return os.path.join(folder, f".{name}{end}")
@@ -113,6 +121,38 @@ def atomic_write(
         remove_quietly(temporary)
         raise
     fsync_path(folder)
+
+
+def temporary_folder(target: str, suffix: str) -> str:
+    """The temporary name of a folder that becomes ``target`` through :func:`publish_folder`, named as a file's.
+
+    ``suffix`` is the :func:`temporary_suffix` of the process that publishes it (a new run removes the folder only
+    once that process is gone); in a distributed save every rank fills the same folder, so the name is drawn by one
+    process and handed to the others, never drawn here. Room is left for :data:`RETIRED_SUFFIX`.
+    """
+    return temporary_path(target, room=len(RETIRED_SUFFIX), suffix=suffix)
+
+
+def publish_folder(temporary: str, target: str, *, overwrite: bool) -> None:
+    """Rename the finished folder ``temporary`` into place as ``target``; an existing one is replaced only with
+    ``overwrite``, and refused otherwise (the temporary is then removed).
+
+    Two folders cannot be swapped in one step: the old one is first set aside under the temporary's name (still a
+    temporary, so an interrupted swap leaves nothing a reader takes for a checkpoint), then removed.
+    """
+    if os.path.exists(target):
+        if not overwrite:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise FileExistsError(
+                f"{target} already exists and overwrite is off; pass save_overwrite=True to replace it"
+            )
+        retired = f"{temporary}{RETIRED_SUFFIX}"
+        os.replace(target, retired)
+        os.replace(temporary, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(temporary, target)
+    fsync_path(os.path.dirname(target) or ".")
 
 
 def write_failed(target: str, folder: str, err: BaseException) -> CheckpointWriteError:

@@ -6,7 +6,15 @@ command line) can use it without closing an import circle.
 
 from __future__ import annotations
 
-__all__ = ["DAMAGED_MARKER", "METADATA_FILE", "POINTER_SUFFIX", "TEMP_MARKER"]
+__all__ = [
+    "DAMAGED_MARKER",
+    "EPOCH_START_GENERATORS",
+    "EPOCH_START_RNG",
+    "GENERATORS",
+    "METADATA_FILE",
+    "POINTER_SUFFIX",
+    "TEMP_MARKER",
+]
 
 #: A sharded checkpoint folder's file holding everything but the sharded tensors (its content hash included);
 #: a folder holding it is a sharded checkpoint.
@@ -20,3 +28,12 @@ POINTER_SUFFIX = ".symlink"
 
 #: Autoresume keeps a damaged checkpoint beside it as ``<name>.damaged-<UTC time>-<token>``.
 DAMAGED_MARKER = ".damaged-"
+
+# Keys of ``state["dataset_state"]``: where the training data loader stood (trainer.dataloader writes them, the loader
+# checks their types before anything is restored).
+#: the global RNG at the start of the epoch, from which a resumed run replays the loader's shuffle
+EPOCH_START_RNG = "epoch_start_rng"
+#: the loader's own generators (sampler, workers) at the start of the epoch
+EPOCH_START_GENERATORS = "epoch_start_generators"
+#: the loader's own generators now, mid-epoch
+GENERATORS = "generators"

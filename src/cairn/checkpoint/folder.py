@@ -8,7 +8,7 @@ import stat
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from cairn.checkpoint.save.commit import is_temporary
+from cairn.atomic import is_temporary
 from cairn.names import METADATA_FILE
 
 __all__ = [

@@ -14,10 +14,11 @@ from cairn.core.model_state import model_weights_module
 from cairn.core.state import State, class_keys
 from cairn.names import METADATA_FILE
 
-__all__ = ["is_sharded_folder"]
+__all__ = ["dcp_tensors", "is_sharded_folder", "single_process_quietly"]
 
 
 def is_sharded_folder(path: str) -> bool:
+    """A folder holding ``cairn.pt``: the mark of a finished sharded checkpoint (a temporary one is hidden)."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, METADATA_FILE))
 
 

@@ -19,13 +19,11 @@ from torch.utils.data.dataloader import _SingleProcessDataLoaderIter
 
 from cairn.core.state import State
 from cairn.errors import CheckpointIncompatibleError
+from cairn.names import EPOCH_START_GENERATORS, EPOCH_START_RNG, GENERATORS
 from cairn.utils.reproducibility import load_rng_state, rng_state
 
 __all__ = ["epoch_iterator", "record_loader_position", "restore_loader_position"]
 
-EPOCH_START_RNG = "epoch_start_rng"
-EPOCH_START_GENERATORS = "epoch_start_generators"
-GENERATORS = "generators"
 
 
 def epoch_iterator(loader: Iterable[Any], state: State) -> Iterator[Any]:

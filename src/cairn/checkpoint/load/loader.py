@@ -30,7 +30,7 @@ from cairn.errors import (
     CheckpointNotFoundError,
     UnsafeCheckpointError,
 )
-from cairn.names import METADATA_FILE
+from cairn.names import EPOCH_START_GENERATORS, EPOCH_START_RNG, GENERATORS, METADATA_FILE
 from cairn.utils.dist import get_rank
 from cairn.utils.reproducibility import check_generator_states, check_rng_state, load_rng_state
 from cairn.utils.text import printable
@@ -231,9 +231,9 @@ def _check_restorable(saved: dict[str, Any], ranks: list[Any], source: str) -> N
         for rank_state in ranks:
             check_rng_state(rank_state)
         position = saved.get("dataset_state", {})
-        if "epoch_start_rng" in position:
-            check_rng_state(position["epoch_start_rng"])
-        for key in ("epoch_start_generators", "generators"):  # the data loader's own generators (trainer.dataloader)
+        if EPOCH_START_RNG in position:
+            check_rng_state(position[EPOCH_START_RNG])
+        for key in (EPOCH_START_GENERATORS, GENERATORS):  # the data loader's own generators (trainer.dataloader)
             check_generator_states(position.get(key, {}))
     except (TypeError, ValueError) as err:
         raise CheckpointCorruptError(f"{source!r} holds malformed state ({err}); load another checkpoint") from None

@@ -1,4 +1,4 @@
-"""Checks on name templates, made when a saver is built: every name a run can produce must be a safe, writable path."""
+"""Checks on name templates, made when a saver is built: every name a run can make must be a safe, writable path."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import string
 import unicodedata
 from typing import Any
 
+from cairn.atomic import RETIRED_SUFFIX, TEMPORARY_NAME_EXTRA
 from cairn.checkpoint.naming.templates import (
     FORMAT_VARIABLES,
     PROGRESS_VARIABLES,
@@ -18,7 +19,6 @@ from cairn.checkpoint.naming.templates import (
     fixed_prefix,
     sample_values,
 )
-from cairn.checkpoint.save.commit import TEMPORARY_NAME_EXTRA
 from cairn.names import TEMP_MARKER
 from cairn.storage.uri import is_uri, parse_uri
 
@@ -37,8 +37,9 @@ __all__ = [
 _NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows filesystems alike
 
 
-# A checkpoint is first written as ".<name>.cairn-tmp-<pid>-<8 hex>" beside its final name (checkpoint.commit).
-_TEMPORARY_EXTRA = TEMPORARY_NAME_EXTRA + len("-old")  # a replaced sharded folder is set aside as <temporary>-old
+# A checkpoint is first written as ".<name>.cairn-tmp-<machine>-<pid>-<token>" beside its final name (cairn.atomic),
+# and a replaced sharded folder is set aside as "<temporary>-old": a name must leave room for both.
+_TEMPORARY_EXTRA = TEMPORARY_NAME_EXTRA + len(RETIRED_SUFFIX)
 
 
 _REMOTE_MAX = 1024  # bytes in an object name for S3, GCS and OCI

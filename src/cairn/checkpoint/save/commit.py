@@ -1,7 +1,8 @@
 """The one way cairn puts a checkpoint on disk: nobody ever sees half of it.
 
-The file form (:func:`atomic_write`) lives in the leaf module :mod:`cairn.atomic`, so that downloads commit through
-it too; this module adds the checkpoint writer, the latest link, and the clearing of interrupted writers' leftovers.
+The file form (:func:`atomic_write`) and the folder form (``temporary_folder`` then ``publish_folder``, for sharded
+checkpoints) live in the leaf module :mod:`cairn.atomic`, so that downloads commit through it too; this module adds
+the checkpoint file writer, the latest link, and the clearing of interrupted writers' leftovers.
 Data goes to a hidden temporary name in the target's own folder (same filesystem, so the rename is atomic), is
 flushed and fsynced, then renamed over the target; the folder is fsynced so the rename survives a power cut.
 A crash at any moment leaves either the old file or the new one, never a mix, plus at worst a temporary file
@@ -40,7 +41,6 @@ from cairn.atomic import (
     temporary_suffix,
     this_machine,
 )
-from cairn.atomic import write_failed as _write_failed  # noqa: F401 - the sharded writer imports it from here
 from cairn.names import TEMP_MARKER
 
 __all__ = [

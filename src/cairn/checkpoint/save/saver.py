@@ -21,12 +21,10 @@ from cairn.checkpoint.naming.checks import check_names, check_not_a_file
 from cairn.checkpoint.naming.clash import template_clash
 from cairn.checkpoint.naming.templates import PROGRESS_VARIABLES, fields_of, format_name, name_pattern
 from cairn.checkpoint.save.background import BackgroundSaves
-from cairn.checkpoint.save.commit import atomic_symlink, remove_stale_temporaries, write_checkpoint
-from cairn.checkpoint.save.content import build_checkpoint, collect_checkpoint, seal
+from cairn.checkpoint.save.commit import atomic_symlink, remove_stale_temporaries
 from cairn.checkpoint.save.policy import is_last_checkpoint_event, save_policy
 from cairn.checkpoint.save.retention import prune
-from cairn.checkpoint.save.sharded import ShardedAsyncSaves, save_sharded
-from cairn.checkpoint.save.snapshot import SnapshotBuffers
+from cairn.checkpoint.save.writers import SingleFileWriter, Writer, make_writer
 from cairn.core.callback import Callback
 from cairn.core.event import Event
 from cairn.core.interval import IntervalLike
@@ -34,7 +32,7 @@ from cairn.core.logger import Logger
 from cairn.core.state import State
 from cairn.names import POINTER_SUFFIX
 from cairn.utils.arguments import check_flag
-from cairn.utils.dist import barrier, broadcast_object, get_rank, on_rank_zero, share_rank_zero_failure
+from cairn.utils.dist import barrier, broadcast_object, get_rank, share_rank_zero_failure
 
 __all__ = ["CheckpointSaver", "save_checkpoint"]
 
@@ -105,8 +103,7 @@ class CheckpointSaver(Callback):
         self._uploading_lock = threading.Lock()  # the background save appends, the training thread prunes
         self.async_save = check_flag(async_save, argument="async_save")
         self._background = BackgroundSaves()
-        self._snapshot = SnapshotBuffers()
-        self._sharded_async: ShardedAsyncSaves | None = None
+        self._writer: Writer | None = None  # built at the first save, when the state says which format
 
     # -- events -----------------------------------------------------------------------------------------------
 
@@ -185,10 +182,7 @@ class CheckpointSaver(Callback):
         try:
             self._background.close()
         finally:
-            self._snapshot.release()
-            if self._sharded_async is not None:
-                self._sharded_async.close()
-                self._sharded_async = None
+            self._close_writer()
 
     def _maybe_save(self, state: State, logger: Logger, event: Event) -> None:
         self._forget_uploaded()
@@ -209,14 +203,7 @@ class CheckpointSaver(Callback):
         if self.async_save:
             self._save_in_background(state, logger, target)
         else:
-            write = save_sharded if state.sharded_checkpoints else save_checkpoint
-            write(
-                state,
-                target.path,
-                weights_only=self.weights_only,
-                ignore_keys=self.ignore_keys,
-                overwrite=self.overwrite,
-            )
+            self._start_write(state, target.path)()
             if get_rank() == 0:
                 self._after_write(logger, target)
             barrier()
@@ -248,18 +235,7 @@ class CheckpointSaver(Callback):
     def _save_in_background(self, state: State, logger: Logger | None, target: _Target) -> None:
         """Take the snapshot here (every rank, collectives included); write and publish on the saver's thread."""
         self._finish_previous_save()
-        if state.sharded_checkpoints:
-            if self._sharded_async is None:
-                self._sharded_async = ShardedAsyncSaves()
-            write = self._sharded_async.start(
-                state,
-                target.path,
-                weights_only=self.weights_only,
-                ignore_keys=self.ignore_keys,
-                overwrite=self.overwrite,
-            )
-        else:
-            write = self._start_single_file(state, target.path)
+        write = self._start_write(state, target.path)
 
         def finish() -> None:
             write()
@@ -268,13 +244,30 @@ class CheckpointSaver(Callback):
 
         self._background.start(finish)
 
-    def _start_single_file(self, state: State, path: str) -> Callable[[], None]:
-        checkpoint = collect_checkpoint(state, weights_only=self.weights_only, ignore_keys=self.ignore_keys)
-        if get_rank() != 0:
-            return lambda: None  # rank 0 alone writes; the others only took part in the collectives above
-        snapshot = self._snapshot.take(checkpoint)
-        overwrite = self.overwrite
-        return lambda: write_checkpoint(seal(snapshot), path, overwrite=overwrite)
+    def _start_write(self, state: State, path: str) -> Callable[[], None]:
+        """The training thread's part of a save (every rank); the returned function writes and publishes."""
+        return self._writer_for(state).start(state, path)
+
+    def _writer_for(self, state: State) -> Writer:
+        """The saver's one writer, built at its first save: only then does the state say whether checkpoints are
+        sharded. A state of the other format (a saver handed to another Trainer) gets a writer of its own."""
+        sharded = state.sharded_checkpoints
+        if self._writer is None or self._writer.sharded != sharded:
+            self._close_writer()
+            self._writer = make_writer(
+                sharded=sharded,
+                asynchronous=self.async_save,
+                weights_only=self.weights_only,
+                ignore_keys=self.ignore_keys,
+                overwrite=self.overwrite,
+            )
+        return self._writer
+
+    def _close_writer(self) -> None:
+        """Release the writer's buffers (and DCP's stager); a later save builds a new one."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
 
     def _finish_previous_save(self) -> None:
         """Wait for the save in flight; every rank raises if rank 0's failed (else the others would wait forever)."""
@@ -404,6 +397,5 @@ def save_checkpoint(
     Every rank of a distributed run must call it (the RNG states are gathered); rank 0 alone writes.
     """
     ignore_keys = check_ignore_keys(ignore_keys, argument="ignore_keys", loading=False)  # type: ignore[assignment]
-    checkpoint = build_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys)
-    on_rank_zero(lambda: write_checkpoint(checkpoint, path, overwrite=overwrite), f"write the checkpoint {path!r}")
+    SingleFileWriter(weights_only=weights_only, ignore_keys=ignore_keys, overwrite=overwrite).start(state, path)()
     return path

@@ -3,64 +3,65 @@
 
 Layout of ``<name>/``: the DCP shard files (``__<rank>_0.distcp``) and ``.metadata`` hold the model and optimizer
 tensors; ``cairn.pt`` (written by rank 0) holds everything else, as in a single-file checkpoint, with its content
-hash. The folder is written under a hidden temporary name and renamed once every rank has finished, so a reader
-never sees a partial folder.
+hash. The folder is written under a hidden temporary name and published once every rank has finished (the folder
+form of :mod:`cairn.atomic`), so a reader never sees a partial folder. The writers that drive these steps, sync and
+async, are in :mod:`cairn.checkpoint.save.writers`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cairn.atomic import publish_folder, temporary_folder, temporary_suffix, write_failed
 from cairn.checkpoint.format import file_digest
-from cairn.checkpoint.save.commit import _write_failed, fsync_path, temporary_suffix, write_checkpoint
-from cairn.checkpoint.save.content import build_checkpoint, seal
+from cairn.checkpoint.save.commit import write_checkpoint
+from cairn.checkpoint.save.content import seal
 from cairn.checkpoint.shards import dcp_tensors, single_process_quietly
-from cairn.core.state import State
 from cairn.errors import CairnError
-from cairn.names import METADATA_FILE, TEMP_MARKER
-from cairn.utils.dist import broadcast_object, get_rank, on_rank_zero
+from cairn.names import METADATA_FILE
+from cairn.utils.dist import broadcast_object
 
-__all__ = ["ShardedAsyncSaves", "save_sharded", "write_sharded_folder"]
+if TYPE_CHECKING:
+    from cairn.core.state import State
+
+__all__ = ["AsyncShardWrites", "complete_folder", "temporary_shard_folder", "write_shards", "write_sharded_folder"]
 
 
-def save_sharded(
-    state: State, path: str, *, weights_only: bool = False, ignore_keys: Sequence[str] = (), overwrite: bool = True
-) -> str:
-    """Write ``path`` as a sharded checkpoint folder; every rank calls it, each writes its own shards."""
+def temporary_shard_folder(path: str) -> str:
+    """Named by rank 0, which finishes the folder: a new run removes it only once that process is gone. Every rank
+    must call it (the name is broadcast), since every rank writes its shards there."""
+    return temporary_folder(path, broadcast_object(temporary_suffix()))
+
+
+def write_shards(state: State, temporary: str, path: str, *, weights_only: bool) -> None:
+    """Every rank writes its own shards of ``state`` into ``temporary`` (rank 0 the ``.metadata`` too), together."""
     import torch.distributed.checkpoint as dcp
 
-    temporary = _temporary_folder(path)
     with _shard_write_errors(temporary, path):
         dcp.save(dcp_tensors(state, weights_only=weights_only), checkpoint_id=temporary)  # rank 0: .metadata
-    rest = build_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys, sharded=True)
-    on_rank_zero(
-        lambda: _complete(rest, temporary, path, overwrite=overwrite), f"finish the sharded checkpoint {path!r}"
-    )
-    return path
 
 
 def write_sharded_folder(tensors: dict[str, Any], rest: dict[str, Any], path: str) -> None:
     """Write a sharded folder from one process (``cairn ckpt convert``): the same layout, published by rename."""
     import torch.distributed.checkpoint as dcp
 
-    temporary = _temporary_folder(path)
+    temporary = temporary_shard_folder(path)
     try:
         with single_process_quietly():
             dcp.save(tensors, checkpoint_id=temporary, no_dist=True)
-        _complete(rest, temporary, path, overwrite=False)
+        complete_folder(rest, temporary, path, overwrite=False)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
 
 
-class ShardedAsyncSaves:
+class AsyncShardWrites:
     """``torch.distributed.checkpoint.async_save`` for one saver: shards are staged to host memory (buffers kept
     between saves, pinned for GPU tensors) and written by DCP's thread over a gloo group of their own, so the
     background collectives never interleave with the training thread's."""
@@ -72,28 +73,23 @@ class ShardedAsyncSaves:
         self._group = dist.new_group(backend="gloo")  # every rank reaches the first async save together
         self._stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
 
-    def start(
-        self, state: State, path: str, *, weights_only: bool, ignore_keys: Sequence[str], overwrite: bool
-    ) -> Callable[[], None]:
-        """Stage this rank's shards and start writing them; the returned function (run in the background) waits
-        for every rank's shards, then rank 0 adds ``cairn.pt`` and publishes the folder."""
+    def start(self, state: State, temporary: str, path: str, *, weights_only: bool) -> Callable[[], None]:
+        """Stage this rank's shards and start writing them into ``temporary``; the returned function (run in the
+        background) waits for them: on rank 0 it returns once every rank's shards and the ``.metadata`` are
+        written."""
         import torch.distributed.checkpoint as dcp
 
-        temporary = _temporary_folder(path)
         tensors = dcp_tensors(state, weights_only=weights_only)
         response = dcp.async_save(
             tensors, checkpoint_id=temporary, async_stager=self._stager, process_group=self._group
         )
         shards = getattr(response, "upload_completion", response)
-        rest = copy.deepcopy(build_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys, sharded=True))
 
-        def finish() -> None:
+        def wait() -> None:
             with _shard_write_errors(temporary, path):
-                shards.result()  # on rank 0 this returns once every rank's shards and the .metadata are written
-            if get_rank() == 0:  # a failure is reported through the saver, at its next event or save
-                _complete(rest, temporary, path, overwrite=overwrite)
+                shards.result()
 
-        return finish
+        return wait
 
     def close(self) -> None:
         self._stager.close()
@@ -120,20 +116,14 @@ def _shard_write_failure(failure: BaseException, temporary: str, path: str) -> C
         if isinstance(cause, CairnError):
             return cause
     if not failures:
-        return _write_failed(path, os.path.dirname(path) or ".", failure)
+        return write_failed(path, os.path.dirname(path) or ".", failure)
     rank, (cause, _trace) = failures[0]
     shard = os.path.join(path, f"__{rank}_0.distcp")
-    return _write_failed(f"{path} (rank {rank} writing its shards, {shard})", os.path.dirname(path) or ".", cause)
+    return write_failed(f"{path} (rank {rank} writing its shards, {shard})", os.path.dirname(path) or ".", cause)
 
 
-def _temporary_folder(path: str) -> str:
-    """Named by rank 0, which finishes the folder: a new run removes it only once that process is gone."""
-    parent, name = os.path.split(path)
-    return os.path.join(parent, f".{name}{TEMP_MARKER}{broadcast_object(temporary_suffix())}")
-
-
-def _complete(rest: dict[str, Any], temporary: str, path: str, *, overwrite: bool) -> None:
-    """Add ``cairn.pt`` to the finished shards and rename the folder into place (one process does it).
+def complete_folder(rest: dict[str, Any], temporary: str, path: str, *, overwrite: bool) -> None:
+    """Add ``cairn.pt`` to the finished shards and publish the folder (one process does it).
 
     ``cairn.pt`` records a digest of every file DCP wrote, so that a reader can vouch for the shards (DCP keeps no
     checksum of its own) before any of their bytes reach the model.
@@ -141,19 +131,4 @@ def _complete(rest: dict[str, Any], temporary: str, path: str, *, overwrite: boo
     metadata = rest["state"]["metadata"]
     metadata["shards"] = {name: file_digest(os.path.join(temporary, name)) for name in sorted(os.listdir(temporary))}
     write_checkpoint(seal(rest), os.path.join(temporary, METADATA_FILE))
-    _publish(temporary, path, overwrite=overwrite)
-
-
-def _publish(temporary: str, path: str, *, overwrite: bool) -> None:
-    """Rename the finished folder into place; an existing one is replaced only with ``overwrite``."""
-    if os.path.exists(path):
-        if not overwrite:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise FileExistsError(f"{path} already exists and overwrite is off; pass save_overwrite=True to replace it")
-        retired = f"{temporary}-old"
-        os.replace(path, retired)
-        os.replace(temporary, path)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(temporary, path)
-    fsync_path(os.path.dirname(path) or ".")
+    publish_folder(temporary, path, overwrite=overwrite)

@@ -1,0 +1,167 @@
+"""How a save is written: one interface in front of both formats (a single file, a sharded folder), each written now
+or in the background.
+
+A writer's :meth:`~Writer.start` does what must happen on the training thread on every rank, while the state stands
+still: the collectives (every rank's RNG is gathered), the snapshot copy, DCP's staging. The function it returns
+does the rest: hash, write, publish. A synchronous save runs it at once on every rank (``start(state, path)()``);
+an asynchronous one hands it to the saver's background thread, where it runs on every rank too (DCP's background
+collectives need every rank; a single file is written by rank 0 alone, the other ranks' function does nothing).
+
+Who writes and how a failure reaches the other ranks differ by form: a synchronous writer shares rank 0's failure
+with every rank at once (:func:`~cairn.utils.dist.on_rank_zero`); an asynchronous one leaves it to the saver, which
+shares it when it next waits for the save.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from cairn.checkpoint.save.commit import write_checkpoint
+from cairn.checkpoint.save.content import build_checkpoint, collect_checkpoint, seal
+from cairn.checkpoint.save.sharded import AsyncShardWrites, complete_folder, temporary_shard_folder, write_shards
+from cairn.checkpoint.save.snapshot import SnapshotBuffers
+from cairn.utils.dist import get_rank, on_rank_zero
+
+if TYPE_CHECKING:
+    from cairn.core.state import State
+
+__all__ = [
+    "AsyncShardedWriter",
+    "AsyncSingleFileWriter",
+    "ShardedWriter",
+    "SingleFileWriter",
+    "Writer",
+    "make_writer",
+]
+
+Finish = Callable[[], None]
+
+
+class Writer(ABC):
+    """One checkpoint format (``sharded`` says which), written now or in the background, told once what goes into
+    the checkpoint and whether it may replace an existing one."""
+
+    sharded = False
+
+    def __init__(self, *, weights_only: bool, ignore_keys: Sequence[str], overwrite: bool) -> None:
+        self.weights_only = weights_only
+        self.ignore_keys = ignore_keys
+        self.overwrite = overwrite
+
+    @abstractmethod
+    def start(self, state: State, path: str) -> Finish:
+        """Take what must be taken on the training thread (every rank calls it); the returned function writes."""
+
+    def close(self) -> None:  # noqa: B027 - not abstract: a synchronous writer keeps nothing between saves
+        """Release what the writer keeps between saves (host buffers, DCP's stager); no save may be in flight."""
+
+
+def make_writer(
+    *, sharded: bool, asynchronous: bool, weights_only: bool, ignore_keys: Sequence[str], overwrite: bool
+) -> Writer:
+    """The writer of one saver: the format is the state's (``sharded``), the timing the saver's (``asynchronous``)."""
+    kind = _WRITERS[sharded, asynchronous]
+    return kind(weights_only=weights_only, ignore_keys=ignore_keys, overwrite=overwrite)
+
+
+class SingleFileWriter(Writer):
+    """One file, written by rank 0 now; every rank raises if it failed (else the others would wait forever)."""
+
+    def start(self, state: State, path: str) -> Finish:
+        checkpoint = build_checkpoint(state, weights_only=self.weights_only, ignore_keys=self.ignore_keys)
+        overwrite = self.overwrite
+
+        def finish() -> None:
+            on_rank_zero(
+                lambda: write_checkpoint(checkpoint, path, overwrite=overwrite), f"write the checkpoint {path!r}"
+            )
+
+        return finish
+
+
+class AsyncSingleFileWriter(Writer):
+    """One file, written by rank 0 in the background from a snapshot in host buffers reused between saves."""
+
+    def __init__(self, *, weights_only: bool, ignore_keys: Sequence[str], overwrite: bool) -> None:
+        super().__init__(weights_only=weights_only, ignore_keys=ignore_keys, overwrite=overwrite)
+        self._snapshot = SnapshotBuffers()
+
+    def start(self, state: State, path: str) -> Finish:
+        checkpoint = collect_checkpoint(state, weights_only=self.weights_only, ignore_keys=self.ignore_keys)
+        if get_rank() != 0:
+            return _nothing  # rank 0 alone writes; the others only took part in the collectives above
+        snapshot = self._snapshot.take(checkpoint)
+        overwrite = self.overwrite
+        return lambda: write_checkpoint(seal(snapshot), path, overwrite=overwrite)
+
+    def close(self) -> None:
+        self._snapshot.release()
+
+
+class ShardedWriter(Writer):
+    """A folder of every rank's shards (written together now) and rank 0's ``cairn.pt``; rank 0 publishes it and
+    every rank raises if that failed."""
+
+    sharded = True
+
+    def start(self, state: State, path: str) -> Finish:
+        temporary = temporary_shard_folder(path)
+        write_shards(state, temporary, path, weights_only=self.weights_only)
+        rest = self._rest(state)
+        overwrite = self.overwrite
+
+        def finish() -> None:
+            on_rank_zero(
+                lambda: complete_folder(rest, temporary, path, overwrite=overwrite),
+                f"finish the sharded checkpoint {path!r}",
+            )
+
+        return finish
+
+    def _rest(self, state: State) -> dict[str, Any]:
+        """Everything but the shards, for ``cairn.pt``: the RNG of every rank is gathered here."""
+        return build_checkpoint(state, weights_only=self.weights_only, ignore_keys=self.ignore_keys, sharded=True)
+
+
+class AsyncShardedWriter(ShardedWriter):
+    """The sharded folder, its shards staged to host memory now and written by DCP in the background; rank 0 then
+    adds ``cairn.pt`` and publishes (a failure is reported through the saver, at its next event or save)."""
+
+    def __init__(self, *, weights_only: bool, ignore_keys: Sequence[str], overwrite: bool) -> None:
+        super().__init__(weights_only=weights_only, ignore_keys=ignore_keys, overwrite=overwrite)
+        self._shards: AsyncShardWrites | None = None  # its gloo group is made at the first save, on every rank
+
+    def start(self, state: State, path: str) -> Finish:
+        if self._shards is None:
+            self._shards = AsyncShardWrites()
+        temporary = temporary_shard_folder(path)
+        shards_written = self._shards.start(state, temporary, path, weights_only=self.weights_only)
+        rest = copy.deepcopy(self._rest(state))  # training goes on and may change what it refers to
+        overwrite = self.overwrite
+
+        def finish() -> None:
+            shards_written()
+            if get_rank() == 0:
+                complete_folder(rest, temporary, path, overwrite=overwrite)
+
+        return finish
+
+    def close(self) -> None:
+        if self._shards is not None:
+            self._shards.close()
+            self._shards = None
+
+
+def _nothing() -> None:
+    """The background part of a save on a rank that does not write."""
+
+
+_WRITERS: dict[tuple[bool, bool], type[Writer]] = {  # (sharded, asynchronous)
+    (False, False): SingleFileWriter,
+    (False, True): AsyncSingleFileWriter,
+    (True, False): ShardedWriter,
+    (True, True): AsyncShardedWriter,
+}
