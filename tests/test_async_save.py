@@ -141,3 +141,12 @@ def test_snapshot_buffers_are_reused_and_frozen() -> None:
     assert second["w"].data_ptr() == address, "the same host buffer is refilled, not reallocated"
     assert torch.equal(second["w"], weights["w"])
     assert buffers.nbytes == 6 * 4
+
+
+def test_snapshot_keeps_tensors_apart_whose_paths_are_spelled_alike() -> None:
+    """``{"a/b": t1, "a": {"b": t2}}`` (callback state may use such keys): both tensors are ``a/b`` by path, and
+    an async save must still write each one's own values, not the last one copied into a shared buffer."""
+    first, second = torch.ones(3), torch.full((3,), 2.0)
+    snapshot = SnapshotBuffers().take({"a/b": first, "a": {"b": second}})
+    assert torch.equal(snapshot["a/b"], first)
+    assert torch.equal(snapshot["a"]["b"], second)

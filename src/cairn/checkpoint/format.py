@@ -9,6 +9,7 @@ import torch
 import xxhash
 
 from cairn.checkpoint.keys import IgnoreKeys, drop
+from cairn.checkpoint.tree import CONTAINERS, children
 
 __all__ = [
     "FORMAT_VERSION",
@@ -22,9 +23,9 @@ __all__ = [
 ]
 
 
+#: The version of the layout ``state/metadata/format_version`` records; a reader refuses a newer one.
 FORMAT_VERSION = 1
-
-
+#: Prefixes every content hash (``xxh3-128:<hex>``), so that a future change of hash reads as such, not as damage.
 HASH_NAME = "xxh3-128"
 
 
@@ -71,16 +72,20 @@ MAX_DEPTH = 200  # far deeper than any state dict; deeper nesting is refused rat
 def _encoding(root: Any) -> Iterator[bytes | memoryview]:
     """The bytes the hash covers: each node's ``/``-path, then its type and value, depth first.
 
-    The walk keeps its own stack, so nesting costs no recursion; a container met a second time (pickle keeps
-    sharing, so writer and reader meet the same ones) is covered as a reference to where it was first met, so the
-    walk is linear in the number of objects, not in the size of the tree they unfold to.
+    The walk keeps its own stack rather than recursing through :func:`~cairn.checkpoint.tree.map_tree`, so nesting
+    costs no recursion and its depth is bounded by :data:`MAX_DEPTH` (a hostile file cannot exhaust Python's
+    stack), and it meets each node with one loop step rather than a call per node, on the path of every save and
+    load. What a container is, and how its children's paths are spelled, it takes from :mod:`cairn.checkpoint.tree`,
+    with dict keys spelled by :func:`_key_text`. A container met a second time (pickle keeps sharing, so writer and
+    reader meet the same ones) is covered as a reference to where it was first met, so the walk is linear in the
+    number of objects, not in the size of the tree they unfold to.
     """
     first_met: dict[int, str] = {}
     pending: list[tuple[str, Any, int]] = [("", root, 0)]
     while pending:
         path, value, depth = pending.pop()
         yield path.encode()
-        if not isinstance(value, (dict, list, tuple)):
+        if not isinstance(value, CONTAINERS):
             yield from _leaf(value)
             continue
         if value and id(value) in first_met:  # an empty one may be a shared singleton: it has nothing to unfold
@@ -90,13 +95,7 @@ def _encoding(root: Any) -> Iterator[bytes | memoryview]:
             raise ValueError(f"it nests containers more than {MAX_DEPTH} deep, at {path[:60]!r}...")
         first_met[id(value)] = path
         yield from _leaf(f"{'dict' if isinstance(value, dict) else type(value).__name__}[{len(value)}]")
-        pending.extend((child, item, depth + 1) for child, item in reversed(_children(value, path)))
-
-
-def _children(value: dict[Any, Any] | list[Any] | tuple[Any, ...], path: str) -> list[tuple[str, Any]]:
-    if isinstance(value, dict):
-        return [(f"{path}/{_key_text(key)}" if path else _key_text(key), item) for key, item in value.items()]
-    return [(f"{path}/{index}", item) for index, item in enumerate(value)]
+        pending.extend(reversed([(child, item, depth + 1) for _, child, item in children(value, path, _key_text)]))
 
 
 def _leaf(value: Any) -> Iterator[bytes | memoryview]:

@@ -14,6 +14,8 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from cairn.checkpoint.tree import child_path
+
 __all__ = ["IgnoreKeys", "check_ignore_keys", "drop"]
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,7 @@ def _without(node: Any, path: str, patterns: tuple[str, ...]) -> Any:
         return node
     kept = {}
     for key, item in node.items():
-        child = f"{path}/{key}" if path else str(key)
+        child = child_path(path, str(key))
         if any(fnmatch.fnmatchcase(child, pattern) for pattern in patterns):
             continue
         kept[key] = _without(item, child, patterns)

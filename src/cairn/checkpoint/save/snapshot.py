@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from cairn.checkpoint.tree import map_tree
+
 __all__ = ["SnapshotBuffers"]
 
 _IMMUTABLE = (str, int, float, bool, complex, bytes, type(None))
@@ -34,7 +36,7 @@ class SnapshotBuffers:
         """A copy of ``tree`` whose tensors live in this object's buffers; returns once every copy has landed."""
         self._used = set()
         self._copied_from_device = False
-        snapshot = self._copy(tree, "")
+        snapshot = map_tree(tree, self._copy_leaf)
         if self._copied_from_device:
             torch.cuda.synchronize()  # the non-blocking device-to-host copies must land before a thread reads them
         for stale in set(self._buffers) - self._used:  # tensors that are gone (a changed model) free their memory
@@ -44,22 +46,16 @@ class SnapshotBuffers:
     def release(self) -> None:
         self._buffers.clear()
 
-    def _copy(self, node: Any, path: str) -> Any:
-        if isinstance(node, torch.Tensor):
-            return self._copy_tensor(node, path)
-        if isinstance(node, dict):
-            return {key: self._copy(value, f"{path}/{key}") for key, value in node.items()}
-        if isinstance(node, list):
-            return [self._copy(value, f"{path}/{index}") for index, value in enumerate(node)]
-        if isinstance(node, tuple):
-            return tuple(self._copy(value, f"{path}/{index}") for index, value in enumerate(node))
-        if isinstance(node, _IMMUTABLE):
-            return node
-        return copy.deepcopy(node)
+    def _copy_leaf(self, path: str, leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            return self._copy_tensor(leaf, path)
+        if isinstance(leaf, _IMMUTABLE):
+            return leaf
+        return copy.deepcopy(leaf)
 
     def _copy_tensor(self, tensor: torch.Tensor, path: str) -> torch.Tensor:
         tensor = tensor.detach()
-        if _copied_plainly(tensor):
+        if _copied_plainly(tensor) or path in self._used:  # a second tensor at one path must not share its buffer
             return tensor.cpu().clone()
         buffer = self._buffers.get(path)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from cairn.checkpoint.tools.listing import checkpoint_kind
+from cairn.checkpoint.tree import CONTAINERS, leaves
 
 __all__ = [
     "CheckpointDiff",
@@ -33,6 +34,7 @@ __all__ = [
 
 _CHUNK = 1 << 22  # elements compared at once: bounds the float64 copies to a few tens of MB per tensor
 _MISSING = object()
+_WALKED_INTO = (*CONTAINERS, torch.Tensor)  # a list holding one of these is walked into, not shown whole
 _FACT_SECTIONS = ("model", "metadata", "timestamp", "run_name")  # compared as tensors or facts, not as other state
 
 
@@ -179,17 +181,14 @@ def _rest(checkpoint: Mapping[str, Any], skip: tuple[str, ...]) -> dict[str, Any
     return rest
 
 
-def _leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+def _leaves(node: Any) -> Iterator[tuple[str, Any]]:
     """``/``-paths to tensors and plain values. A list of plain values (a generator's state) is one leaf, so that a
     changed RNG reads as one difference, not hundreds."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _leaves(value, f"{path}/{key}" if path else str(key))
-    elif isinstance(node, (list, tuple)) and any(isinstance(v, (dict, list, tuple, torch.Tensor)) for v in node):
-        for index, value in enumerate(node):
-            yield from _leaves(value, f"{path}/{index}")
-    else:
-        yield path, node
+    return leaves(node, whole=_plain_sequence)
+
+
+def _plain_sequence(node: Any) -> bool:
+    return isinstance(node, (list, tuple)) and not any(isinstance(v, _WALKED_INTO) for v in node)
 
 
 def _compare_values(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[Difference]:
