@@ -198,7 +198,7 @@ def test_save_remote_file_name_names_thebucket_objects(s3_env: str, s3_bucket: s
 def test_large_downloads_show_a_progress_bar(
     s3_env: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import cairn.loggers.remote_uploader_downloader as uploader_module
+    import cairn.storage.transfer as uploader_module
 
     _trainer("1ep", save_folder=f"s3://{s3_bucket}/ckpt", save_filename="ep{epoch}.pt").fit()
     capsys.readouterr()

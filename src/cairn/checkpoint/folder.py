@@ -9,20 +9,19 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from cairn.atomic import is_temporary
+from cairn.checkpoint.naming.templates import progress_of
 from cairn.names import METADATA_FILE
 
 __all__ = [
     "ENTRY_KINDS",
     "FolderEntry",
     "NamedEntry",
-    "PROGRESS_ORDER",
     "folder_entries",
     "list_checkpoints",
     "named_entries",
 ]
 
 
-PROGRESS_ORDER = ("epoch", "batch", "sample", "token", "batch_in_epoch", "sample_in_epoch", "token_in_epoch")
 
 
 class NamedEntry(NamedTuple):
@@ -98,7 +97,5 @@ def list_checkpoints(folder: str, pattern: re.Pattern[str]) -> list[str]:
     for entry in named_entries(folder, pattern):
         if entry.kind not in ("file", "sharded"):
             continue
-        numbers = entry.match.groupdict()
-        key = tuple(float(numbers[k]) for k in PROGRESS_ORDER if numbers.get(k) is not None)
-        found.append(((*key, entry.modified), entry.path))
+        found.append(((*progress_of(entry.match), entry.modified), entry.path))
     return [path for _, path in sorted(found)]

@@ -10,32 +10,32 @@ import re
 import secrets
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cairn.checkpoint.folder import list_checkpoints
 from cairn.checkpoint.load.loader import apply_checkpoint, read_checkpoint
-from cairn.checkpoint.load.remote import (
-    PROGRESS_ORDER,
-    progress_in_name,
-    read_pointer,
-    read_remote_checkpoint,
-    store_checkpoints,
-)
-from cairn.checkpoint.naming.templates import format_name, name_pattern
+from cairn.checkpoint.load.remote import read_remote_checkpoint
+from cairn.checkpoint.naming.templates import PROGRESS_ORDER, format_name, name_pattern, progress_in_name
 from cairn.checkpoint.save.saver import CheckpointSaver
+from cairn.checkpoint.save.store_names import store_checkpoints
+from cairn.core.logger import LoggerDestination
 from cairn.core.state import State
 from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, ObjectStoreError
-from cairn.loggers.remote_uploader_downloader import RemoteUploaderDownloader
 from cairn.names import DAMAGED_MARKER
 from cairn.storage.base import ObjectStore
+from cairn.storage.pointer import read_pointer
 from cairn.storage.uri import is_uri, parse_uri, store_from_uri
 from cairn.utils.dist import get_rank
 from cairn.utils.text import printable
+
+if TYPE_CHECKING:
+    from cairn.storage.transfer import Transfers
 
 __all__ = [
     "check_autoresume_names",
     "find_latest_checkpoint",
     "find_remote_latest",
+    "read_load_path",
     "restore",
     "saving_from_arguments",
     "uploader_among",
@@ -122,13 +122,13 @@ def _inside(path: str, folder: str) -> bool:
 def find_remote_latest(
     saver: CheckpointSaver,
     state: State,
-    uploader: RemoteUploaderDownloader,
+    transfers: Transfers,
     *,
     progress: bool,
     listed: list[str] | None = None,
 ) -> tuple[str, dict[str, Any]] | None:
-    """The newest checkpoint of ``saver``'s remote names in ``uploader``'s store that downloads and verifies, with
-    its content; None if none does.
+    """The newest checkpoint of ``saver``'s remote names in the store of ``transfers`` (the run's first uploader's)
+    that downloads and verifies, with its content; None if none does.
 
     As in a local folder: uploads are verified before the pointer moves, and objects appear whole, so every object
     of the saver's remote name pattern is complete, and the newest of them wins even when a run died between an
@@ -140,16 +140,16 @@ def find_remote_latest(
     again. Tries the newest first and stops at the first that verifies: no more is downloaded than needed.
     ``listed`` is the store's listing (:func:`store_checkpoints`) when the caller already has it.
     """
-    store = uploader.store
+    store = transfers.store
     if listed is None:
-        listed = store_checkpoints(uploader, saver.remote_template(), state)
-    pointed = _pointer_target(saver, state, uploader)
-    pattern = name_pattern(uploader.remote_template(saver.remote_template()), state, rank=0)
+        listed = store_checkpoints(transfers, saver.remote_template(), state)
+    pointed = _pointer_target(saver, state, transfers)
+    pattern = name_pattern(transfers.remote_template(saver.remote_template()), state, rank=0)
     candidates = sorted(listed, key=lambda name: (progress_in_name(pattern, name) or (), name == pointed), reverse=True)
     if pointed is not None and pointed not in listed:
         candidates.append(pointed)
     for name in candidates:
-        keep = functools.partial(_set_aside_damaged_object, uploader, name, pattern) if get_rank() == 0 else None
+        keep = functools.partial(_set_aside_damaged_object, transfers, name, pattern) if get_rank() == 0 else None
         try:
             return store.get_uri(name), read_remote_checkpoint(store, name, progress=progress, keep_damaged=keep)
         except (CheckpointCorruptError, CheckpointNotFoundError) as err:
@@ -157,30 +157,28 @@ def find_remote_latest(
     return None
 
 
-def _pointer_target(saver: CheckpointSaver, state: State, uploader: RemoteUploaderDownloader) -> str | None:
+def _pointer_target(saver: CheckpointSaver, state: State, transfers: Transfers) -> str | None:
     """The object the store's ``latest`` pointer names, when this run's remote name template could have produced
     it; None when there is no pointer, or it names another run's object (said in the log). A pointer that holds no
     object name (``..``, an absolute name) raises ``CheckpointCorruptError``: someone tampered with the store."""
     _, pointer = saver.remote_names(state)
     if pointer is None:
         return None
-    target = read_pointer(uploader.store, uploader.remote_name(pointer))  # a poisoned one raises: loud, as before
+    target = read_pointer(transfers.store, transfers.remote_name(pointer))  # a poisoned one raises: loud, as before
     if target is None:
         return None
-    name = _remote_file_name(uploader, target)
+    name = _remote_file_name(transfers, target)
     if name is None or name_pattern(saver.remote_template(), state, rank=0).match(name) is None:
         log.warning(
             "autoresume ignores the latest pointer %s: it names %s, which this run's remote file name does not name",
-            uploader.store.get_uri(uploader.remote_name(pointer)),
+            transfers.store.get_uri(transfers.remote_name(pointer)),
             printable(target),
         )
         return None
     return target
 
 
-def _set_aside_damaged_object(
-    uploader: RemoteUploaderDownloader, name: str, pattern: re.Pattern[str], downloaded: str
-) -> None:
+def _set_aside_damaged_object(transfers: Transfers, name: str, pattern: re.Pattern[str], downloaded: str) -> None:
     """Keep a copy of the damaged object ``name`` (its download at ``downloaded``) as
     ``<name>.damaged-<UTC time>-<token>``, and let this run's next save of ``name`` replace it.
 
@@ -193,7 +191,7 @@ def _set_aside_damaged_object(
     aside = _damaged_name(name)
     if pattern.match(aside) is not None:  # a pattern that takes any ending: leave it be
         return
-    store = uploader.store
+    store = transfers.store
     try:
         store.upload_object(aside, downloaded, overwrite=False)
         store.verify_upload(aside, downloaded)
@@ -204,7 +202,7 @@ def _set_aside_damaged_object(
             err,
         )
         return
-    uploader.replace_damaged(name)
+    transfers.replace_damaged(name)
     log.warning(
         "kept a copy of the damaged checkpoint %s as %s; this run's save of that name replaces it",
         store.get_uri(printable(name)),
@@ -217,20 +215,22 @@ def _damaged_name(name: str) -> str:
     return f"{name}{DAMAGED_MARKER}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(2)}"
 
 
-def _remote_file_name(uploader: RemoteUploaderDownloader, object_name: str) -> str | None:
-    """The ``remote_file_name`` that ``uploader.remote_name`` turns into ``object_name`` (its format string may add
+def _remote_file_name(transfers: Transfers, object_name: str) -> str | None:
+    """The ``remote_file_name`` that ``transfers.remote_name`` turns into ``object_name`` (its format string may add
     a prefix or a suffix), or None when none does."""
-    parts = uploader.remote_name("\0").split("\0")
+    parts = transfers.remote_name("\0").split("\0")
     length, remainder = divmod(len(object_name) - sum(map(len, parts)), len(parts) - 1)
     if length < 0 or remainder:
         return None
     name = object_name[len(parts[0]) : len(parts[0]) + length]
-    return name if uploader.remote_name(name) == object_name else None
+    return name if transfers.remote_name(name) == object_name else None
 
 
-def uploader_among(destinations: Sequence[object]) -> RemoteUploaderDownloader | None:
-    """The first uploader among the run's loggers: the store autoresume reads, and whose names it must find again."""
-    return next((d for d in destinations if isinstance(d, RemoteUploaderDownloader)), None)
+def uploader_among(destinations: Sequence[object]) -> Transfers | None:
+    """The transfers of the first uploader among the run's loggers: the store autoresume reads, and whose names it
+    must find again. Found through :attr:`LoggerDestination.transfers`: checkpoint code knows no logger class."""
+    uploaders = (d.transfers for d in destinations if isinstance(d, LoggerDestination) and d.transfers is not None)
+    return next(uploaders, None)
 
 
 def check_autoresume_names(
@@ -253,7 +253,7 @@ def restore(
     state: State,
     *,
     load_path: str | None,
-    load_object_store: ObjectStore | RemoteUploaderDownloader | None = None,
+    load_object_store: ObjectStore | LoggerDestination | None = None,
     weights_only: bool,
     strict: bool,
     ignore_keys: Sequence[str],
@@ -270,9 +270,9 @@ def restore(
         if saver is None:
             raise ValueError("autoresume=True needs save_folder: that is where it looks for the run's checkpoints")
         found = find_latest_checkpoint(saver, state)
-        uploader = uploader_among(destinations)
-        if uploader is not None:
-            found = _local_unless_store_is_ahead(found, saver, state, uploader, progress=progress)
+        transfers = uploader_among(destinations)
+        if transfers is not None:
+            found = _local_unless_store_is_ahead(found, saver, state, transfers, progress=progress)
         if found is not None:
             path, checkpoint = found
             _note_ignored_load_options(load_path, weights_only=weights_only, strict=strict, ignore_keys=ignore_keys)
@@ -282,7 +282,7 @@ def restore(
         log.info("autoresume: no checkpoint in %s yet; starting fresh", format_name(saver.folder, state, rank=0))
     if load_path is None:
         return None
-    checkpoint = _read(load_path, load_object_store, progress=progress)
+    checkpoint = read_load_path(load_path, load_object_store, progress=progress)
     apply_checkpoint(
         checkpoint, state, source=load_path, weights_only=weights_only, strict=strict, ignore_keys=ignore_keys
     )
@@ -293,7 +293,7 @@ def _local_unless_store_is_ahead(
     found: tuple[str, dict[str, Any]] | None,
     saver: CheckpointSaver,
     state: State,
-    uploader: RemoteUploaderDownloader,
+    transfers: Transfers,
     *,
     progress: bool,
 ) -> tuple[str, dict[str, Any]] | None:
@@ -304,10 +304,10 @@ def _local_unless_store_is_ahead(
     every restart. Names are compared first (no download); the store's checkpoint is taken only when its
     timestamp is really ahead of the local one's once downloaded and verified.
     """
-    listed = store_checkpoints(uploader, saver.remote_template(), state)  # listed once, for both steps below
-    if found is not None and not _store_may_be_ahead(found[0], listed, saver, state, uploader):
+    listed = store_checkpoints(transfers, saver.remote_template(), state)  # listed once, for both steps below
+    if found is not None and not _store_may_be_ahead(found[0], listed, saver, state, transfers):
         return found
-    remote = find_remote_latest(saver, state, uploader, progress=progress, listed=listed)
+    remote = find_remote_latest(saver, state, transfers, progress=progress, listed=listed)
     if found is None or (remote is not None and _batches(remote[1]) > _batches(found[1])):
         if found is not None and remote is not None:
             log.warning(
@@ -320,13 +320,13 @@ def _local_unless_store_is_ahead(
 
 
 def _store_may_be_ahead(
-    local: str, listed: list[str], saver: CheckpointSaver, state: State, uploader: RemoteUploaderDownloader
+    local: str, listed: list[str], saver: CheckpointSaver, state: State, transfers: Transfers
 ) -> bool:
     """Whether the newest name of the run in the store carries higher progress numbers than the local file's
     (both templates must number the same things; otherwise the names cannot tell, and the local file stands)."""
     folder = format_name(saver.folder, state, rank=0)
     local_numbers = _numbers(name_pattern(saver.filename, state, rank=0), _relative_name(local, folder))
-    remote_pattern = name_pattern(uploader.remote_template(saver.remote_template()), state, rank=0)
+    remote_pattern = name_pattern(transfers.remote_template(saver.remote_template()), state, rank=0)
     if not listed or not local_numbers:
         return False
     remote_numbers = _numbers(remote_pattern, listed[0])
@@ -367,11 +367,13 @@ def _note_ignored_load_options(
         )
 
 
-def _read(path: str, source: ObjectStore | RemoteUploaderDownloader | None, *, progress: bool) -> dict[str, Any]:
-    """A local file, a URI, or a name inside ``load_object_store``."""
+def read_load_path(path: str, source: ObjectStore | LoggerDestination | None, *, progress: bool) -> dict[str, Any]:
+    """The checkpoint ``load_path`` names: a local file, a URI, or a name inside ``load_object_store`` (a store, or
+    an uploader: the name then goes inside its path and ``file_path_format_string``)."""
     if source is not None:
-        if isinstance(source, RemoteUploaderDownloader):
-            return read_remote_checkpoint(source.store, source.remote_name(path), progress=progress)
+        transfers = source.transfers if isinstance(source, LoggerDestination) else None
+        if transfers is not None:
+            return read_remote_checkpoint(transfers.store, transfers.remote_name(path), progress=progress)
         if not isinstance(source, ObjectStore):
             raise TypeError(f"load_object_store must be an ObjectStore or RemoteUploaderDownloader, not {source!r}")
         return read_remote_checkpoint(source, path, progress=progress)
@@ -386,21 +388,21 @@ def _read(path: str, source: ObjectStore | RemoteUploaderDownloader | None, *, p
 
 def saving_from_arguments(
     save_folder: str | None, *, save_filename: str, save_remote_file_name: str | None, **saver_kwargs: Any
-) -> tuple[CheckpointSaver | None, RemoteUploaderDownloader | None]:
-    """The Trainer's ``save_*`` arguments as one saver, plus an uploader when ``save_folder`` is a URI.
+) -> tuple[CheckpointSaver | None, str | None]:
+    """The Trainer's ``save_*`` arguments as one saver, plus the bucket to upload to when ``save_folder`` is a URI
+    (the Trainer builds the uploader for it: checkpoint code knows no logger class).
 
     ``save_folder="s3://bucket/path"`` writes locally under ``path`` (relative to the working directory) and
     uploads each file as ``path/<save_filename>`` unless ``save_remote_file_name`` says otherwise.
     """
     if save_folder is None:
         return None, None
-    uploader = None
+    bucket_uri = None
     folder, remote_name = save_folder, save_remote_file_name
     if is_uri(save_folder):
         parsed = parse_uri(save_folder)
         folder = parsed.path or "."
         remote_name = remote_name or posixpath.join(parsed.path, save_filename)
-        # Threads, not processes: uploads wait on the network, and spawned workers would re-run a user's script.
-        uploader = RemoteUploaderDownloader(parsed.bucket_uri, use_procs=False)
+        bucket_uri = parsed.bucket_uri
     saver = CheckpointSaver(folder=folder, filename=save_filename, remote_file_name=remote_name, **saver_kwargs)
-    return saver, uploader
+    return saver, bucket_uri

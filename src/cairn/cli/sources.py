@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from cairn.checkpoint import read_checkpoint
-from cairn.checkpoint.load.remote import downloaded, read_pointer
+from cairn.checkpoint.load.remote import downloaded
 from cairn.checkpoint.tools.listing import checkpoint_files, size_on_disk
 from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
-from cairn.names import POINTER_SUFFIX
 from cairn.storage.base import ObjectStore
+from cairn.storage.pointer import is_pointer, pointer_of, read_pointer
 from cairn.storage.settings import PROGRESS_BAR_BYTES
 from cairn.storage.uri import is_uri, parse_uri, store_from_uri
 
@@ -84,14 +84,14 @@ def local_copy(target: str, *, progress: bool) -> Iterator[tuple[str, str]]:
 def _follow_pointer(store: ObjectStore, name: str) -> str:
     """``name`` itself when it is an object; the object a latest pointer names when ``name`` is the pointer, or the
     latest name that the pointer stands for (``run/latest-rank0.pt`` for ``run/latest-rank0.pt.symlink``)."""
-    if name.endswith(POINTER_SUFFIX):
+    if is_pointer(name):
         pointer = name
     else:
         try:
             store.get_object_size(name)
             return name
         except ObjectNotFoundError:
-            pointer = name + POINTER_SUFFIX
+            pointer = pointer_of(name)
     target = read_pointer(store, pointer)
     if target is None:
         raise CheckpointNotFoundError(

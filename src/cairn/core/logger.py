@@ -10,6 +10,7 @@ from cairn.core.callback import Callback
 
 if TYPE_CHECKING:
     from cairn.core.state import State
+    from cairn.storage.transfer import Transfers
 
 __all__ = ["Logger", "LoggerDestination"]
 
@@ -28,6 +29,15 @@ class LoggerDestination(Callback):
     ) -> Future[str] | None:
         """Send a file to remote storage; destinations that store no files ignore it (and return None)."""
         del remote_file_name, file_path, overwrite, pointer_name
+        return None
+
+    @property
+    def transfers(self) -> Transfers | None:
+        """The store transfers this destination runs, or None (the default) for one that stores no files.
+
+        Checkpoint code finds the run's object store through this (autoresume, the fit-start checks of the
+        store's names) without importing any logger class: checkpoint/ never imports loggers/.
+        """
         return None
 
 

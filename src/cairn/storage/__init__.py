@@ -1,4 +1,6 @@
-"""Object stores behind one small protocol (:class:`ObjectStore`), and one URI parser for all of them.
+"""Object stores behind one small protocol (:class:`ObjectStore`), one URI parser for all of them, and the
+:class:`Transfers` that move files to and from a store in the background (the store's ``latest`` pointer is
+:mod:`cairn.storage.pointer`'s).
 
 The store classes import their SDKs lazily, so ``import cairn.storage`` works with none installed.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from cairn.storage.base import ObjectStore
+from cairn.storage.transfer import Transfers
 from cairn.storage.uri import parse_uri, store_from_uri
 
 __all__ = [
@@ -16,6 +19,7 @@ __all__ = [
     "OCIObjectStore",
     "ObjectStore",
     "S3ObjectStore",
+    "Transfers",
     "parse_uri",
     "store_from_uri",
 ]

@@ -130,8 +130,8 @@ class Trainer:
         eval_dataloader = shard_dataloader(args.eval_dataloader, rank_zero_seed)
         self._precision = parse_precision(args.precision)
         destinations = _destinations(args.loggers, progress_bar=args.progress_bar)
-        saver, uploader = saving_from_arguments(args.save_folder, **_saving_keywords(args))
-        destinations.extend([uploader] if uploader is not None else [])  # a URI save_folder uploads
+        saver, upload_bucket = saving_from_arguments(args.save_folder, **_saving_keywords(args))
+        destinations.extend(_uploader_for(upload_bucket))  # a URI save_folder uploads
         check_autoresume_names(saver, destinations, autoresume=args.autoresume, run_name=args.run_name)
         self.state = self._new_state(args, device, rank_zero_seed, optimizers, saver, destinations)
         self._preemption = self._preemption_watch(args)
@@ -467,6 +467,12 @@ def _checked_optimizers(optimizers: Any, model: nn.Module) -> list[torch.optim.O
     _refuse_optimizers_that_need_a_closure(optimizer_list)
     _refuse_optimizers_outside_the_model(optimizer_list, model)
     return optimizer_list
+
+
+def _uploader_for(bucket_uri: str | None) -> list[LoggerDestination]:
+    """The uploader a URI ``save_folder`` adds to the loggers, if any. Threads, not processes: uploads wait on the
+    network, and spawned workers would re-run a user's script."""
+    return [] if bucket_uri is None else [RemoteUploaderDownloader(bucket_uri, use_procs=False)]
 
 
 def _destinations(loggers: Any, *, progress_bar: bool) -> list[LoggerDestination]:

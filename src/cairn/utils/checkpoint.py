@@ -18,7 +18,7 @@ from cairn.checkpoint.keys import check_ignore_keys
 from cairn.checkpoint.load.loader import apply_checkpoint
 from cairn.checkpoint.naming.checks import check_folder, check_format, check_local_name
 from cairn.checkpoint.naming.templates import format_name
-from cairn.checkpoint.resume import _read as read_local_or_uri  # the Trainer's own load_path reader
+from cairn.checkpoint.resume import read_load_path as read_local_or_uri  # the Trainer's own load_path reader
 from cairn.checkpoint.save import saver
 from cairn.core.state import State
 from cairn.storage.uri import is_uri

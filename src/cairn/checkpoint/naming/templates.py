@@ -11,7 +11,10 @@ from cairn.core.state import State
 
 __all__ = [
     "FORMAT_VARIABLES",
+    "PROGRESS_ORDER",
     "PROGRESS_VARIABLES",
+    "SAMPLE_RUN_NAME",
+    "progress_in_name",
     "PathTemplate",
     "fields_of",
     "fill",
@@ -19,6 +22,7 @@ __all__ = [
     "format_name",
     "name_pattern",
     "process_identity",
+    "progress_of",
     "sample_values",
 ]
 
@@ -44,6 +48,8 @@ FORMAT_VARIABLES = (
 
 
 PROGRESS_VARIABLES = FORMAT_VARIABLES[6:]
+#: The order in which progress numbers in names sort checkpoints: epoch first, then the finer counts.
+PROGRESS_ORDER = ("epoch", "batch", "sample", "token", "batch_in_epoch", "sample_in_epoch", "token_in_epoch")
 
 
 SAMPLE_RUN_NAME = "run"
@@ -148,3 +154,15 @@ def _variables(state: State) -> dict[str, Any]:
         "epoch_wct": int(timestamp.epoch_wct),
         "batch_wct": int(timestamp.batch_wct),
     }
+
+
+def progress_in_name(pattern: re.Pattern[str], name: str) -> tuple[float, ...] | None:
+    """The progress numbers in ``name`` (epoch first), or None when ``name`` does not match ``pattern``."""
+    match = pattern.match(name)
+    return None if match is None else progress_of(match)
+
+
+def progress_of(match: re.Match[str]) -> tuple[float, ...]:
+    """The progress numbers a match of :func:`name_pattern` holds, in :data:`PROGRESS_ORDER`."""
+    numbers = match.groupdict()
+    return tuple(float(numbers[key]) for key in PROGRESS_ORDER if numbers.get(key) is not None)

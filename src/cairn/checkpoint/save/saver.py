@@ -6,7 +6,6 @@ import concurrent.futures as cf
 import itertools
 import logging
 import os
-import posixpath
 import re
 import stat
 import threading
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 
 from cairn.checkpoint.folder import list_checkpoints, named_entries
 from cairn.checkpoint.keys import check_ignore_keys
-from cairn.checkpoint.load.remote import guard_store_names
 from cairn.checkpoint.naming.checks import check_names, check_not_a_file
 from cairn.checkpoint.naming.clash import template_clash
 from cairn.checkpoint.naming.templates import PROGRESS_VARIABLES, fields_of, format_name, name_pattern
@@ -24,6 +22,7 @@ from cairn.checkpoint.save.background import BackgroundSaves
 from cairn.checkpoint.save.commit import atomic_symlink, remove_stale_temporaries
 from cairn.checkpoint.save.policy import is_last_checkpoint_event, save_policy
 from cairn.checkpoint.save.retention import prune
+from cairn.checkpoint.save.store_names import guard_store_names
 from cairn.checkpoint.save.writers import SingleFileWriter, Writer, make_writer
 from cairn.core.callback import Callback
 from cairn.core.event import Event
@@ -31,6 +30,7 @@ from cairn.core.interval import IntervalLike
 from cairn.core.logger import Logger
 from cairn.core.state import State
 from cairn.names import POINTER_SUFFIX
+from cairn.storage.pointer import pointer_beside
 from cairn.utils.arguments import check_flag
 from cairn.utils.dist import barrier, broadcast_object, get_rank, share_rank_zero_failure
 
@@ -305,8 +305,7 @@ class CheckpointSaver(Callback):
             return name, format_name(self.latest_remote_file_name, state, rank=0)
         if self.latest_filename is None:
             return name, None
-        folder = posixpath.dirname(format_name(template, state, rank=0))
-        return name, posixpath.join(folder, format_name(self.latest_filename, state, rank=0)) + POINTER_SUFFIX
+        return name, pointer_beside(name, format_name(self.latest_filename, state, rank=0))
 
     def _forget_uploaded(self) -> None:
         """With ``num_checkpoints_to_keep=0``, delete local copies whose uploads succeeded; a failed one stays."""
@@ -333,7 +332,7 @@ def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:
     remote = saver.remote_template()
     pointer = saver.latest_remote_file_name
     if pointer is None and saver.latest_filename is not None:
-        pointer = posixpath.join(posixpath.dirname(remote), saver.latest_filename) + POINTER_SUFFIX
+        pointer = pointer_beside(remote, saver.latest_filename)
     clash = None if pointer is None else template_clash(remote, pointer, nested=False)
     if clash is not None:
         raise ValueError(

@@ -29,8 +29,9 @@ from cairn.checkpoint.load.loader import check_archive
 from cairn.checkpoint.save.commit import is_temporary
 from cairn.checkpoint.shards import is_sharded_folder
 from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
-from cairn.names import METADATA_FILE, POINTER_SUFFIX
+from cairn.names import METADATA_FILE
 from cairn.storage.base import ObjectStore
+from cairn.storage.pointer import is_pointer, latest_name_of, read_pointer
 
 __all__ = [
     "CheckpointSummary",
@@ -224,10 +225,10 @@ def list_remote_checkpoints(store: ObjectStore, prefix: str, *, recursive: bool 
         return _single_object(store, prefix)
     if not recursive:
         names = [name for name in names if "/" not in name[len(folder) :]]
-    pointers = [name for name in names if name.endswith(POINTER_SUFFIX)]
+    pointers = [name for name in names if is_pointer(name)]
     objects = [name for name in names if name.endswith(CHECKPOINT_SUFFIXES) and not is_temporary(name)]
     latest, notes = _pointer_targets(store, pointers, folder)
-    others = [name for name in names if not name.endswith((POINTER_SUFFIX, *CHECKPOINT_SUFFIXES))]
+    others = [name for name in names if not is_pointer(name) and not name.endswith(CHECKPOINT_SUFFIXES)]
     if others:
         endings = ", ".join(CHECKPOINT_SUFFIXES)
         notes.append(f"{len(others)} other object(s) not listed: their names do not end in {endings}")
@@ -247,8 +248,6 @@ def _pointer_targets(
     store: ObjectStore, pointers: Iterable[str], folder: str
 ) -> tuple[dict[str, list[str]], list[str]]:
     """Which object each latest pointer names (pointer names shown without ``.symlink``), and broken pointers."""
-    from cairn.checkpoint.load.remote import read_pointer
-
     targets: dict[str, list[str]] = {}
     notes: list[str] = []
     for pointer in pointers:
@@ -258,7 +257,7 @@ def _pointer_targets(
             notes.append(str(err))
             continue
         if target is not None:
-            targets.setdefault(target, []).append(pointer[len(folder) : -len(POINTER_SUFFIX)])
+            targets.setdefault(target, []).append(latest_name_of(pointer)[len(folder) :])
     return targets, notes
 
 

@@ -1,0 +1,351 @@
+"""Moving files to and from an object store in the background, without losing one silently.
+
+Who owns what: :class:`Transfers` owns a pool of workers (processes by default, threads with ``use_procs=False``)
+created at the first upload. Each upload is a ``concurrent.futures.Future``. A failed upload (after
+``num_attempts`` tries with backoff) is raised by :meth:`Transfers.raise_failures`, naming the file (the uploader
+logger calls it at every event, so that it surfaces on the training thread); :meth:`Transfers.wait` waits for
+every upload and raises the first failure; :meth:`Transfers.close` drains the pool the same way. The ``latest``
+pointer (:mod:`cairn.storage.pointer`) is written by one more thread (``cairn-pointer``), created at the first
+pointer move; its failures travel the same way.
+
+Every transfer lives here, below the logger that schedules uploads and the checkpoint code that downloads, so that
+neither has to import the other to reach the store.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import json
+import multiprocessing
+import os
+import posixpath
+import secrets
+import shutil
+import tempfile
+import threading
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+
+from cairn.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
+from cairn.storage.base import ObjectStore, TransientStoreError
+from cairn.storage.pointer import ProgressOf, move_pointer_forward
+from cairn.storage.settings import PROGRESS_BAR_BYTES, retry_wait
+from cairn.storage.uri import parse_uri, store_from_uri
+from cairn.utils.text import printable
+
+__all__ = ["Transfers", "download_with_progress"]
+
+
+@dataclass(frozen=True, repr=False)  # no repr: backend_kwargs may hold secrets
+class _StoreSpec:
+    """What a worker needs to build its own store: plain, picklable values."""
+
+    bucket_uri: str
+    backend_kwargs: dict[str, Any]
+
+    def build(self) -> tuple[ObjectStore, str]:
+        return store_from_uri(self.bucket_uri, self.backend_kwargs)
+
+    def key(self) -> str:
+        return self.bucket_uri + json.dumps(self.backend_kwargs, sort_keys=True, default=str)
+
+
+class Transfers:
+    """Uploads files to ``bucket_uri`` in the background, and downloads them back; the engine behind
+    :class:`~cairn.loggers.RemoteUploaderDownloader`, whose constructor arguments these are.
+
+    ``bucket_uri`` is ``s3://bucket``, ``gs://bucket``, ``oci://bucket`` or ``libcloud://container``, optionally
+    with a path that prefixes every name. ``backend_kwargs`` go to the store's constructor (for libcloud:
+    ``provider``, ``container``, ``provider_kwargs``). Each file is copied to ``upload_staging_folder`` before
+    :meth:`upload` returns, so training may delete or overwrite it straight away.
+    """
+
+    def __init__(
+        self,
+        bucket_uri: str,
+        backend_kwargs: dict[str, Any] | None = None,
+        num_concurrent_uploads: int = 1,
+        upload_staging_folder: str | None = None,
+        use_procs: bool = True,
+        num_attempts: int = 3,
+        file_path_format_string: str = "{remote_file_name}",
+    ) -> None:
+        parsed = parse_uri(bucket_uri)  # a bad URI fails here, at construction
+        if num_concurrent_uploads < 1 or num_attempts < 1:
+            raise ValueError("num_concurrent_uploads and num_attempts must be at least 1")
+        if "{remote_file_name}" not in file_path_format_string:
+            raise ValueError(f"file_path_format_string={file_path_format_string!r} must contain {{remote_file_name}}")
+        self.bucket_uri = parsed.bucket_uri + (f"/{parsed.path}" if parsed.path else "")
+        self._spec = _StoreSpec(parsed.bucket_uri, _with_prefix(parsed.path, backend_kwargs))
+        self.num_concurrent_uploads = num_concurrent_uploads
+        self.use_procs = use_procs
+        self.num_attempts = num_attempts
+        self.file_path_format_string = file_path_format_string
+        self._own_staging = upload_staging_folder is None
+        self._staging = upload_staging_folder or tempfile.mkdtemp(prefix="cairn-upload-staging-")
+        self._store: ObjectStore | None = None
+        self._pool: cf.Executor | None = None
+        self._uploads: list[tuple[str, str, cf.Future[str]]] = []  # (local file, remote name, future)
+        self._lock = threading.Lock()
+        self._sequence = 0  # uploads started
+        self._pointer_sequence = 0  # the upload the pointer names
+        self._pointer_writer: cf.ThreadPoolExecutor | None = None
+        self._pointer_progress: dict[str, ProgressOf] = {}  # pointer (as in the store) -> how to order its targets
+        self._replaceable: set[str] = set()  # damaged objects kept aside by autoresume (see replace_damaged)
+
+    # -- the store, for loading and probing -----------------------------------------------------------------------
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = self._spec.build()[0]
+        return self._store
+
+    def remote_name(self, remote_file_name: str) -> str:
+        return self.file_path_format_string.format(remote_file_name=remote_file_name)
+
+    def remote_template(self, template: str) -> str:
+        """The format string of the names in the store of files named by the format string ``template``: the same
+        fields, inside ``file_path_format_string``'s literal text (escaped, so that it is never read as a field)."""
+        marker = "\x00"
+        pieces = self.remote_name(marker).split(marker)
+        return template.join(piece.replace("{", "{{").replace("}", "}}") for piece in pieces)
+
+    def order_pointer(self, pointer_name: str, progress: ProgressOf) -> None:
+        """Keep the store's pointer ``pointer_name`` from moving back across runs, not only within this one.
+
+        Before the pointer moves, the object it names now and the new target are compared with ``progress``
+        (store names in, comparable tuples out): the pointer stays when the object it names exists and is further
+        along. A name ``progress`` cannot order (None) never holds the pointer back.
+        """
+        with self._lock:
+            self._pointer_progress[self.remote_name(pointer_name)] = progress
+
+    def replace_damaged(self, object_name: str) -> None:
+        """Let this run's next upload of ``object_name`` replace it even with ``overwrite=False``.
+
+        For autoresume alone: it found the object damaged and kept a copy under another name. Stores cannot rename,
+        and without this the run, which falls back to the checkpoint before it, could never save that name again.
+        """
+        with self._lock:
+            self._replaceable.add(object_name)
+
+    def is_replaceable(self, object_name: str) -> bool:
+        """Whether autoresume handed ``object_name`` to :meth:`replace_damaged` and no upload has replaced it yet."""
+        with self._lock:
+            return object_name in self._replaceable
+
+    def download(self, remote_file_name: str, destination: str, overwrite: bool = False, progress: bool = True) -> None:
+        """Download ``remote_file_name`` to ``destination`` (atomically), with a progress bar for large files."""
+        name = self.remote_name(remote_file_name)
+        download_with_progress(self.store, name, destination, overwrite=overwrite, progress=progress)
+
+    def probe(self) -> None:
+        """Fail before the first training step when the bucket is missing or the credentials are wrong."""
+        try:
+            self.store.list_objects("cairn-probe-does-not-exist/")
+        except ObjectStoreError as err:
+            raise ObjectStoreError(f"{self.bucket_uri} cannot be used: {err}") from None
+
+    # -- uploads --------------------------------------------------------------------------------------------------
+
+    def upload(
+        self, remote_file_name: str, file_path: str, overwrite: bool = False, pointer_name: str | None = None
+    ) -> cf.Future[str]:
+        """Stage ``file_path`` and upload it as ``remote_file_name`` in the background.
+
+        With ``overwrite=False`` an existing object of that name is never replaced: the upload fails with
+        :class:`ObjectExistsError` (a ``FileExistsError``), raised by :meth:`raise_failures` (see
+        :meth:`ObjectStore.upload_object` for which stores also refuse an object that appears during the upload).
+        The one exception: a damaged object that autoresume kept a copy of (:meth:`replace_damaged`).
+
+        With ``pointer_name``, once the upload is verified a small object of that name is written whose content is
+        the uploaded object's name: the store's "latest" pointer. It never names a partial upload, and never moves
+        back to an older file when uploads finish out of order (pointer writes are serialised, newest only), nor,
+        once :meth:`order_pointer` said how to order them, to a file older than the one it names already.
+        """
+        staged = os.path.join(self._staging, f"{secrets.token_hex(8)}-{os.path.basename(file_path)}")
+        shutil.copyfile(file_path, staged)
+        remote = self.remote_name(remote_file_name)
+        with self._lock:
+            overwrite = overwrite or remote in self._replaceable
+            self._replaceable.discard(remote)
+        future = self._executor().submit(_upload_task, self._spec, staged, remote, self.num_attempts, overwrite)
+        with self._lock:
+            self._uploads.append((file_path, remote, future))
+            self._sequence += 1
+            sequence = self._sequence
+        if pointer_name:
+            pointer = self.remote_name(pointer_name)
+            future.add_done_callback(lambda done: self._move_pointer(sequence, pointer, remote, file_path, done))
+        return future
+
+    def _move_pointer(self, sequence: int, pointer: str, target: str, local: str, upload: cf.Future[str]) -> None:
+        """Runs when an upload finishes: point ``pointer`` at it, if it succeeded and is the newest so far."""
+        if upload.cancelled() or upload.exception() is not None:
+            return
+        with self._lock:
+            if sequence <= self._pointer_sequence:
+                return
+            self._pointer_sequence = sequence
+            if self._pointer_writer is None:
+                self._pointer_writer = cf.ThreadPoolExecutor(1, thread_name_prefix="cairn-pointer")
+            progress = self._pointer_progress.get(pointer)
+            write = self._pointer_writer.submit(_pointer_task, self._spec, pointer, target, self.num_attempts, progress)
+            self._uploads.append((local, pointer, write))
+
+    def wait(self) -> None:
+        """Block until every upload (and pointer move) so far has finished; raise the first failure, naming the file."""
+        while True:
+            with self._lock:
+                pending = [future for _, _, future in self._uploads if not future.done()]
+            if not pending:
+                break
+            cf.wait(pending)
+        self.raise_failures()
+
+    def _executor(self) -> cf.Executor:
+        if self._pool is None:
+            if self.use_procs:
+                context = multiprocessing.get_context("spawn")  # fork after torch threads start is unsafe
+                self._pool = cf.ProcessPoolExecutor(self.num_concurrent_uploads, mp_context=context)
+            else:
+                self._pool = cf.ThreadPoolExecutor(self.num_concurrent_uploads, thread_name_prefix="cairn-upload")
+        return self._pool
+
+    def raise_failures(self) -> None:
+        """Raise the first finished upload that failed, and forget the finished ones."""
+        with self._lock:
+            finished = [entry for entry in self._uploads if entry[2].done()]
+            self._uploads = [entry for entry in self._uploads if not entry[2].done()]
+        for local, remote, future in finished:
+            error = future.exception()
+            if isinstance(error, BrokenProcessPool):
+                raise ObjectStoreError(
+                    f"uploading {local!r} failed: the upload worker process died ({error}). Worker processes re-run "
+                    "your script: put the training code under `if __name__ == '__main__':`, or pass use_procs=False"
+                ) from error
+            if isinstance(error, ObjectExistsError):
+                raise ObjectExistsError(
+                    f"{self.store.get_uri(remote)} already exists and save_overwrite=False never replaces an object, "
+                    f"so {local!r} was not uploaded (it is kept): pass save_overwrite=True (overwrite=True to "
+                    "upload_file) to replace it, or give this run another run_name or remote file name"
+                ) from error
+            if error is not None:
+                raise ObjectStoreError(
+                    f"uploading {local!r} to {self.store.get_uri(remote)} failed ({error}); transient failures were "
+                    f"retried up to {self.num_attempts} times. The local file is kept: check the store, then upload "
+                    "it again or resume from it"
+                ) from error
+
+    def close(self) -> None:
+        """Wait for every upload (raising the first failure), then release the workers, the staging folder (when
+        it made one) and the store."""
+        try:
+            self.wait()
+        finally:
+            for pool in (self._pool, self._pointer_writer):
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._pool = self._pointer_writer = None
+            if self._own_staging:
+                shutil.rmtree(self._staging, ignore_errors=True)
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
+def _with_prefix(path: str, backend_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The store's arguments, with the URI's path as its key prefix unless the caller gave one."""
+    kwargs = dict(backend_kwargs or {})
+    if path:
+        kwargs.setdefault("prefix", path)
+    return kwargs
+
+
+_worker_local = threading.local()
+
+
+def _worker_store(spec: _StoreSpec) -> ObjectStore:
+    """One store per worker thread (some SDK clients, libcloud's among them, must not be shared across threads),
+    built on first use and reused for that worker's later uploads."""
+    stores: dict[str, ObjectStore] = _worker_local.__dict__.setdefault("stores", {})
+    key = spec.key()
+    if key not in stores:
+        store = spec.build()[0]
+        store.num_attempts = 1  # retries happen around upload + verify, below
+        stores[key] = store
+    return stores[key]
+
+
+def _retrying(num_attempts: int) -> Retrying:
+    return Retrying(
+        stop=stop_after_attempt(num_attempts),
+        wait=retry_wait(),
+        retry=retry_if_exception_type((TransientStoreError, ObjectNotFoundError)),
+        reraise=True,
+    )
+
+
+def _upload_task(spec: _StoreSpec, staged: str, remote: str, num_attempts: int, overwrite: bool) -> str:
+    """Upload and verify; retried as a whole on transient failures. The staged copy is removed either way."""
+    try:
+        _retrying(num_attempts)(_upload_and_verify, _worker_store(spec), staged, remote, overwrite)
+    finally:
+        os.remove(staged)
+    return remote
+
+
+def _pointer_task(
+    spec: _StoreSpec, pointer: str, target: str, num_attempts: int, progress: ProgressOf | None
+) -> str:
+    """Read, compare and write the pointer; retried as a whole on transient failures."""
+    upload = functools.partial(_upload_and_verify, overwrite=True)  # a pointer always replaces the one before
+    _retrying(num_attempts)(move_pointer_forward, _worker_store(spec), pointer, target, progress, upload)
+    return pointer
+
+
+def _upload_and_verify(store: ObjectStore, filename: str, name: str, overwrite: bool) -> None:
+    size = os.path.getsize(filename)
+    with _progress(f"upload {os.path.basename(name)}", size) as callback:
+        store.upload_object(name, filename, callback=callback, overwrite=overwrite)
+    try:
+        store.verify_upload(name, filename)
+    except ObjectStoreError as err:
+        raise TransientStoreError(str(err)) from None  # a damaged upload is worth another try
+
+
+def download_with_progress(store: ObjectStore, name: str, destination: str, *, overwrite: bool, progress: bool) -> None:
+    """Download ``name`` to ``destination`` (the store's atomic download), with a progress bar for a large object
+    when ``progress`` asks for one; without it the object's size is not even asked for."""
+    size = store.get_object_size(name) if progress else 0
+    with _progress(f"download {printable(posixpath.basename(name))}", size if progress else 0) as callback:
+        store.download_object(name, destination, overwrite=overwrite, callback=callback)
+
+
+class _progress:
+    """A tqdm bar in bytes for transfers of at least ``PROGRESS_BAR_BYTES``; nothing for small ones."""
+
+    def __init__(self, description: str, total: int) -> None:
+        self.description, self.total, self.bar = description, total, None
+
+    def __enter__(self) -> Any:
+        if self.total < PROGRESS_BAR_BYTES:
+            return None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, desc=self.description, unit="B", unit_scale=True, leave=False)
+        bar = self.bar
+
+        def update(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        return update
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
