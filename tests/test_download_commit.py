@@ -10,7 +10,7 @@ import boto3
 import pytest
 
 from cairn.checkpoint import read_checkpoint
-from cairn.checkpoint.save.commit import TEMP_MARKER
+from cairn.names import TEMP_MARKER
 from conftest import build_trainer
 
 

@@ -223,7 +223,7 @@ def test_only_a_checkpoint_of_this_runs_pattern_is_set_aside(tmp_path: Path) -> 
 
 WRITER = """
 import os, sys
-from cairn.checkpoint.save.commit import atomic_write
+from cairn.atomic import atomic_write
 from cairn.checkpoint.save.sharded import temporary_shard_folder as _temporary_folder
 
 folder, then = sys.argv[1], sys.argv[2]

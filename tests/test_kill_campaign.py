@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from cairn.checkpoint import read_checkpoint
-from cairn.checkpoint.save.commit import TEMP_MARKER
+from cairn.names import TEMP_MARKER
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "train.py"
 TORCHRUN = Path(sys.executable).parent / "torchrun"

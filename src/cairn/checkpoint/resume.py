@@ -38,7 +38,7 @@ __all__ = [
     "read_load_path",
     "restore",
     "saving_from_arguments",
-    "uploader_among",
+    "first_uploader_transfers",
 ]
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ def _remote_file_name(transfers: Transfers, object_name: str) -> str | None:
     return name if transfers.remote_name(name) == object_name else None
 
 
-def uploader_among(destinations: Sequence[object]) -> Transfers | None:
+def first_uploader_transfers(destinations: Sequence[object]) -> Transfers | None:
     """The transfers of the first uploader among the run's loggers: the store autoresume reads, and whose names it
     must find again. Found through :attr:`LoggerDestination.transfers`: checkpoint code knows no logger class."""
     uploaders = (d.transfers for d in destinations if isinstance(d, LoggerDestination) and d.transfers is not None)
@@ -244,7 +244,7 @@ def check_autoresume_names(
 
 def _name_templates(saver: CheckpointSaver, destinations: Sequence[object]) -> str:
     """Every name template autoresume must find again: local ones, and remote ones when something uploads."""
-    uploads = uploader_among(destinations) is not None
+    uploads = first_uploader_transfers(destinations) is not None
     remote = (saver.remote_file_name or "{run_name}/checkpoints/") if uploads else ""
     return saver.folder + saver.filename + remote
 
@@ -270,7 +270,7 @@ def restore(
         if saver is None:
             raise ValueError("autoresume=True needs save_folder: that is where it looks for the run's checkpoints")
         found = find_latest_checkpoint(saver, state)
-        transfers = uploader_among(destinations)
+        transfers = first_uploader_transfers(destinations)
         if transfers is not None:
             found = _local_unless_store_is_ahead(found, saver, state, transfers, progress=progress)
         if found is not None:

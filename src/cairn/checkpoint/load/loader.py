@@ -35,7 +35,7 @@ from cairn.utils.dist import get_rank
 from cairn.utils.reproducibility import check_generator_states, check_rng_state, load_rng_state
 from cairn.utils.text import printable
 
-__all__ = ["apply_checkpoint", "check_archive", "load_checkpoint", "read_checkpoint"]
+__all__ = ["apply_checkpoint", "load_checkpoint", "read_checkpoint"]
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 The file form (:func:`atomic_write`) and the folder form (``temporary_folder`` then ``publish_folder``, for sharded
 checkpoints) live in the leaf module :mod:`cairn.atomic`, so that downloads commit through it too; this module adds
 the checkpoint file writer, the latest link, and the clearing of interrupted writers' leftovers.
+
 Data goes to a hidden temporary name in the target's own folder (same filesystem, so the rename is atomic), is
 flushed and fsynced, then renamed over the target; the folder is fsynced so the rename survives a power cut.
 A crash at any moment leaves either the old file or the new one, never a mix, plus at worst a temporary file
@@ -31,30 +32,17 @@ from typing import Any
 import torch
 
 from cairn.atomic import (
-    TEMPORARY_NAME_EXTRA,
     WRITER_PATTERN,
     atomic_write,
     fsync_path,
     is_temporary,
     remove_quietly,
     temporary_path,
-    temporary_suffix,
     this_machine,
 )
 from cairn.names import TEMP_MARKER
 
-__all__ = [
-    "STALE_AFTER_S",
-    "TEMPORARY_NAME_EXTRA",
-    "TEMP_MARKER",
-    "atomic_symlink",
-    "atomic_write",
-    "write_checkpoint",
-    "fsync_path",
-    "is_temporary",
-    "remove_stale_temporaries",
-    "temporary_suffix",
-]
+__all__ = ["STALE_AFTER_S", "atomic_symlink", "remove_stale_temporaries", "write_checkpoint"]
 
 log = logging.getLogger(__name__)
 

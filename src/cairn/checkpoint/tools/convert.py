@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from cairn.atomic import atomic_write
 from cairn.checkpoint.format import content_hash, is_sharded
 from cairn.checkpoint.load.loader import read_checkpoint
 from cairn.checkpoint.load.sharded import read_whole_shards
-from cairn.checkpoint.save.commit import atomic_write, write_checkpoint
+from cairn.checkpoint.save.commit import write_checkpoint
 from cairn.checkpoint.save.sharded import write_sharded_folder
 from cairn.checkpoint.shards import is_sharded_folder
 

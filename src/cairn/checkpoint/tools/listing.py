@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from cairn.atomic import is_temporary
 from cairn.checkpoint.folder import folder_entries
 from cairn.checkpoint.format import is_sharded, is_weights_only
-from cairn.checkpoint.load.loader import check_archive
-from cairn.checkpoint.save.commit import is_temporary
+from cairn.checkpoint.load.archive import check_archive
 from cairn.checkpoint.shards import is_sharded_folder
 from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
 from cairn.names import METADATA_FILE
