@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cairn.checkpoint import read_checkpoint
-from cairn.checkpoint.load.remote import downloaded
+from cairn.checkpoint.load.remote import downloaded, is_remote_sharded_folder
 from cairn.checkpoint.tools.listing import checkpoint_files, size_on_disk
 from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
 from cairn.storage.base import ObjectStore
@@ -82,8 +82,9 @@ def local_copy(target: str, *, progress: bool) -> Iterator[tuple[str, str]]:
 
 
 def _follow_pointer(store: ObjectStore, name: str) -> str:
-    """``name`` itself when it is an object; the object a latest pointer names when ``name`` is the pointer, or the
-    latest name that the pointer stands for (``run/latest-rank0.pt`` for ``run/latest-rank0.pt.symlink``)."""
+    """``name`` itself when it is an object or a sharded folder; the object a latest pointer names when ``name`` is
+    the pointer, or the latest name that the pointer stands for (``run/latest-rank0.pt`` for
+    ``run/latest-rank0.pt.symlink``)."""
     if is_pointer(name):
         pointer = name
     else:
@@ -91,6 +92,8 @@ def _follow_pointer(store: ObjectStore, name: str) -> str:
             store.get_object_size(name)
             return name
         except ObjectNotFoundError:
+            if is_remote_sharded_folder(store, name):
+                return name
             pointer = pointer_of(name)
     target = read_pointer(store, pointer)
     if target is None:
