@@ -3,12 +3,17 @@
 Each request is, by a seeded draw, forwarded intact or met with a fault: a dropped connection (no answer at all),
 a 500 or 503 answer in S3's own error format, or a stall before forwarding. ``down=True`` answers every request
 with 503, as a store that stays down. The counts of what it did are kept, so tests can show faults really happened.
+
+``cut_downloads`` (a piece of a path) makes each GET of a matching path arrive cut off: the answer announces the
+whole body but the connection closes after half of it. ``requests`` lists every request it received, in order, as
+(``time.monotonic()``, method, path): what a client really sent, to count or to time.
 """
 
 from __future__ import annotations
 
 import http.client
 import random
+import socket
 import threading
 import time
 from collections import Counter
@@ -33,6 +38,8 @@ class FaultyProxy:
         self.down = False
         self.stall_seconds = stall_seconds
         self.counts: Counter[str] = Counter()
+        self.cut_downloads: str | None = None
+        self.requests: list[tuple[float, str, str]] = []
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -51,6 +58,18 @@ class FaultyProxy:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def record(self, method: str, path: str) -> None:
+        with self._lock:
+            self.requests.append((time.monotonic(), method, path))
+
+    def cuts(self, method: str, path: str) -> bool:
+        """Whether the answer to this request is to arrive cut off (counted when it is)."""
+        if method != "GET" or not self.cut_downloads or self.cut_downloads not in path:
+            return False
+        with self._lock:
+            self.counts["cut"] += 1
+        return True
 
     def draw(self) -> str:
         with self._lock:
@@ -84,6 +103,7 @@ def _handler_for(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
             return self.rfile.read(length) if length else b""
 
         def _relay(self) -> None:
+            proxy.record(self.command, self.path)
             body = self._read_body()
             fault = proxy.draw()
             if fault == "drop":
@@ -125,6 +145,12 @@ def _handler_for(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
             length = response.getheader("Content-Length") if self.command == "HEAD" else None
             self.send_header("Content-Length", length or str(len(payload)))  # a HEAD answer has no body to count
             self.end_headers()
+            if response.status < 300 and len(payload) > 1 and proxy.cuts(self.command, self.path):
+                self.wfile.write(payload[: len(payload) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             if self.command != "HEAD":
                 self.wfile.write(payload)
 

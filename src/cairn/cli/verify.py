@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     for target in args.targets:
         try:
             checkpoints = _expand(target, recursive=args.recursive)
-        except (CairnError, ValueError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - reported; the other targets are still checked
             _report(style, target, err)
             results.append(False)
             continue
@@ -79,10 +79,12 @@ def _expand(target: str, *, recursive: bool) -> list[str]:
 
 
 def _verify(target: str, style: Style, *, progress: bool) -> bool:
+    """Check one checkpoint. Whatever goes wrong with it (a damaged file, an object whose download keeps breaking
+    off) is its own FAILED line: the checkpoints after it in a folder or prefix are still checked."""
     try:
         with opened(target, progress=progress) as source:
             label, digest = source.label, source.checkpoint["state"]["metadata"]["content_hash"]
-    except (CairnError, ValueError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - reported as this checkpoint's failure, see above
         _report(style, target, err)
         return False
     print(f"{style('OK', 'green')}      {printable(label)}  {digest}")
@@ -90,5 +92,12 @@ def _verify(target: str, style: Style, *, progress: bool) -> bool:
 
 
 def _report(style: Style, target: str, error: BaseException) -> None:
-    message = " ".join(str(error).split())
+    message = " ".join(_reason(error).split())
     print(f"{style('FAILED', 'red', 'bold')}  {printable(target)}: {printable(message)}")
+
+
+def _reason(error: BaseException) -> str:
+    """cairn's own errors (and the OS's) say what happened in their message; anything else also needs its type."""
+    if isinstance(error, (CairnError, ValueError, OSError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"

@@ -108,6 +108,16 @@ class ObjectStore(abc.ABC):
         keys = self._retrying(f"list {self.get_uri(prefix)}", self._list, self.key(prefix))
         return sorted(key[len(self.prefix) :] for key in keys if key.startswith(self.prefix))
 
+    def list_objects_with_sizes(self, prefix: str = "") -> list[tuple[str, int]]:
+        """``(name, bytes)`` of each object :meth:`list_objects` names, sorted by name.
+
+        The sizes come from the listing itself (every store's listing carries them), so a prefix of 10,000 objects
+        costs a few listing pages, not 10,000 size requests.
+        """
+        entries = self._retrying(f"list {self.get_uri(prefix)}", self._list_with_sizes, self.key(prefix))
+        skip = len(self.prefix)
+        return sorted((key[skip:], size) for key, size in entries if key.startswith(self.prefix))
+
     def close(self) -> None:  # noqa: B027 - most SDK clients need no closing
         """Release connections. The store must not be used afterwards."""
 
@@ -176,6 +186,11 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def _list(self, key_prefix: str) -> list[str]: ...
 
+    def _list_with_sizes(self, key_prefix: str) -> list[tuple[str, int]]:
+        """``(key, bytes)`` for each key :meth:`_list` gives. Every store here reads the sizes from its listing; this
+        fallback, for stores written elsewhere, asks for each size in turn."""
+        return [(key, self._size(key)) for key in self._list(key_prefix)]
+
     def _translate(self, error: Exception, key: str) -> ObjectStoreError | None:
         """The cairn error for an SDK exception (None: not the store's business, let it propagate)."""
         del error, key
@@ -203,7 +218,8 @@ class ObjectStore(abc.ABC):
     # -- shared machinery -----------------------------------------------------------------------------------------
 
     def _retrying(self, what: str, call: Callable[..., T], *args: Any) -> T:
-        """Run ``call`` with exponential backoff on transient failures; raise cairn's errors with ``what`` in them."""
+        """Run ``call`` with jittered exponential backoff (:func:`~cairn.storage.settings.retry_wait`) on transient
+        failures; raise cairn's errors with ``what`` in them."""
         retrying = Retrying(
             stop=stop_after_attempt(max(1, self.num_attempts)),
             wait=retry_wait(),

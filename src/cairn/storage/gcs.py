@@ -107,10 +107,14 @@ class GCSObjectStore(ObjectStore):
             return int(self._blob(key).size or 0)
 
     def _list(self, key_prefix: str) -> list[str]:
+        return [key for key, _ in self._list_with_sizes(key_prefix)]
+
+    def _list_with_sizes(self, key_prefix: str) -> list[tuple[str, int]]:
         if self._interop:
-            return self._interop._list(key_prefix)
+            return self._interop._list_with_sizes(key_prefix)
         with self._sdk_errors(key_prefix):
-            return [blob.name for blob in self._client.list_blobs(self._bucket, prefix=key_prefix, retry=self._retry)]
+            blobs = self._client.list_blobs(self._bucket, prefix=key_prefix, retry=self._retry)
+            return [(blob.name, int(blob.size or 0)) for blob in blobs]
 
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
         """GCS keeps an MD5 for objects uploaded whole, and a CRC32C for every object (composed ones too)."""

@@ -87,9 +87,13 @@ class LibcloudObjectStore(ObjectStore):
             return int(self._driver.get_object(self.bucket, key).size)
 
     def _list(self, key_prefix: str) -> list[str]:
+        return [key for key, _ in self._list_with_sizes(key_prefix)]
+
+    def _list_with_sizes(self, key_prefix: str) -> list[tuple[str, int]]:
         with self._sdk_errors(key_prefix):
             container = self._get_container()
-            return [obj.name for obj in self._driver.iterate_container_objects(container, prefix=key_prefix or None)]
+            objects = self._driver.iterate_container_objects(container, prefix=key_prefix or None)
+            return [(obj.name, int(obj.size or 0)) for obj in objects]
 
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
         """Compare the MD5 the provider reports; None where it reports none (S3 multipart ETags, Azure's ETags)."""

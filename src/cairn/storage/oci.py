@@ -108,17 +108,20 @@ class OCIObjectStore(ObjectStore):
             return int(self._client.head_object(self.namespace, self.bucket, key).headers["content-length"])
 
     def _list(self, key_prefix: str) -> list[str]:
+        return [key for key, _ in self._list_with_sizes(key_prefix)]
+
+    def _list_with_sizes(self, key_prefix: str) -> list[tuple[str, int]]:
         """Every page: OCI answers at most 1000 names at a time, and ``next_start_with`` names the next page."""
-        names: list[str] = []
+        entries: list[tuple[str, int]] = []
         start: str | None = None
         with self._sdk_errors(key_prefix):
             while True:
-                page_kwargs = {"prefix": key_prefix, "fields": "name", **({"start": start} if start else {})}
+                page_kwargs = {"prefix": key_prefix, "fields": "name,size", **({"start": start} if start else {})}
                 page = self._client.list_objects(self.namespace, self.bucket, **page_kwargs).data
-                names.extend(summary.name for summary in page.objects)
+                entries.extend((summary.name, int(summary.size or 0)) for summary in page.objects)
                 start = page.next_start_with
                 if not start:
-                    return names
+                    return entries
 
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
         """The MD5 OCI keeps: of the content for a simple put; of the parts' MD5s for a multipart upload.

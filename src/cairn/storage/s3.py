@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from cairn.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
@@ -148,19 +150,64 @@ class S3ObjectStore(ObjectStore):
                 raise
 
     def _list(self, key_prefix: str) -> list[str]:
-        keys: list[str] = []
+        return [key for key, _ in self._list_with_sizes(key_prefix)]
+
+    def _list_with_sizes(self, key_prefix: str) -> list[tuple[str, int]]:
+        entries: list[tuple[str, int]] = []
         with _translated(key_prefix):
             for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=key_prefix):
-                keys.extend(item["Key"] for item in page.get("Contents", []))
-        return keys
+                entries.extend((item["Key"], int(item["Size"])) for item in page.get("Contents", []))
+        return entries
 
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
-        """Compare the ETag: the MD5 of a single-part upload, or of the parts' MD5s for a multipart one."""
-        with _translated(self.key(name)):
-            etag = self._client.head_object(Bucket=self.bucket, Key=self.key(name))["ETag"].strip('"')
-        if "-" in etag:
-            return etag == file_md5(filename, part_size=self._chunksize)
-        return etag == file_md5(filename) if len(etag) == 32 else None
+        """Compare the ETag: the MD5 of a single-part upload, or of the parts' MD5s for a multipart one.
+
+        A multipart ETag is compared at the part size the upload really used, which is not always the configured
+        one: boto3 raises parts below 5 MiB to 5 MiB and doubles them until the file fits in 10,000 parts. That
+        size is computed as boto3 computes it; where it does not give the ETag's number of parts (an object that
+        another tool uploaded), the store is asked for its first part's size. With no part size that fits, the
+        checksum is unknown (None), never a mismatch.
+        """
+        key = self.key(name)
+        with _translated(key):
+            etag = str(self._client.head_object(Bucket=self.bucket, Key=key)["ETag"]).strip('"')
+        if "-" not in etag:
+            return etag == file_md5(filename) if len(etag) == 32 else None
+        count = etag.rpartition("-")[2]
+        if not count.isdigit():
+            return None
+        size, parts = os.path.getsize(filename), int(count)
+        compared: list[int] = []
+        for part_size in self._part_size_candidates(key, size, parts):
+            if part_size not in compared and math.ceil(size / part_size) == parts:
+                compared.append(part_size)
+                if etag == file_md5(filename, part_size=part_size):
+                    return True
+        return False if compared else None
+
+    def _part_size_candidates(self, key: str, size: int, parts: int) -> Iterator[int]:
+        """The part sizes an upload of ``size`` bytes in ``parts`` parts may have used, cheapest to learn first:
+        boto3's own adjustment of the configured size, then what the store says its first part holds."""
+        from s3transfer.utils import ChunksizeAdjuster
+
+        yield ChunksizeAdjuster().adjust_chunksize(self._chunksize, size)
+        first_part = self._first_part_size(key, parts)
+        if first_part:
+            yield first_part
+
+    def _first_part_size(self, key: str, parts: int) -> int | None:
+        """The size of a multipart object's first part (``HEAD`` with ``partNumber=1``), where the store answers
+        it; None where it does not (it ignores the parameter, answering for the whole object, or refuses it)."""
+        try:
+            with _translated(key):
+                head = self._client.head_object(Bucket=self.bucket, Key=key, PartNumber=1)
+        except (TransientStoreError, ObjectNotFoundError):
+            raise
+        except ObjectStoreError:
+            return None
+        if int(head.get("PartsCount") or 0) != parts:
+            return None
+        return int(head.get("ContentLength") or 0) or None
 
     def close(self) -> None:
         self._client.close()
@@ -197,9 +244,15 @@ class _translated:
     def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> bool:
         if error is None or isinstance(error, ObjectStoreError):
             return False
-        from boto3.exceptions import S3UploadFailedError
+        from boto3.exceptions import RetriesExceededError, S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
 
+        if isinstance(error, (RetriesExceededError, TransferRetriesExceededError)):  # each try arrived cut off
+            raise TransientStoreError(
+                f"the download of {self.key!r} kept breaking off before the end ({error.last_exception}); check the "
+                "connection to the store (a proxy or firewall that cuts long transfers?) and try again"
+            ) from None
         if isinstance(error, S3UploadFailedError):  # boto3 raises it inside `except ClientError` without `from`
             error = error.__cause__ or error.__context__ or error
         if isinstance(error, ClientError):

@@ -7,7 +7,8 @@ Two questions come up when a run misbehaves: *which checkpoints are there, and w
 Listing reads as little as it can. A local file is opened with ``torch.load(weights_only=True, mmap=True)``: only
 its small pickled structure is read (tensors stay on disk) and its hash is *not* checked, so a listing costs
 milliseconds per checkpoint whatever its size; ``cairn ckpt verify`` is the command that checks. A listed object in
-a store is not downloaded at all: its size comes from the store and its epoch and batch from its name.
+a store is not downloaded at all: its size comes from the store's listing (one request per page of names, none per
+object) and its epoch and batch from its name.
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ def list_remote_checkpoints(store: ObjectStore, prefix: str, *, recursive: bool 
     (``<name>.symlink``) marks the object it names; temporary names are skipped.
     """
     folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-    names = store.list_objects(folder)
+    sizes = dict(store.list_objects_with_sizes(folder))  # the listing's own sizes: no request per object
+    names = sorted(sizes)
     if not names and prefix and not prefix.endswith("/"):
         return _single_object(store, prefix)
     if not recursive:
@@ -232,13 +234,15 @@ def list_remote_checkpoints(store: ObjectStore, prefix: str, *, recursive: bool 
     if others:
         endings = ", ".join(CHECKPOINT_SUFFIXES)
         notes.append(f"{len(others)} other object(s) not listed: their names do not end in {endings}")
-    entries = [_remote_entry(store, name, name[len(folder) :], tuple(latest.get(name, ()))) for name in objects]
+    entries = [
+        _remote_entry(store, name, name[len(folder) :], tuple(latest.get(name, ())), sizes[name]) for name in objects
+    ]
     return Listing(_newest_first(entries), notes)
 
 
 def _single_object(store: ObjectStore, name: str) -> Listing:
     try:
-        entry = _remote_entry(store, name, posixpath.basename(name), ())
+        entry = _remote_entry(store, name, posixpath.basename(name), (), store.get_object_size(name))
     except ObjectNotFoundError:
         raise CheckpointNotFoundError(f"nothing at {store.get_uri(name)}: check the bucket and prefix") from None
     return Listing([entry], [])
@@ -261,13 +265,13 @@ def _pointer_targets(
     return targets, notes
 
 
-def _remote_entry(store: ObjectStore, name: str, shown: str, latest: tuple[str, ...]) -> ListedCheckpoint:
+def _remote_entry(store: ObjectStore, name: str, shown: str, latest: tuple[str, ...], size: int) -> ListedCheckpoint:
     epoch, batch = progress_from_name(name)
     return ListedCheckpoint(
         name=shown,
         location=store.get_uri(name),
         kind="?",
-        size=store.get_object_size(name),
+        size=size,
         created_at=None,
         epoch=epoch,
         batch=batch,
