@@ -117,3 +117,25 @@ def test_a_shard_name_that_is_a_path_is_refused_before_any_download(
     assert code != 0
     assert "not a plain file name" in out
     assert not any(Path(os.path.realpath("/tmp")).glob("escaped"))
+
+
+def test_ls_lists_a_sharded_folder_in_a_store_as_one_checkpoint(
+    sharded_folder: Path, s3_env: str, s3_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = S3ObjectStore(s3_bucket, endpoint_url=s3_env)
+    _upload_folder(sharded_folder, store, "run/ep1-ba4")
+    store.upload_object("run/ep0-ba2.pt", str(tmp_path / "saved" / "ep1.pt"))
+    folder_bytes = sum(os.path.getsize(sharded_folder / file) for file in os.listdir(sharded_folder))
+
+    code, out = _ckpt(capsys, "ls", "--json", f"s3://{s3_bucket}/run")
+    assert code == 0, out
+    listing = json.loads(out)
+    by_name = {entry["name"]: entry for entry in listing["checkpoints"]}
+    assert list(by_name) == ["ep1-ba4", "ep0-ba2.pt"]  # newest first
+    assert (by_name["ep1-ba4"]["kind"], by_name["ep1-ba4"]["size_bytes"]) == ("sharded", folder_bytes)
+    assert by_name["ep1-ba4"]["location"] == f"s3://{s3_bucket}/run/ep1-ba4"
+    assert listing["notes"] == []  # the folder's files are its own, not "other objects"
+
+    code, out = _ckpt(capsys, "ls", "--json", f"s3://{s3_bucket}/run/ep1-ba4")
+    assert code == 0, out
+    assert [(e["name"], e["kind"]) for e in json.loads(out)["checkpoints"]] == [("ep1-ba4", "sharded")]

@@ -216,15 +216,21 @@ def list_remote_checkpoints(store: ObjectStore, prefix: str, *, recursive: bool 
     """The checkpoints under ``prefix`` in ``store``, without downloading any of them.
 
     A store cannot say what an object holds without a download, so checkpoints are told by their names: objects
-    ending in ``.pt``, ``.pth`` or ``.ckpt`` (the others are counted in a note). ``kind`` is ``?``, ``created_at``
-    is ``None``, and epoch and batch come from the name (``ep3``, ``ba24``) where it has them. A latest pointer
-    (``<name>.symlink``) marks the object it names; temporary names are skipped.
+    ending in ``.pt``, ``.pth`` or ``.ckpt`` (the others are counted in a note), and sharded folders (a prefix
+    holding ``cairn.pt``, listed as one checkpoint of kind ``sharded`` with the size of all its files). ``kind`` is
+    otherwise ``?``, ``created_at`` is ``None``, and epoch and batch come from the name (``ep3``, ``ba24``) where it
+    has them. A latest pointer (``<name>.symlink``) marks the object it names; temporary names are skipped.
     """
     folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     sizes = dict(store.list_objects_with_sizes(folder))  # the listing's own sizes: no request per object
     names = sorted(sizes)
     if not names and prefix and not prefix.endswith("/"):
         return _single_object(store, prefix)
+    if prefix and not prefix.endswith("/") and folder + METADATA_FILE in sizes:  # the prefix is one sharded folder
+        shown = posixpath.basename(prefix.rstrip("/"))
+        return Listing([_remote_entry(store, prefix.rstrip("/"), shown, (), sum(sizes.values()), "sharded")], [])
+    folders = _remote_sharded_folders(sizes, folder, recursive=recursive)
+    names = [name for name in names if not any(name.startswith(f"{inside}/") for inside in folders)]
     if not recursive:
         names = [name for name in names if "/" not in name[len(folder) :]]
     pointers = [name for name in names if is_pointer(name)]
@@ -237,7 +243,29 @@ def list_remote_checkpoints(store: ObjectStore, prefix: str, *, recursive: bool 
     entries = [
         _remote_entry(store, name, name[len(folder) :], tuple(latest.get(name, ())), sizes[name]) for name in objects
     ]
+    entries += [
+        _remote_entry(store, name, name[len(folder) :], tuple(latest.get(name, ())), size, "sharded")
+        for name, size in folders.items()
+    ]
     return Listing(_newest_first(entries), notes)
+
+
+def _remote_sharded_folders(sizes: Mapping[str, int], folder: str, *, recursive: bool) -> dict[str, int]:
+    """The sharded checkpoint folders under ``folder`` (each a prefix holding ``cairn.pt``, which is uploaded last,
+    so only complete ones), with the bytes of everything under them; with ``recursive`` off, only those directly
+    under ``folder``."""
+    found: dict[str, int] = {}
+    for name in sizes:
+        inside = name[: -len(METADATA_FILE) - 1]
+        if not name.endswith(f"/{METADATA_FILE}") or not inside.startswith(folder) or inside == folder.rstrip("/"):
+            continue
+        if recursive or "/" not in inside[len(folder) :]:
+            found[inside] = 0
+    for name, size in sizes.items():
+        for inside in found:
+            if name.startswith(f"{inside}/"):
+                found[inside] += size
+    return found
 
 
 def _single_object(store: ObjectStore, name: str) -> Listing:
@@ -265,12 +293,14 @@ def _pointer_targets(
     return targets, notes
 
 
-def _remote_entry(store: ObjectStore, name: str, shown: str, latest: tuple[str, ...], size: int) -> ListedCheckpoint:
+def _remote_entry(
+    store: ObjectStore, name: str, shown: str, latest: tuple[str, ...], size: int, kind: str = "?"
+) -> ListedCheckpoint:
     epoch, batch = progress_from_name(name)
     return ListedCheckpoint(
         name=shown,
         location=store.get_uri(name),
-        kind="?",
+        kind=kind,
         size=size,
         created_at=None,
         epoch=epoch,
