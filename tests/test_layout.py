@@ -154,6 +154,7 @@ PUBLIC = [
     ("cairn.callbacks", ["CheckpointSaver"]),
     ("cairn.loggers", ["RemoteUploaderDownloader", "InMemoryLogger"]),
     ("cairn.utils", ["ObjectStore", "S3ObjectStore", "GCSObjectStore", "OCIObjectStore", "LibcloudObjectStore"]),
+    ("cairn.utils", ["FsspecObjectStore"]),
     ("cairn.utils.checkpoint", ["save_checkpoint", "load_checkpoint"]),
     ("cairn.checkpoint", ["read_checkpoint"]),
     ("cairn.errors", ["CairnError"]),

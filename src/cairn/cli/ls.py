@@ -35,7 +35,7 @@ def add_parser(commands: argparse._SubParsersAction, parent: argparse.ArgumentPa
         "ls",
         parents=[parent],
         help="list the checkpoints in a folder or bucket prefix, newest first",
-        description="List the checkpoints in a local folder or under a s3://, gs://, oci:// or libcloud:// prefix.",
+        description="List the checkpoints in a local folder or under a store prefix (s3://, gs://, az://, ...).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,8 +1,9 @@
-"""Object stores behind one small protocol (:class:`ObjectStore`), one URI parser for all of them, and the
+"""Object stores behind one small protocol (:class:`ObjectStore`): cairn's own for S3, GCS, OCI and Libcloud, and
+:class:`FsspecObjectStore` for any other scheme fsspec knows; one URI parser for all of them, and the
 :class:`Transfers` that move files to and from a store in the background (the store's ``latest`` pointer is
 :mod:`cairn.storage.pointer`'s).
 
-The store classes import their SDKs lazily, so ``import cairn.storage`` works with none installed.
+The store classes import their SDKs (and fsspec) lazily, so ``import cairn.storage`` works with none installed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from cairn.storage.transfer import Transfers
 from cairn.storage.uri import parse_uri, store_from_uri
 
 __all__ = [
+    "FsspecObjectStore",
     "GCSObjectStore",
     "LibcloudObjectStore",
     "OCIObjectStore",
@@ -29,6 +31,7 @@ _LAZY = {
     "GCSObjectStore": "cairn.storage.gcs",
     "OCIObjectStore": "cairn.storage.oci",
     "LibcloudObjectStore": "cairn.storage.libcloud",
+    "FsspecObjectStore": "cairn.storage.fsspec",
 }
 
 

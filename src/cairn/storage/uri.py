@@ -1,4 +1,6 @@
-"""One parser for every URI cairn accepts: ``s3://``, ``gs://``, ``oci://`` and ``libcloud://``."""
+"""One parser for every URI cairn accepts: ``s3://``, ``gs://``, ``oci://`` and ``libcloud://`` for cairn's own stores,
+and any other scheme fsspec knows (``az://``, ``abfs://``, ``file://``, ``memory://``, ...) for
+:class:`~cairn.storage.fsspec.FsspecObjectStore`."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ SCHEMES = ("s3", "gs", "oci", "libcloud")
 @dataclass(frozen=True)
 class ParsedUri:
     scheme: str
-    bucket: str
+    bucket: str  # empty for a filesystem without buckets: file:///path
     path: str  # inside the bucket, without a leading slash
 
     @property
@@ -29,23 +31,37 @@ def is_uri(value: object) -> bool:
 
 
 def parse_uri(uri: str) -> ParsedUri:
-    """Split ``scheme://bucket/path``; refuse anything else with a sentence that says what would work."""
+    """Split ``scheme://bucket/path``; refuse anything else with a sentence that says what would work.
+
+    A scheme that is not one of :data:`SCHEMES` goes to fsspec, which must know it and have its package installed
+    (an ``ImportError`` that names the extra to install otherwise); the host part may then be empty
+    (``file:///absolute/path``) or hold a port.
+    """
     if not is_uri(uri):
         raise ValueError(f"{uri!r} is not a URI; write it as scheme://bucket/path with a scheme of {_schemes()}")
     parts = urlsplit(uri)
     if parts.scheme not in SCHEMES:
-        raise ValueError(f"{uri!r}: unknown scheme {parts.scheme!r}; use one of {_schemes()}")
+        from cairn.storage.fsspec import split_fsspec_uri
+
+        return ParsedUri(*split_fsspec_uri(uri))
     if not parts.netloc or "@" in parts.netloc or ":" in parts.netloc:
-        raise ValueError(f"{uri!r} names no bucket; write it as {parts.scheme}://bucket/path")
+        from cairn.storage.fsspec import without_password
+
+        raise ValueError(f"{without_password(uri)!r} names no bucket; write it as {parts.scheme}://bucket/path")
     if parts.query or parts.fragment:
         raise ValueError(f"{uri!r}: '?' and '#' have no meaning here; name the object by its path alone")
     return ParsedUri(parts.scheme, parts.netloc, parts.path.lstrip("/"))
 
 
 def store_from_uri(uri: str, backend_kwargs: dict[str, Any] | None = None) -> tuple[ObjectStore, str]:
-    """The store for ``uri``'s bucket, and the path inside it. ``backend_kwargs`` go to the store's constructor."""
+    """The store for ``uri``'s bucket, and the path inside it. ``backend_kwargs`` go to the store's constructor
+    (for :class:`~cairn.storage.fsspec.FsspecObjectStore`: ``storage_options``, ``prefix``, ``num_attempts``)."""
     parsed = parse_uri(uri)
     kwargs = dict(backend_kwargs or {})
+    if parsed.scheme not in SCHEMES:
+        from cairn.storage.fsspec import FsspecObjectStore
+
+        return FsspecObjectStore(parsed.bucket_uri, **kwargs), parsed.path
     if parsed.scheme == "s3":
         from cairn.storage.s3 import S3ObjectStore
 
@@ -65,4 +81,4 @@ def store_from_uri(uri: str, backend_kwargs: dict[str, Any] | None = None) -> tu
 
 
 def _schemes() -> str:
-    return ", ".join(f"{s}://" for s in SCHEMES)
+    return ", ".join(f"{s}://" for s in SCHEMES) + ", or any scheme fsspec knows (az://, file://, memory://, ...)"

@@ -9,6 +9,7 @@ from cairn.utils.object_store import STORES, ObjectStore
 from cairn.utils.reproducibility import load_rng_state, make_seed, rng_state, seed_all
 
 __all__ = [
+    "FsspecObjectStore",
     "GCSObjectStore",
     "LibcloudObjectStore",
     "OCIObjectStore",

@@ -197,15 +197,20 @@ def apply_checkpoint(
     weights_only: bool = False,
     strict: bool = True,
     ignore_keys: Sequence[str] = (),
+    shards_at: str | None = None,
 ) -> None:
-    """Restore a verified checkpoint into ``state``: check everything first, then change anything."""
+    """Restore a verified checkpoint into ``state``: check everything first, then change anything.
+
+    ``source`` names the checkpoint in messages and in ``state.resumed_from``; a sharded one's shards are read from
+    ``shards_at`` when given (a local download of a folder in a store), else from ``source``.
+    """
     weights_only = weights_only or is_weights_only(checkpoint)
     checkpoint = drop_keys(checkpoint, ignore_keys)
     saved = {k: v for k, v in checkpoint["state"].items() if k != "metadata"}
     _check_restorable(saved, [] if weights_only else checkpoint.get("rng") or [], source)
     check_compatible(saved, state, weights_only=weights_only, strict=strict, source=source)
     if is_sharded(checkpoint):
-        load_shards(source, state, weights_only=weights_only, strict=strict)  # checks the model fits first
+        load_shards(shards_at or source, state, weights_only=weights_only, strict=strict)  # checks the fit first
     if weights_only:
         if "model" in saved:
             load_model_state(state.model, saved["model"], strict=strict)
