@@ -27,8 +27,10 @@ class RemoteUploaderDownloader(LoggerDestination):
 
     ``bucket_uri`` is ``s3://bucket``, ``gs://bucket``, ``oci://bucket`` or ``libcloud://container``, optionally
     with a path that prefixes every name. ``backend_kwargs`` go to the store's constructor (for libcloud:
-    ``provider``, ``container``, ``provider_kwargs``). Each file is copied to ``upload_staging_folder`` before
-    :meth:`upload_file` returns, so training may delete or overwrite it straight away.
+    ``provider``, ``container``, ``provider_kwargs``). Each file is staged in ``upload_staging_folder`` before
+    :meth:`upload_file` returns, by hard link where that folder is on the file's filesystem (else by copy), so
+    training may delete the file, or rename a new one over its name, straight away; a file rewritten in place
+    before its upload is verified fails that upload (see :func:`cairn.storage.transfer.stage_file`).
     """
 
     def __init__(

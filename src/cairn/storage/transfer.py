@@ -8,6 +8,12 @@ every upload and raises the first failure; :meth:`Transfers.close` drains the po
 pointer (:mod:`cairn.storage.pointer`) is written by one more thread (``cairn-pointer``), created at the first
 pointer move; its failures travel the same way.
 
+Staging: :meth:`Transfers.upload` puts the file into the staging folder before it returns, by hard link where the
+filesystem allows (no bytes are copied: a published checkpoint is never changed in place, a new save renames a new
+file over its name, so the link holds the very bytes handed over), by copy across filesystems or where links are
+refused. The staging folder a :class:`Transfers` makes itself is created at the first upload and removed by
+:meth:`Transfers.close`.
+
 Every transfer lives here, below the logger that schedules uploads and the checkpoint code that downloads, so that
 neither has to import the other to reach the store.
 """
@@ -15,8 +21,11 @@ neither has to import the other to reach the store.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import errno
 import functools
 import json
+import logging
 import multiprocessing
 import os
 import posixpath
@@ -37,7 +46,13 @@ from cairn.storage.settings import PROGRESS_BAR_BYTES, retry_wait
 from cairn.storage.uri import parse_uri, store_from_uri
 from cairn.utils.text import printable
 
-__all__ = ["Transfers", "download_with_progress"]
+__all__ = ["Transfers", "download_with_progress", "stage_file"]
+
+log = logging.getLogger(__name__)
+
+#: What ``os.link`` answers where a copy may still succeed: another filesystem (EXDEV), a filesystem or policy that
+#: refuses hard links (EPERM, ENOTSUP, EOPNOTSUPP, ENOSYS), or a file with as many links as it may have (EMLINK).
+_LINK_REFUSED = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 @dataclass(frozen=True, repr=False)  # no repr: backend_kwargs may hold secrets
@@ -60,8 +75,9 @@ class Transfers:
 
     ``bucket_uri`` is ``s3://bucket``, ``gs://bucket``, ``oci://bucket`` or ``libcloud://container``, optionally
     with a path that prefixes every name. ``backend_kwargs`` go to the store's constructor (for libcloud:
-    ``provider``, ``container``, ``provider_kwargs``). Each file is copied to ``upload_staging_folder`` before
-    :meth:`upload` returns, so training may delete or overwrite it straight away.
+    ``provider``, ``container``, ``provider_kwargs``). Each file is staged in ``upload_staging_folder`` (by hard
+    link where it can be, see :func:`stage_file`) before :meth:`upload` returns, so training may delete it or
+    rename a new file over its name straight away.
     """
 
     def __init__(
@@ -86,7 +102,8 @@ class Transfers:
         self.num_attempts = num_attempts
         self.file_path_format_string = file_path_format_string
         self._own_staging = upload_staging_folder is None
-        self._staging = upload_staging_folder or tempfile.mkdtemp(prefix="cairn-upload-staging-")
+        self._staging = upload_staging_folder  # made at the first upload when None (see _staging_folder)
+        self._copy_noted = False  # whether the log already said that staging copies instead of linking
         self._store: ObjectStore | None = None
         self._pool: cf.Executor | None = None
         self._uploads: list[tuple[str, str, cf.Future[str]]] = []  # (local file, remote name, future)
@@ -168,13 +185,18 @@ class Transfers:
         back to an older file when uploads finish out of order (pointer writes are serialised, newest only), nor,
         once :meth:`order_pointer` said how to order them, to a file older than the one it names already.
         """
-        staged = os.path.join(self._staging, f"{secrets.token_hex(8)}-{os.path.basename(file_path)}")
-        shutil.copyfile(file_path, staged)
+        staged = os.path.join(self._staging_folder(), f"{secrets.token_hex(8)}-{os.path.basename(file_path)}")
+        refusal = stage_file(file_path, staged)
+        if refusal is not None:
+            self._note_copy(file_path, refusal)
+        unchanged = _Unchanged.of(staged) if refusal is None else None  # a copy is private: nothing can change it
         remote = self.remote_name(remote_file_name)
         with self._lock:
             overwrite = overwrite or remote in self._replaceable
             self._replaceable.discard(remote)
-        future = self._executor().submit(_upload_task, self._spec, staged, remote, self.num_attempts, overwrite)
+        future = self._executor().submit(
+            _upload_task, self._spec, staged, remote, self.num_attempts, overwrite, unchanged
+        )
         with self._lock:
             self._uploads.append((file_path, remote, future))
             self._sequence += 1
@@ -183,6 +205,33 @@ class Transfers:
             pointer = self.remote_name(pointer_name)
             future.add_done_callback(lambda done: self._move_pointer(sequence, pointer, remote, file_path, done))
         return future
+
+    def _staging_folder(self) -> str:
+        """The staging folder, made on first use when the caller gave none: a Transfers that never uploads (a run
+        whose construction failed, a download-only uploader) leaves nothing behind in the temporary folder."""
+        with self._lock:
+            if self._staging is None:
+                self._staging = tempfile.mkdtemp(prefix="cairn-upload-staging-")
+            return self._staging
+
+    def _note_copy(self, file_path: str, refusal: OSError) -> None:
+        """Say once per uploader that staging copies files, why, and how to make it link them instead."""
+        if self._copy_noted:
+            return
+        self._copy_noted = True
+        reason = (
+            "it is on another filesystem"
+            if refusal.errno == errno.EXDEV
+            else f"the filesystem refused a hard link ({refusal.strerror})"
+        )
+        log.warning(
+            "the upload staging folder %s cannot hold a hard link to %s (%s), so each upload first copies its file; "
+            "pass upload_staging_folder (or set TMPDIR to) a folder on the checkpoints' filesystem to stage "
+            "without copying",
+            self._staging,
+            file_path,
+            reason,
+        )
 
     def _move_pointer(self, sequence: int, pointer: str, target: str, local: str, upload: cf.Future[str]) -> None:
         """Runs when an upload finishes: point ``pointer`` at it, if it succeeded and is the newest so far."""
@@ -229,6 +278,12 @@ class Transfers:
                     f"uploading {local!r} failed: the upload worker process died ({error}). Worker processes re-run "
                     "your script: put the training code under `if __name__ == '__main__':`, or pass use_procs=False"
                 ) from error
+            if isinstance(error, _ChangedInPlace):
+                raise _ChangedInPlace(
+                    f"{local!r} was rewritten in place while it was uploading to {self.store.get_uri(remote)}, so the "
+                    "object may not hold what was handed over (files are staged by hard link, not copied): write "
+                    "new content to another file and rename it over the name, or upload a copy"
+                ) from error
             if isinstance(error, ObjectExistsError):
                 raise ObjectExistsError(
                     f"{self.store.get_uri(remote)} already exists and save_overwrite=False never replaces an object, "
@@ -252,8 +307,9 @@ class Transfers:
                 if pool is not None:
                     pool.shutdown(wait=True)
             self._pool = self._pointer_writer = None
-            if self._own_staging:
+            if self._own_staging and self._staging is not None:
                 shutil.rmtree(self._staging, ignore_errors=True)
+                self._staging = None  # a later upload makes a new one
             if self._store is not None:
                 self._store.close()
                 self._store = None
@@ -291,10 +347,69 @@ def _retrying(num_attempts: int) -> Retrying:
     )
 
 
-def _upload_task(spec: _StoreSpec, staged: str, remote: str, num_attempts: int, overwrite: bool) -> str:
-    """Upload and verify; retried as a whole on transient failures. The staged copy is removed either way."""
+def stage_file(source: str, staged: str) -> OSError | None:
+    """Put ``source`` at ``staged`` for an upload: a hard link (no byte copied, however large the file) where the
+    filesystem allows, else a copy. Returns None for a link, or the ``OSError`` that refused one (and made it a copy).
+
+    A link is safe because a published checkpoint is never changed in place: a new save renames a new file over
+    the name, and the link keeps the old bytes for the upload. A copy is made only where ``os.link`` is refused in
+    a way a copy overcomes (:data:`_LINK_REFUSED`: another filesystem, links not allowed, too many links); any
+    other failure (a missing file, a full or read-only staging folder) is raised as it is.
+    """
+    try:
+        os.link(source, staged)
+        return None
+    except OSError as err:
+        if err.errno not in _LINK_REFUSED:
+            raise
+        refusal = err
+    try:
+        shutil.copyfile(source, staged)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(staged)  # a partial copy (a full disk) must not stay behind in the staging folder
+        raise
+    return refusal
+
+
+class _ChangedInPlace(ObjectStoreError):
+    """A file staged by hard link was rewritten in place before its upload was verified."""
+
+
+@dataclass(frozen=True)
+class _Unchanged:
+    """What a linked staged file looked like when it was staged; if it differs after the upload was verified, the
+    file was rewritten in place (the link sees every write) and the object may hold other bytes than handed over."""
+
+    inode: int
+    size: int
+    modified_ns: int
+
+    @classmethod
+    def of(cls, path: str) -> _Unchanged:
+        info = os.stat(path)
+        return cls(info.st_ino, info.st_size, info.st_mtime_ns)
+
+    def check(self, path: str, remote: str) -> None:
+        if _Unchanged.of(path) != self:
+            raise _ChangedInPlace(f"the file uploaded as {remote!r} was rewritten in place")
+
+
+def _upload_task(
+    spec: _StoreSpec, staged: str, remote: str, num_attempts: int, overwrite: bool, unchanged: _Unchanged | None
+) -> str:
+    """Upload and verify; retried as a whole on transient failures. The staged link or copy is removed either way.
+    A linked file is checked to be as it was when staged, after success and after failure alike: a rewrite in place
+    is what made a failure (a checksum mismatch, then a retry refused by ``overwrite=False``) and must be named."""
     try:
         _retrying(num_attempts)(_upload_and_verify, _worker_store(spec), staged, remote, overwrite)
+    except Exception:
+        if unchanged is not None:
+            unchanged.check(staged, remote)
+        raise
+    else:
+        if unchanged is not None:
+            unchanged.check(staged, remote)
     finally:
         os.remove(staged)
     return remote

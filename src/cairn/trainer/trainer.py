@@ -132,19 +132,38 @@ class Trainer:
         destinations = _destinations(args.loggers, progress_bar=args.progress_bar)
         saver, upload_bucket = saving_from_arguments(args.save_folder, **_saving_keywords(args))
         destinations.extend(_uploader_for(upload_bucket))  # a URI save_folder uploads
-        check_autoresume_names(saver, destinations, autoresume=args.autoresume, run_name=args.run_name)
-        self.state = self._new_state(args, device, rank_zero_seed, optimizers, saver, destinations)
-        self._preemption = self._preemption_watch(args)
-        self._attach_loaders(train_dataloader, eval_dataloader, fsdp)
-        self._eval_due = interval_policy(
-            args.eval_interval, batch_event=Event.BATCH_END, epoch_event=Event.EPOCH_END, name="eval_interval"
-        )
-        self.logger = Logger(self.state, destinations)
-        self.engine = Engine(self.state, self.logger)
-        self.engine.run_event(Event.INIT)
-        restore(self.state, saver=saver, destinations=destinations, **_loading_keywords(args))
-        restore_loader_position(train_dataloader, self.state)
-        self.logger.log_hyperparameters(self._hyperparameters())
+        with self._released_on_failure(destinations):
+            check_autoresume_names(saver, destinations, autoresume=args.autoresume, run_name=args.run_name)
+            self.state = self._new_state(args, device, rank_zero_seed, optimizers, saver, destinations)
+            self._preemption = self._preemption_watch(args)
+            self._attach_loaders(train_dataloader, eval_dataloader, fsdp)
+            self._eval_due = interval_policy(
+                args.eval_interval, batch_event=Event.BATCH_END, epoch_event=Event.EPOCH_END, name="eval_interval"
+            )
+            self.logger = Logger(self.state, destinations)
+            self.engine = Engine(self.state, self.logger)
+            self.engine.run_event(Event.INIT)
+            restore(self.state, saver=saver, destinations=destinations, **_loading_keywords(args))
+            restore_loader_position(train_dataloader, self.state)
+            self.logger.log_hyperparameters(self._hyperparameters())
+
+    @contextlib.contextmanager
+    def _released_on_failure(self, destinations: Sequence[LoggerDestination]) -> Iterator[None]:
+        """A constructor that raises leaves the caller no trainer to ``close()``: release here what was built (the
+        callbacks and loggers once the engine exists, else the uploaders' workers, stores and staging folders), and
+        raise the original error, never one from the cleanup (that one is logged)."""
+        try:
+            yield
+        except BaseException:
+            engine: Engine | None = getattr(self, "engine", None)
+            transfers = [d.transfers for d in destinations if d.transfers is not None]
+            closers = [engine.close] if engine is not None else [t.close for t in transfers]
+            for close in closers:
+                try:
+                    close()
+                except Exception as err:  # noqa: BLE001 - the construction's own error is the one to raise
+                    log.warning("releasing what the failed Trainer construction had built failed too: %s", err)
+            raise
 
     def _new_state(
         self,

@@ -100,7 +100,9 @@ class CheckpointSaver(Callback):
         self.save_order: list[int] = []  # a process-wide sequence number per save, to merge several savers' lists
         self._last_saved_batch: int | None = None
         self._uploading: list[tuple[Future[str], str]] = []  # (upload, local file it came from)
+        self._upload_failed: set[str] = set()  # local files whose upload failed: kept, as the error says
         self._uploading_lock = threading.Lock()  # the background save appends, the training thread prunes
+        self._last_target: _Target | None = None  # the newest save's, pruned again once its uploads are done
         self.async_save = check_flag(async_save, argument="async_save")
         self._background = BackgroundSaves()
         self._writer: Writer | None = None  # built at the first save, when the state says which format
@@ -177,6 +179,8 @@ class CheckpointSaver(Callback):
             uploads = [future for future, _ in self._uploading]
         cf.wait(uploads)
         self._forget_uploaded()
+        if uploads and get_rank() == 0:
+            self._prune()  # the checkpoints kept while their uploads were in flight may go now
 
     def close(self, state: State, logger: Logger) -> None:
         try:
@@ -290,8 +294,23 @@ class CheckpointSaver(Callback):
             )
             with self._uploading_lock:
                 self._uploading.extend((future, target.path) for future in futures)
-        if self.num_checkpoints_to_keep > 0:
-            prune(target.folder, target.retention_pattern, self.num_checkpoints_to_keep, protect=target.path)
+                self._upload_failed.discard(target.path)  # the file whose upload failed was just replaced
+        self._last_target = target
+        self._prune()
+
+    def _prune(self) -> None:
+        """Apply ``num_checkpoints_to_keep`` after the newest save (rank 0). Never deleted: that checkpoint, and
+        every one whose upload is in flight or failed; they count among those kept, and go at a later prune."""
+        target = self._last_target
+        if self.num_checkpoints_to_keep > 0 and target is not None:
+            protect = {target.path, *self._not_safely_uploaded()}
+            prune(target.folder, target.retention_pattern, self.num_checkpoints_to_keep, protect=protect)
+
+    def _not_safely_uploaded(self) -> set[str]:
+        """Local checkpoints whose upload is still in flight or failed: deleting one would lose the only copy."""
+        with self._uploading_lock:
+            unsettled = {path for future, path in self._uploading if not future.done() or _failed(future)}
+            return unsettled | self._upload_failed
 
     def remote_template(self) -> str:
         """The format string of a checkpoint's name in the store."""
@@ -308,12 +327,15 @@ class CheckpointSaver(Callback):
         return name, pointer_beside(name, format_name(self.latest_filename, state, rank=0))
 
     def _forget_uploaded(self) -> None:
-        """With ``num_checkpoints_to_keep=0``, delete local copies whose uploads succeeded; a failed one stays."""
+        """Forget finished uploads, remembering the failed ones (their files are kept, as their errors say); with
+        ``num_checkpoints_to_keep=0``, delete the local copies whose every upload succeeded."""
         with self._uploading_lock:
             finished = [(future, path) for future, path in self._uploading if future.done()]
             self._uploading = [(future, path) for future, path in self._uploading if not future.done()]
-        for future, path in finished:
-            if future.exception() is None and self.num_checkpoints_to_keep == 0:
+            self._upload_failed |= {path for future, path in finished if _failed(future)}
+            unsettled = self._upload_failed | {path for _, path in self._uploading}  # another uploader's, say
+        if self.num_checkpoints_to_keep == 0:
+            for path in sorted({path for _, path in finished} - unsettled):
                 _remove_with_link(path)
 
 
@@ -376,6 +398,11 @@ def _special_kind(path: str) -> str:
     except OSError:
         return "special file"
     return "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device or special file"
+
+
+def _failed(upload: Future[str]) -> bool:
+    """Whether a finished upload failed (or was cancelled): its local file must stay."""
+    return upload.cancelled() or upload.exception() is not None
 
 
 def _remove_with_link(path: str) -> None:
