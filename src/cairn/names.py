@@ -13,12 +13,16 @@ __all__ = [
     "GENERATORS",
     "METADATA_FILE",
     "POINTER_SUFFIX",
+    "SHARD_INDEX_FILE",
     "TEMP_MARKER",
 ]
 
 #: A sharded checkpoint folder's file holding everything but the sharded tensors (its content hash included);
 #: a folder holding it is a sharded checkpoint.
 METADATA_FILE = "cairn.pt"
+
+#: The file of a sharded checkpoint folder in which ``torch.distributed.checkpoint`` keeps its index of the shards.
+SHARD_INDEX_FILE = ".metadata"
 
 #: Marks a file or folder still being written (``.<name>.cairn-tmp-<machine>-<pid>-<token>``); never a checkpoint.
 TEMP_MARKER = ".cairn-tmp-"

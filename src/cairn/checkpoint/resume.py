@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -9,12 +10,12 @@ import posixpath
 import re
 import secrets
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cairn.checkpoint.folder import list_checkpoints
 from cairn.checkpoint.load.loader import apply_checkpoint, read_checkpoint
-from cairn.checkpoint.load.remote import read_remote_checkpoint
+from cairn.checkpoint.load.remote import opened_remote_checkpoint
 from cairn.checkpoint.naming.templates import PROGRESS_ORDER, format_name, name_pattern, progress_in_name
 from cairn.checkpoint.save.saver import CheckpointSaver
 from cairn.checkpoint.save.store_names import store_checkpoints
@@ -35,6 +36,8 @@ __all__ = [
     "check_autoresume_names",
     "find_latest_checkpoint",
     "find_remote_latest",
+    "Found",
+    "opened_load_path",
     "read_load_path",
     "restore",
     "saving_from_arguments",
@@ -44,7 +47,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def find_latest_checkpoint(saver: CheckpointSaver, state: State) -> tuple[str, dict[str, Any]] | None:
+class Found(NamedTuple):
+    """A checkpoint autoresume or ``load_path`` found: where it is, what it holds, and (for one downloaded from a
+    store) the local download, from which a sharded folder's shards are read while it is applied."""
+
+    path: str
+    checkpoint: dict[str, Any]
+    shards_at: str | None = None
+
+
+def find_latest_checkpoint(saver: CheckpointSaver, state: State) -> Found | None:
     """The newest checkpoint of ``saver``'s folder that reads and verifies, with its content; None if none does.
 
     Every file matching the saver's name pattern is complete (writes are atomic), so the newest of them wins,
@@ -63,7 +75,7 @@ def find_latest_checkpoint(saver: CheckpointSaver, state: State) -> tuple[str, d
             candidates.append(target)
     for path in candidates:
         try:
-            return path, read_checkpoint(path)
+            return Found(path, read_checkpoint(path))
         except (CheckpointCorruptError, FileNotFoundError) as err:
             log.warning("autoresume skips %s: %s", path, err)
             if isinstance(err, CheckpointCorruptError) and get_rank() == 0:
@@ -126,7 +138,8 @@ def find_remote_latest(
     *,
     progress: bool,
     listed: list[str] | None = None,
-) -> tuple[str, dict[str, Any]] | None:
+    downloads: contextlib.ExitStack | None = None,
+) -> Found | None:
     """The newest checkpoint of ``saver``'s remote names in the store of ``transfers`` (the run's first uploader's)
     that downloads and verifies, with its content; None if none does.
 
@@ -138,7 +151,8 @@ def find_remote_latest(
     remote template could have produced it (another run may share the pointer). A damaged object falls back to
     the one before it, and is kept aside (:func:`_set_aside_damaged_object`) so that the run can save that name
     again. Tries the newest first and stops at the first that verifies: no more is downloaded than needed.
-    ``listed`` is the store's listing (:func:`store_checkpoints`) when the caller already has it.
+    ``listed`` is the store's listing (:func:`store_checkpoints`) when the caller already has it. With
+    ``downloads``, the download is kept until that stack closes (a sharded folder's shards are read from it).
     """
     store = transfers.store
     if listed is None:
@@ -151,7 +165,12 @@ def find_remote_latest(
     for name in candidates:
         keep = functools.partial(_set_aside_damaged_object, transfers, name, pattern) if get_rank() == 0 else None
         try:
-            return store.get_uri(name), read_remote_checkpoint(store, name, progress=progress, keep_damaged=keep)
+            opened = opened_remote_checkpoint(store, name, progress=progress, keep_damaged=keep)
+            with contextlib.ExitStack() as attempt:
+                checkpoint, local = attempt.enter_context(opened)
+                if downloads is not None:
+                    downloads.enter_context(attempt.pop_all())
+                return Found(store.get_uri(name), checkpoint, local if downloads is not None else None)
         except (CheckpointCorruptError, CheckpointNotFoundError) as err:
             log.warning("autoresume skips %s: %s", store.get_uri(printable(name)), err)
     return None
@@ -266,37 +285,60 @@ def restore(
 
     ``destinations`` are the run's loggers: autoresume also looks in the store of the first uploader among them.
     """
-    if autoresume:
-        if saver is None:
-            raise ValueError("autoresume=True needs save_folder: that is where it looks for the run's checkpoints")
-        found = find_latest_checkpoint(saver, state)
-        transfers = first_uploader_transfers(destinations)
-        if transfers is not None:
-            found = _local_unless_store_is_ahead(found, saver, state, transfers, progress=progress)
-        if found is not None:
-            path, checkpoint = found
-            _note_ignored_load_options(load_path, weights_only=weights_only, strict=strict, ignore_keys=ignore_keys)
-            apply_checkpoint(checkpoint, state, source=path)  # the run's own checkpoint: everything comes back
-            log.info("autoresume: continuing from %s", path)
-            return path
+    with contextlib.ExitStack() as downloads:  # what came from a store stays on disk until it is applied
+        if autoresume:
+            found = _autoresume_target(saver, state, destinations, progress=progress, downloads=downloads)
+            if found is not None:
+                _note_ignored_load_options(load_path, weights_only=weights_only, strict=strict, ignore_keys=ignore_keys)
+                # the run's own checkpoint: everything comes back
+                apply_checkpoint(found.checkpoint, state, source=found.path, shards_at=found.shards_at)
+                log.info("autoresume: continuing from %s", found.path)
+                return found.path
+        if load_path is None:
+            return None
+        checkpoint, local = downloads.enter_context(opened_load_path(load_path, load_object_store, progress=progress))
+        apply_checkpoint(
+            checkpoint,
+            state,
+            source=load_path,
+            weights_only=weights_only,
+            strict=strict,
+            ignore_keys=ignore_keys,
+            shards_at=local,
+        )
+        return load_path
+
+
+def _autoresume_target(
+    saver: CheckpointSaver | None,
+    state: State,
+    destinations: Sequence[object],
+    *,
+    progress: bool,
+    downloads: contextlib.ExitStack,
+) -> Found | None:
+    """The checkpoint autoresume continues from: the newest good one here, unless the store of the run's first
+    uploader holds one further along; None for a fresh start."""
+    if saver is None:
+        raise ValueError("autoresume=True needs save_folder: that is where it looks for the run's checkpoints")
+    found = find_latest_checkpoint(saver, state)
+    transfers = first_uploader_transfers(destinations)
+    if transfers is not None:
+        found = _local_unless_store_is_ahead(found, saver, state, transfers, progress=progress, downloads=downloads)
+    if found is None:
         log.info("autoresume: no checkpoint in %s yet; starting fresh", format_name(saver.folder, state, rank=0))
-    if load_path is None:
-        return None
-    checkpoint = read_load_path(load_path, load_object_store, progress=progress)
-    apply_checkpoint(
-        checkpoint, state, source=load_path, weights_only=weights_only, strict=strict, ignore_keys=ignore_keys
-    )
-    return load_path
+    return found
 
 
 def _local_unless_store_is_ahead(
-    found: tuple[str, dict[str, Any]] | None,
+    found: Found | None,
     saver: CheckpointSaver,
     state: State,
     transfers: Transfers,
     *,
     progress: bool,
-) -> tuple[str, dict[str, Any]] | None:
+    downloads: contextlib.ExitStack,
+) -> Found | None:
     """The local checkpoint, unless the store holds one further along (or there is no local one).
 
     A node that comes back with an old local folder (ep1) while the store holds ep3 must not resume behind its
@@ -307,7 +349,7 @@ def _local_unless_store_is_ahead(
     listed = store_checkpoints(transfers, saver.remote_template(), state)  # listed once, for both steps below
     if found is not None and not _store_may_be_ahead(found[0], listed, saver, state, transfers):
         return found
-    remote = find_remote_latest(saver, state, transfers, progress=progress, listed=listed)
+    remote = find_remote_latest(saver, state, transfers, progress=progress, listed=listed, downloads=downloads)
     if found is None or (remote is not None and _batches(remote[1]) > _batches(found[1])):
         if found is not None and remote is not None:
             log.warning(
@@ -368,22 +410,39 @@ def _note_ignored_load_options(
 
 
 def read_load_path(path: str, source: ObjectStore | LoggerDestination | None, *, progress: bool) -> dict[str, Any]:
-    """The checkpoint ``load_path`` names: a local file, a URI, or a name inside ``load_object_store`` (a store, or
-    an uploader: the name then goes inside its path and ``file_path_format_string``)."""
+    """The checkpoint ``load_path`` names: a local file or sharded folder, a URI, or a name inside
+    ``load_object_store`` (a store, or an uploader: the name then goes inside its path and
+    ``file_path_format_string``)."""
+    with opened_load_path(path, source, progress=progress) as (checkpoint, _):
+        return checkpoint
+
+
+@contextlib.contextmanager
+def opened_load_path(
+    path: str, source: ObjectStore | LoggerDestination | None, *, progress: bool
+) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """As :func:`read_load_path`, and where the checkpoint lies on disk while the ``with`` lasts: the local download
+    of one from a store (a sharded folder's shards are read from it when it is applied), else None."""
     if source is not None:
         transfers = source.transfers if isinstance(source, LoggerDestination) else None
         if transfers is not None:
-            return read_remote_checkpoint(transfers.store, transfers.remote_name(path), progress=progress)
+            with opened_remote_checkpoint(transfers.store, transfers.remote_name(path), progress=progress) as opened:
+                yield opened
+            return
         if not isinstance(source, ObjectStore):
             raise TypeError(f"load_object_store must be an ObjectStore or RemoteUploaderDownloader, not {source!r}")
-        return read_remote_checkpoint(source, path, progress=progress)
+        with opened_remote_checkpoint(source, path, progress=progress) as opened:
+            yield opened
+        return
     if is_uri(path):
         store, name = store_from_uri(path)
         try:
-            return read_remote_checkpoint(store, name, progress=progress)
+            with opened_remote_checkpoint(store, name, progress=progress) as opened:
+                yield opened
         finally:
             store.close()
-    return read_checkpoint(path)
+        return
+    yield read_checkpoint(path), None
 
 
 def saving_from_arguments(

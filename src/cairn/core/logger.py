@@ -25,10 +25,20 @@ class LoggerDestination(Callback):
         del hyperparameters
 
     def upload_file(
-        self, remote_file_name: str, file_path: str, overwrite: bool = False, pointer_name: str | None = None
+        self,
+        remote_file_name: str,
+        file_path: str,
+        overwrite: bool = False,
+        pointer_name: str | None = None,
+        *,
+        pointer_target: str | None = None,
     ) -> Future[str] | None:
-        """Send a file to remote storage; destinations that store no files ignore it (and return None)."""
-        del remote_file_name, file_path, overwrite, pointer_name
+        """Send a file to remote storage; destinations that store no files ignore it (and return None).
+
+        With ``pointer_name``, the store's latest pointer of that name moves to the upload once it is verified:
+        to ``remote_file_name``, or to ``pointer_target`` (a sharded folder, whose ``cairn.pt`` goes up last).
+        """
+        del remote_file_name, file_path, overwrite, pointer_name, pointer_target
         return None
 
     @property
@@ -58,10 +68,21 @@ class Logger:
             destination.log_hyperparameters(hyperparameters)
 
     def upload_file(
-        self, remote_file_name: str, file_path: str, overwrite: bool = False, pointer_name: str | None = None
+        self,
+        remote_file_name: str,
+        file_path: str,
+        overwrite: bool = False,
+        pointer_name: str | None = None,
+        *,
+        pointer_target: str | None = None,
     ) -> list[Future[str]]:
         """Hand a file to every destination that uploads files; one future per upload started."""
-        futures = [d.upload_file(remote_file_name, file_path, overwrite, pointer_name) for d in self.destinations]
+        futures = [
+            d.upload_file(remote_file_name, file_path, overwrite, pointer_name, pointer_target=pointer_target)
+            if pointer_target is not None
+            else d.upload_file(remote_file_name, file_path, overwrite, pointer_name)
+            for d in self.destinations
+        ]
         return [future for future in futures if future is not None]
 
     @property

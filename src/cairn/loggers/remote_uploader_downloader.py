@@ -68,11 +68,19 @@ class RemoteUploaderDownloader(LoggerDestination):
         self._transfers.download(remote_file_name, destination, overwrite=overwrite, progress=progress)
 
     def upload_file(
-        self, remote_file_name: str, file_path: str, overwrite: bool = False, pointer_name: str | None = None
+        self,
+        remote_file_name: str,
+        file_path: str,
+        overwrite: bool = False,
+        pointer_name: str | None = None,
+        *,
+        pointer_target: str | None = None,
     ) -> cf.Future[str]:
         """Stage ``file_path`` and upload it in the background (see :meth:`Transfers.upload`); a failure is raised
         at the next event."""
-        return self._transfers.upload(remote_file_name, file_path, overwrite=overwrite, pointer_name=pointer_name)
+        return self._transfers.upload(
+            remote_file_name, file_path, overwrite=overwrite, pointer_name=pointer_name, pointer_target=pointer_target
+        )
 
     def wait(self) -> None:
         """Block until every upload (and pointer move) so far has finished; raise the first failure, naming the file."""

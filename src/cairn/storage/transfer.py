@@ -171,7 +171,13 @@ class Transfers:
     # -- uploads --------------------------------------------------------------------------------------------------
 
     def upload(
-        self, remote_file_name: str, file_path: str, overwrite: bool = False, pointer_name: str | None = None
+        self,
+        remote_file_name: str,
+        file_path: str,
+        overwrite: bool = False,
+        pointer_name: str | None = None,
+        *,
+        pointer_target: str | None = None,
     ) -> cf.Future[str]:
         """Stage ``file_path`` and upload it as ``remote_file_name`` in the background.
 
@@ -183,7 +189,8 @@ class Transfers:
         With ``pointer_name``, once the upload is verified a small object of that name is written whose content is
         the uploaded object's name: the store's "latest" pointer. It never names a partial upload, and never moves
         back to an older file when uploads finish out of order (pointer writes are serialised, newest only), nor,
-        once :meth:`order_pointer` said how to order them, to a file older than the one it names already.
+        once :meth:`order_pointer` said how to order them, to a file older than the one it names already. The
+        pointer names ``pointer_target`` instead where given: a sharded folder, whose ``cairn.pt`` is uploaded last.
         """
         staged = os.path.join(self._staging_folder(), f"{secrets.token_hex(8)}-{os.path.basename(file_path)}")
         refusal = stage_file(file_path, staged)
@@ -203,7 +210,8 @@ class Transfers:
             sequence = self._sequence
         if pointer_name:
             pointer = self.remote_name(pointer_name)
-            future.add_done_callback(lambda done: self._move_pointer(sequence, pointer, remote, file_path, done))
+            named = remote if pointer_target is None else self.remote_name(pointer_target)
+            future.add_done_callback(lambda done: self._move_pointer(sequence, pointer, named, file_path, done))
         return future
 
     def _staging_folder(self) -> str:

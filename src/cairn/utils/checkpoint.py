@@ -18,7 +18,7 @@ from cairn.checkpoint.keys import check_ignore_keys
 from cairn.checkpoint.load.loader import apply_checkpoint
 from cairn.checkpoint.naming.checks import check_folder, check_format, check_local_name
 from cairn.checkpoint.naming.templates import format_name
-from cairn.checkpoint.resume import read_load_path as read_local_or_uri  # the Trainer's own load_path reader
+from cairn.checkpoint.resume import opened_load_path  # the Trainer's own load_path reader
 from cairn.checkpoint.save import saver
 from cairn.core.state import State
 from cairn.storage.uri import is_uri
@@ -92,10 +92,16 @@ def load_checkpoint(
     strictness = _strictness(strict_model_weights, strict)
     ignore = check_ignore_keys(ignore_keys, argument="ignore_keys", loading=True)
     weights_only = check_flag(weights_only, argument="weights_only")
-    checkpoint = read_local_or_uri(location, None, progress=check_flag(progress, argument="progress"))
-    apply_checkpoint(
-        checkpoint, state, source=location, weights_only=weights_only, strict=strictness, ignore_keys=ignore
-    )
+    with opened_load_path(location, None, progress=check_flag(progress, argument="progress")) as (checkpoint, local):
+        apply_checkpoint(
+            checkpoint,
+            state,
+            source=location,
+            weights_only=weights_only,
+            strict=strictness,
+            ignore_keys=ignore,
+            shards_at=local,
+        )
     log.info("loaded checkpoint %s at %s", location, checkpoint["state"].get("timestamp", {}))
     return checkpoint
 

@@ -23,7 +23,13 @@ from cairn.names import METADATA_FILE
 from cairn.storage.base import ObjectStore
 from cairn.storage.transfer import download_with_progress
 
-__all__ = ["download_sharded_folder", "downloaded", "is_remote_sharded_folder", "read_remote_checkpoint"]
+__all__ = [
+    "download_sharded_folder",
+    "downloaded",
+    "is_remote_sharded_folder",
+    "opened_remote_checkpoint",
+    "read_remote_checkpoint",
+]
 
 #: More shard files than any job writes (one per rank, plus the index): a larger list is not one cairn wrote.
 _MAX_SHARD_FILES = 1 << 20
@@ -37,13 +43,24 @@ def read_remote_checkpoint(
     A download that does not verify is handed to ``keep_damaged`` (its local path) before the
     ``CheckpointCorruptError`` is raised: the only moment its bytes are at hand, to keep a copy of them.
     """
+    with opened_remote_checkpoint(store, name, progress=progress, keep_damaged=keep_damaged) as (checkpoint, _):
+        return checkpoint
+
+
+@contextlib.contextmanager
+def opened_remote_checkpoint(
+    store: ObjectStore, name: str, *, progress: bool = True, keep_damaged: Callable[[str], object] | None = None
+) -> Iterator[tuple[dict[str, Any], str]]:
+    """As :func:`read_remote_checkpoint`, and the local download too, kept until the ``with`` ends: a sharded
+    folder's shards are read from it when the checkpoint is applied to a model."""
     with downloaded(store, name, progress=progress) as local:
         try:
-            return read_checkpoint(local)
+            checkpoint = read_checkpoint(local)
         except CheckpointCorruptError:
             if keep_damaged is not None:
                 keep_damaged(local)
             raise
+        yield checkpoint, local
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from torch.futures import Future
 from cairn.checkpoint.format import file_digest
 from cairn.checkpoint.load.archive import check_archive_bytes, error_reason, needs_code
 from cairn.errors import CheckpointCorruptError, UnsafeCheckpointError
-from cairn.names import METADATA_FILE
+from cairn.names import METADATA_FILE, SHARD_INDEX_FILE
 from cairn.utils.text import printable
 
 __all__ = [
@@ -48,7 +48,7 @@ __all__ = [
     "verify_shard_digests",
 ]
 
-INDEX_FILE = ".metadata"
+INDEX_FILE = SHARD_INDEX_FILE
 
 _DCP_CLASSES = {
     "torch.distributed.checkpoint.metadata": {

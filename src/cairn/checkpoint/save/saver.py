@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import re
+import shutil
 import stat
 import threading
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from cairn.checkpoint.naming.templates import PROGRESS_VARIABLES, fields_of, for
 from cairn.checkpoint.save.background import BackgroundSaves
 from cairn.checkpoint.save.commit import atomic_symlink, remove_stale_temporaries
 from cairn.checkpoint.save.policy import is_last_checkpoint_event, save_policy
+from cairn.checkpoint.save.remote_shards import ShardedUploads
 from cairn.checkpoint.save.retention import prune
 from cairn.checkpoint.save.store_names import guard_store_names
 from cairn.checkpoint.save.writers import SingleFileWriter, Writer, make_writer
@@ -51,6 +53,7 @@ class _Target:
     retention_pattern: str
     remote_name: str
     remote_pointer: str | None
+    sharded: bool  # a folder: every rank uploads its own shards, rank 0 its cairn.pt last
 
 
 class CheckpointSaver(Callback):
@@ -106,6 +109,8 @@ class CheckpointSaver(Callback):
         self.async_save = check_flag(async_save, argument="async_save")
         self._background = BackgroundSaves()
         self._writer: Writer | None = None  # built at the first save, when the state says which format
+        self._sharded_uploads = ShardedUploads()
+        self._awaiting_upload: tuple[Logger | None, _Target] | None = None  # an async sharded save in flight
 
     # -- events -----------------------------------------------------------------------------------------------
 
@@ -141,10 +146,6 @@ class CheckpointSaver(Callback):
                 "num_checkpoints_to_keep=0 deletes each checkpoint once it is uploaded, but nothing uploads here; "
                 "save to an s3://, gs:// or oci:// save_folder, add a RemoteUploaderDownloader, or keep 1 or more"
             )
-        if state.sharded_checkpoints and logger.uploads_files:
-            raise ValueError(
-                "sharded checkpoints are folders, which cannot be uploaded yet; use state_dict_type='full'"
-            )
         folder = format_name(self.folder, state, rank=0)
         if get_rank() == 0:
             remove_stale_temporaries(folder)
@@ -175,6 +176,7 @@ class CheckpointSaver(Callback):
 
     def fit_end(self, state: State, logger: Logger) -> None:
         self._finish_previous_save()
+        self._sharded_uploads.settle(logger, wait=True)  # every rank: the last folders get their cairn.pt
         with self._uploading_lock:
             uploads = [future for future, _ in self._uploading]
         cf.wait(uploads)
@@ -189,6 +191,7 @@ class CheckpointSaver(Callback):
             self._close_writer()
 
     def _maybe_save(self, state: State, logger: Logger, event: Event) -> None:
+        self._sharded_uploads.settle(logger, wait=False)  # every rank: folders whose shards are all stored finish
         self._forget_uploaded()
         due = self.policy(state, event)
         final = is_last_checkpoint_event(state, event) and self._last_saved_batch != state.timestamp.batch
@@ -208,6 +211,7 @@ class CheckpointSaver(Callback):
             self._save_in_background(state, logger, target)
         else:
             self._start_write(state, target.path)()
+            self._start_sharded_upload(logger, target)  # every rank its own shards (a sharded folder only)
             if get_rank() == 0:
                 self._after_write(logger, target)
             barrier()
@@ -234,12 +238,14 @@ class CheckpointSaver(Callback):
             retention_pattern=name_pattern(self.filename, state, rank=0),
             remote_name=remote_name,
             remote_pointer=remote_pointer,
+            sharded=state.sharded_checkpoints,
         )
 
     def _save_in_background(self, state: State, logger: Logger | None, target: _Target) -> None:
         """Take the snapshot here (every rank, collectives included); write and publish on the saver's thread."""
         self._finish_previous_save()
         write = self._start_write(state, target.path)
+        self._awaiting_upload = (logger, target)  # a sharded folder's shards go up once it is published
 
         def finish() -> None:
             write()
@@ -282,13 +288,28 @@ class CheckpointSaver(Callback):
             self._background.wait()
         except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised
             failure = err
+        awaiting, self._awaiting_upload = self._awaiting_upload, None
         share_rank_zero_failure(failure, "finish writing a checkpoint in the background")
+        if awaiting is not None:
+            self._start_sharded_upload(*awaiting)  # published on every rank's view now: each uploads its shards
+
+    def _start_sharded_upload(self, logger: Logger | None, target: _Target) -> None:
+        """Every rank, once a sharded folder is published: upload this rank's own shard files; ``cairn.pt`` follows
+        when every rank's are stored (:mod:`~cairn.checkpoint.save.remote_shards`)."""
+        if logger is None or not logger.uploads_files or not target.sharded:
+            return
+        pairs = self._sharded_uploads.start(
+            logger, target.path, target.remote_name, pointer=target.remote_pointer, overwrite=self.overwrite
+        )
+        with self._uploading_lock:
+            self._uploading.extend(pairs)
+            self._upload_failed.discard(target.path)
 
     def _after_write(self, logger: Logger | None, target: _Target) -> None:
         """Rank 0, once the file is complete: move the latest link, start uploads, prune old files."""
         if target.latest_link is not None:
             atomic_symlink(target.latest_link, target.path)
-        if logger is not None and logger.uploads_files:
+        if logger is not None and logger.uploads_files and not target.sharded:  # a folder: every rank uploads
             futures = logger.upload_file(
                 target.remote_name, target.path, overwrite=self.overwrite, pointer_name=target.remote_pointer
             )
@@ -334,7 +355,7 @@ class CheckpointSaver(Callback):
             self._uploading = [(future, path) for future, path in self._uploading if not future.done()]
             self._upload_failed |= {path for future, path in finished if _failed(future)}
             unsettled = self._upload_failed | {path for _, path in self._uploading}  # another uploader's, say
-        if self.num_checkpoints_to_keep == 0:
+        if self.num_checkpoints_to_keep == 0 and get_rank() == 0:  # rank 0 alone removes, as it alone prunes
             for path in sorted({path for _, path in finished} - unsettled):
                 _remove_with_link(path)
 
@@ -411,7 +432,9 @@ def _remove_with_link(path: str) -> None:
     for entry in os.scandir(folder or "."):
         if entry.is_symlink() and os.path.join(folder, os.readlink(entry.path)) == path:
             os.unlink(entry.path)
-    if os.path.exists(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)  # a sharded folder
+    elif os.path.exists(path):
         os.remove(path)
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from cairn.checkpoint.naming.templates import format_name, name_pattern, progress_in_name
 from cairn.errors import ObjectStoreError
+from cairn.names import METADATA_FILE
 from cairn.utils.dist import broadcast_object, get_rank, share_rank_zero_failure
 from cairn.utils.text import printable
 
@@ -57,8 +58,16 @@ def store_checkpoints(transfers: Transfers, remote_template: str, state: State) 
     template = transfers.remote_template(remote_template)
     pattern = name_pattern(template, state, rank=0)
     listed = transfers.store.list_objects(listing_prefix(template, pattern, state))
-    names = [name for name in listed if pattern.match(name)]
+    names = {_checkpoint_of(name) for name in listed}
+    names = [name for name in names if pattern.match(name)]
     return sorted(names, key=lambda name: (progress_in_name(pattern, name) or (), name), reverse=True)
+
+
+def _checkpoint_of(name: str) -> str:
+    """The checkpoint an object is: itself, or the sharded folder whose ``cairn.pt`` it is (uploaded last, so
+    only complete folders are named; their other files are never checkpoints of their own)."""
+    suffix = f"/{METADATA_FILE}"
+    return name[: -len(suffix)] if name.endswith(suffix) else name
 
 
 def _refuse_existing_objects(

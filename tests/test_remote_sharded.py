@@ -1,0 +1,93 @@
+"""Sharded checkpoint folders in an object store, with two real ranks (torchrun, gloo) and the real moto server.
+
+Every rank uploads its own shard files; rank 0 uploads ``cairn.pt`` last, once every rank's shards are stored, and
+the store's latest pointer moves with it. A fresh machine (an empty local folder) then resumes from the store,
+bit for bit, and one plain process loads the two ranks' folder from its URI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cairn import Trainer
+from cairn.models import Classifier
+from conftest import TinyNet, make_loader
+from store_servers.moto import bucket_objects
+from test_distributed import torchrun
+
+pytestmark = pytest.mark.slow
+
+_FOLDER_FILES = {".metadata", "__0_0.distcp", "__1_0.distcp", "cairn.pt"}
+
+
+@pytest.mark.parametrize("timing", [(), ("--async-save",)], ids=["sync", "async"])
+def test_a_sharded_run_saves_to_a_store_and_a_fresh_machine_resumes_from_it_bit_for_bit(
+    tmp_path: Path, s3_env: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, timing: tuple[str, ...]
+) -> None:
+    torchrun(tmp_path / "whole", "--fsdp")
+    uri = f"s3://{s3_bucket}/run"
+    sharded = ("--fsdp", "--sharded", "--save-folder", uri, "--save-interval", "1ba", "--keep", "2", *timing)
+    first_machine = tmp_path / "first-machine"
+    first_machine.mkdir()
+    monkeypatch.chdir(first_machine)
+
+    torchrun(tmp_path / "first", *sharded, "--max-duration", "11ba")
+
+    objects = bucket_objects(s3_env, s3_bucket)
+    folders = sorted({name.rsplit("/", 1)[0] for name in objects if name.endswith("/cairn.pt")})
+    assert len(folders) == 11, "every save's folder reached the store whole"
+    for folder in folders:
+        assert {name[len(folder) + 1 :] for name in objects if name.startswith(folder + "/")} == _FOLDER_FILES
+    assert objects["run/latest-rank0.pt.symlink"] == b"run/ep1-ba11-rank0.pt"
+    local = sorted(os.listdir(first_machine / "run"))
+    assert local == ["ep1-ba10-rank0.pt", "ep1-ba11-rank0.pt", "latest-rank0.pt"], "kept 2 once uploaded"
+
+    fresh_machine = tmp_path / "fresh-machine"
+    fresh_machine.mkdir()
+    monkeypatch.chdir(fresh_machine)
+    torchrun(tmp_path / "resumed", *sharded, "--autoresume")
+
+    whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole), "resumed from the store: bit for bit"
+
+    single = Trainer(  # the two ranks' folder, from its URI, into one plain process
+        model=Classifier(TinyNet(dropout=0.3)),
+        train_dataloader=make_loader(),
+        max_duration="4ep",
+        load_path=f"{uri}/ep1-ba11-rank0.pt",
+        progress_bar=False,
+    )
+    assert single.state.timestamp.batch == 11
+    if not timing:
+        torchrun(tmp_path / "four", "--fsdp", "--sharded", "--load-path", f"{uri}/ep1-ba11-rank0.pt", nproc=4)
+        assert (tmp_path / "four" / "timestamp.txt").read_text().split()[0] == "3", "and onto four ranks"
+
+
+def test_with_none_kept_locally_each_folder_goes_once_the_store_holds_all_of_it(
+    tmp_path: Path, s3_env: str, s3_bucket: str
+) -> None:
+    uri = f"s3://{s3_bucket}/run"
+    torchrun(
+        tmp_path / "out",
+        "--fsdp",
+        "--sharded",
+        "--save-folder",
+        uri,
+        "--save-interval",
+        "1ba",
+        "--max-duration",
+        "4ba",
+        "--keep",
+        "0",
+    )
+
+    objects = bucket_objects(s3_env, s3_bucket)
+    folders = sorted({name.rsplit("/", 1)[0] for name in objects if name.endswith("/cairn.pt")})
+    assert folders == [f"run/ep0-ba{batch}-rank0.pt" for batch in range(1, 5)]
+    assert all(f"{folder}/__1_0.distcp" in objects for folder in folders)
+    assert not [name for name in os.listdir(tmp_path / "run") if name.startswith("ep")], "no local folder is left"
