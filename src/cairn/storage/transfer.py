@@ -104,6 +104,7 @@ class Transfers:
         self._own_staging = upload_staging_folder is None
         self._staging = upload_staging_folder  # made at the first upload when None (see _staging_folder)
         self._copy_noted = False  # whether the log already said that staging copies instead of linking
+        self._worker_finished = False  # whether any upload has finished: dead workers then are not the script's fault
         self._store: ObjectStore | None = None
         self._pool: cf.Executor | None = None
         self._uploads: list[tuple[str, str, cf.Future[str]]] = []  # (local file, remote name, future)
@@ -201,7 +202,7 @@ class Transfers:
         with self._lock:
             overwrite = overwrite or remote in self._replaceable
             self._replaceable.discard(remote)
-        future = self._executor().submit(
+        future = self._submit_surviving_a_dead_worker(
             _upload_task, self._spec, staged, remote, self.num_attempts, overwrite, unchanged
         )
         with self._lock:
@@ -213,6 +214,42 @@ class Transfers:
             named = remote if pointer_target is None else self.remote_name(pointer_target)
             future.add_done_callback(lambda done: self._move_pointer(sequence, pointer, named, file_path, done))
         return future
+
+    def _submit_surviving_a_dead_worker(self, task: Any, *args: Any) -> cf.Future[str]:
+        """Run ``task`` on the workers; if its worker process dies (killed while idle or mid-upload, out of
+        memory), run it once more on a fresh pool before reporting: an upload is idempotent, and a pool of dead
+        workers would otherwise fail every later upload with a bare ``BrokenProcessPool``."""
+        outcome: cf.Future[str] = cf.Future()
+
+        def attempt(retried: bool) -> None:
+            try:
+                running = self._executor().submit(task, *args)
+            except BrokenProcessPool:
+                self._replace_broken_pool()
+                running = self._executor().submit(task, *args)
+            running.add_done_callback(lambda done: settle(done, retried))
+
+        def settle(done: cf.Future[str], retried: bool) -> None:
+            error = done.exception()
+            if isinstance(error, BrokenProcessPool) and not retried:
+                log.warning("an upload worker process died; retrying its upload on a fresh one")
+                self._replace_broken_pool()
+                attempt(retried=True)
+            elif error is not None:
+                outcome.set_exception(_WorkerDied(self._worker_finished, error) if retried else error)
+            else:
+                self._worker_finished = True
+                outcome.set_result(done.result())
+
+        attempt(retried=False)
+        return outcome
+
+    def _replace_broken_pool(self) -> None:
+        """Drop a pool whose workers died; the next upload starts a fresh one."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def _staging_folder(self) -> str:
         """The staging folder, made on first use when the caller gave none: a Transfers that never uploads (a run
@@ -281,10 +318,16 @@ class Transfers:
             self._uploads = [entry for entry in self._uploads if not entry[2].done()]
         for local, remote, future in finished:
             error = future.exception()
-            if isinstance(error, BrokenProcessPool):
+            if isinstance(error, _WorkerDied) and error.had_worked:
                 raise ObjectStoreError(
-                    f"uploading {local!r} failed: the upload worker process died ({error}). Worker processes re-run "
-                    "your script: put the training code under `if __name__ == '__main__':`, or pass use_procs=False"
+                    f"uploading {local!r} failed: its upload worker process died twice (killed, or out of memory?). "
+                    "The local file is kept: check the machine's memory, then upload it again or resume from it"
+                ) from error
+            if isinstance(error, (_WorkerDied, BrokenProcessPool)):
+                raise ObjectStoreError(
+                    f"uploading {local!r} failed: the upload worker process died before finishing any upload. "
+                    "Worker processes re-run your script's imports: put the training code under "
+                    "`if __name__ == '__main__':`, or pass use_procs=False"
                 ) from error
             if isinstance(error, _ChangedInPlace):
                 raise _ChangedInPlace(
@@ -322,6 +365,14 @@ class Transfers:
                 self._store.close()
                 self._store = None
 
+
+
+class _WorkerDied(ObjectStoreError):
+    """An upload whose worker process died, twice: the second time on a fresh pool."""
+
+    def __init__(self, had_worked: bool, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.had_worked = had_worked  #: an upload had finished before: the workers start fine, so not the script
 
 def _with_prefix(path: str, backend_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """The store's arguments, with the URI's path as its key prefix unless the caller gave one."""
