@@ -8,6 +8,7 @@ bit for bit, and one plain process loads the two ranks' folder from its URI.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from cairn.models import Classifier
 from conftest import TinyNet, make_loader
 from store_servers.moto import bucket_objects
 from test_distributed import torchrun
+from test_kill_campaign import Run, _command, _descendants
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +93,78 @@ def test_with_none_kept_locally_each_folder_goes_once_the_store_holds_all_of_it(
     assert folders == [f"run/ep0-ba{batch}-rank0.pt" for batch in range(1, 5)]
     assert all(f"{folder}/__1_0.distcp" in objects for folder in folders)
     assert not [name for name in os.listdir(tmp_path / "run") if name.startswith("ep")], "no local folder is left"
+
+
+def test_shard_uploads_through_a_flaky_store_still_land_whole_and_resume_bit_for_bit(
+    tmp_path: Path, faulty_proxy, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy drops, fails (500, 503) and stalls 30% of the requests while two ranks upload their shards: every
+    folder still reaches the store whole, the pointer names the last, and a fresh machine resumes from it."""
+    torchrun(tmp_path / "whole", "--fsdp")
+    monkeypatch.setenv("S3_ENDPOINT_URL", faulty_proxy.endpoint)
+    monkeypatch.chdir(tmp_path)
+    faulty_proxy.fault_rate = 0.3
+    sharded = ("--fsdp", "--sharded", "--save-folder", f"s3://{s3_bucket}/run", "--save-interval", "1ba")
+
+    torchrun(tmp_path / "first", *sharded, "--max-duration", "6ba")
+
+    assert sum(faulty_proxy.counts[f] for f in ("drop", "500", "503", "stall")) >= 5, faulty_proxy.counts
+    objects = bucket_objects(f"http://{faulty_proxy.upstream_host}:{faulty_proxy.upstream_port}", s3_bucket)
+    for batch in range(1, 7):
+        folder = f"run/ep0-ba{batch}-rank0.pt"
+        assert {name[len(folder) + 1 :] for name in objects if name.startswith(folder + "/")} == _FOLDER_FILES
+    assert objects["run/latest-rank0.pt.symlink"] == b"run/ep0-ba6-rank0.pt"
+
+    faulty_proxy.fault_rate = 0.0
+    fresh_machine = tmp_path / "fresh-machine"
+    fresh_machine.mkdir()
+    monkeypatch.chdir(fresh_machine)
+    torchrun(tmp_path / "resumed", *sharded, "--autoresume")
+    whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_rank_killed_while_shards_upload_leaves_the_pointer_on_a_whole_folder(
+    tmp_path: Path, faulty_proxy, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL rank 1 while shard uploads are in flight (a flaky store keeps them there), then the rest of the job
+    (a lost node): every prefix the store calls a checkpoint is whole, the pointer names one of them, and a fresh
+    machine resumes from the store bit for bit, saving again over the leftovers of the killed uploads."""
+    torchrun(tmp_path / "whole", "--fsdp")
+    monkeypatch.setenv("S3_ENDPOINT_URL", faulty_proxy.endpoint)
+    monkeypatch.chdir(tmp_path)
+    faulty_proxy.fault_rate = 0.5
+    sharded = ("--fsdp", "--sharded", "--save-folder", f"s3://{s3_bucket}/run", "--save-interval", "1ba")
+    (tmp_path / "killed").mkdir()
+    run = Run(_command(tmp_path / "killed", 2, *sharded, "--announce"), tmp_path / "killed.log")
+    for batch in run.batches():
+        if batch == 5:
+            break
+    rank_one = [pid for pid in _descendants(run.process.pid) if b"\0RANK=1\0" in _environ(pid)]
+    assert len(rank_one) == 1
+    os.kill(rank_one[0], signal.SIGKILL)
+    run.kill()
+
+    faulty_proxy.fault_rate = 0.0
+    objects = bucket_objects(f"http://{faulty_proxy.upstream_host}:{faulty_proxy.upstream_port}", s3_bucket)
+    whole_folders = {name.rsplit("/", 1)[0] for name in objects if name.endswith("/cairn.pt")}
+    for folder in whole_folders:
+        assert {name[len(folder) + 1 :] for name in objects if name.startswith(folder + "/")} == _FOLDER_FILES
+    pointer = objects.get("run/latest-rank0.pt.symlink")
+    assert pointer is None or pointer.decode() in whole_folders
+
+    fresh_machine = tmp_path / "fresh-machine"
+    fresh_machine.mkdir()
+    monkeypatch.chdir(fresh_machine)
+    torchrun(tmp_path / "resumed", *sharded, "--autoresume")
+    whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def _environ(pid: int) -> bytes:
+    try:
+        return b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # it exited meanwhile
+        return b""

@@ -20,9 +20,9 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cairn.errors import ObjectStoreError
+from cairn.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
 from cairn.names import METADATA_FILE
-from cairn.utils.dist import all_gather_object, get_rank
+from cairn.utils.dist import all_gather_object, broadcast_object, get_rank
 
 if TYPE_CHECKING:
     from cairn.core.logger import Logger
@@ -83,11 +83,17 @@ class ShardedUploads:
         self, logger: Logger, folder: str, remote: str, *, pointer: str | None, overwrite: bool
     ) -> list[tuple[cf.Future[str], str]]:
         """Every rank, once ``folder`` is published: start uploading this rank's own files of it. Returns
-        ``(upload, folder)`` pairs for the saver to track: they settle once the whole folder is in the store."""
+        ``(upload, folder)`` pairs for the saver to track: they settle once the whole folder is in the store.
+
+        Shard files replace what a prefix holds without its ``cairn.pt`` (the leftovers of a run killed mid-upload,
+        which a resumed run saves again); a complete folder of that name is replaced only with ``overwrite``.
+        """
+        if not overwrite:
+            _refuse_a_complete_folder(logger, remote)
         uploads = [
             (name, upload)
             for name in own_shard_files(folder, get_rank())
-            for upload in logger.upload_file(posixpath.join(remote, name), os.path.join(folder, name), overwrite)
+            for upload in logger.upload_file(posixpath.join(remote, name), os.path.join(folder, name), True)
         ]
         record = _FolderUpload(folder, remote, pointer, overwrite, uploads)
         self._pending.append(record)
@@ -131,6 +137,28 @@ class ShardedUploads:
             pointer_target=record.remote,
         )
         _settle_when_done(record.settled, uploads, record.remote)
+
+
+def _refuse_a_complete_folder(logger: Logger, remote: str) -> None:
+    """Every rank: raise :class:`~cairn.errors.ObjectExistsError` when a store already holds a complete folder of
+    this name (rank 0 asks each store once; the answer is shared, so every rank stops alike)."""
+    found = None
+    if get_rank() == 0:
+        for transfers in (d.transfers for d in logger.destinations if d.transfers is not None):
+            name = transfers.remote_name(posixpath.join(remote, METADATA_FILE))
+            try:
+                transfers.store.get_object_size(name)
+            except ObjectNotFoundError:
+                continue
+            found = transfers.store.get_uri(transfers.remote_name(remote))
+            break
+    found = broadcast_object(found)
+    if found is not None:
+        raise ObjectExistsError(
+            f"{found} already holds a complete sharded checkpoint and save_overwrite=False never replaces one, so "
+            "this folder was not uploaded (it is kept): pass save_overwrite=True to replace it, or give this run "
+            "another run_name or remote file name"
+        )
 
 
 def _settle_when_done(settled: cf.Future[str], uploads: list[cf.Future[str]], remote: str) -> None:
