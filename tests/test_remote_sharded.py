@@ -26,6 +26,25 @@ pytestmark = pytest.mark.slow
 _FOLDER_FILES = {".metadata", "__0_0.distcp", "__1_0.distcp", "cairn.pt"}
 
 
+def _whole_folders(objects: dict[str, bytes]) -> list[str]:
+    """The prefixes the store calls checkpoints (those holding cairn.pt), each checked to hold every file."""
+    folders = sorted({name.rsplit("/", 1)[0] for name in objects if name.endswith("/cairn.pt")})
+    for folder in folders:
+        assert {name[len(folder) + 1 :] for name in objects if name.startswith(folder + "/")} == _FOLDER_FILES
+    return folders
+
+
+def _resume_on_a_fresh_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+    """Autoresume from the store in an empty working folder, and end with the uninterrupted run's weights."""
+    fresh_machine = tmp_path / "fresh-machine"
+    fresh_machine.mkdir()
+    monkeypatch.chdir(fresh_machine)
+    torchrun(tmp_path / "resumed", *args, "--autoresume")
+    whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole), "resumed from the store: bit for bit"
+
+
 @pytest.mark.parametrize("timing", [(), ("--async-save",)], ids=["sync", "async"])
 def test_a_sharded_run_saves_to_a_store_and_a_fresh_machine_resumes_from_it_bit_for_bit(
     tmp_path: Path, s3_env: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, timing: tuple[str, ...]
@@ -40,22 +59,12 @@ def test_a_sharded_run_saves_to_a_store_and_a_fresh_machine_resumes_from_it_bit_
     torchrun(tmp_path / "first", *sharded, "--max-duration", "11ba")
 
     objects = bucket_objects(s3_env, s3_bucket)
-    folders = sorted({name.rsplit("/", 1)[0] for name in objects if name.endswith("/cairn.pt")})
-    assert len(folders) == 11, "every save's folder reached the store whole"
-    for folder in folders:
-        assert {name[len(folder) + 1 :] for name in objects if name.startswith(folder + "/")} == _FOLDER_FILES
+    assert len(_whole_folders(objects)) == 11, "every save's folder reached the store whole"
     assert objects["run/latest-rank0.pt.symlink"] == b"run/ep1-ba11-rank0.pt"
     local = sorted(os.listdir(first_machine / "run"))
     assert local == ["ep1-ba10-rank0.pt", "ep1-ba11-rank0.pt", "latest-rank0.pt"], "kept 2 once uploaded"
 
-    fresh_machine = tmp_path / "fresh-machine"
-    fresh_machine.mkdir()
-    monkeypatch.chdir(fresh_machine)
-    torchrun(tmp_path / "resumed", *sharded, "--autoresume")
-
-    whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole), "resumed from the store: bit for bit"
+    _resume_on_a_fresh_machine(tmp_path, monkeypatch, *sharded)
 
     single = Trainer(  # the two ranks' folder, from its URI, into one plain process
         model=Classifier(TinyNet(dropout=0.3)),
@@ -110,19 +119,11 @@ def test_shard_uploads_through_a_flaky_store_still_land_whole_and_resume_bit_for
 
     assert sum(faulty_proxy.counts[f] for f in ("drop", "500", "503", "stall")) >= 5, faulty_proxy.counts
     objects = bucket_objects(f"http://{faulty_proxy.upstream_host}:{faulty_proxy.upstream_port}", s3_bucket)
-    for batch in range(1, 7):
-        folder = f"run/ep0-ba{batch}-rank0.pt"
-        assert {name[len(folder) + 1 :] for name in objects if name.startswith(folder + "/")} == _FOLDER_FILES
+    assert _whole_folders(objects) == [f"run/ep0-ba{batch}-rank0.pt" for batch in range(1, 7)]
     assert objects["run/latest-rank0.pt.symlink"] == b"run/ep0-ba6-rank0.pt"
 
     faulty_proxy.fault_rate = 0.0
-    fresh_machine = tmp_path / "fresh-machine"
-    fresh_machine.mkdir()
-    monkeypatch.chdir(fresh_machine)
-    torchrun(tmp_path / "resumed", *sharded, "--autoresume")
-    whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    _resume_on_a_fresh_machine(tmp_path, monkeypatch, *sharded)
 
 
 def test_a_rank_killed_while_shards_upload_leaves_the_pointer_on_a_whole_folder(
@@ -148,19 +149,10 @@ def test_a_rank_killed_while_shards_upload_leaves_the_pointer_on_a_whole_folder(
 
     faulty_proxy.fault_rate = 0.0
     objects = bucket_objects(f"http://{faulty_proxy.upstream_host}:{faulty_proxy.upstream_port}", s3_bucket)
-    whole_folders = {name.rsplit("/", 1)[0] for name in objects if name.endswith("/cairn.pt")}
-    for folder in whole_folders:
-        assert {name[len(folder) + 1 :] for name in objects if name.startswith(folder + "/")} == _FOLDER_FILES
     pointer = objects.get("run/latest-rank0.pt.symlink")
-    assert pointer is None or pointer.decode() in whole_folders
+    assert pointer is None or pointer.decode() in _whole_folders(objects)
 
-    fresh_machine = tmp_path / "fresh-machine"
-    fresh_machine.mkdir()
-    monkeypatch.chdir(fresh_machine)
-    torchrun(tmp_path / "resumed", *sharded, "--autoresume")
-    whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    _resume_on_a_fresh_machine(tmp_path, monkeypatch, *sharded)
 
 
 def _environ(pid: int) -> bytes:
