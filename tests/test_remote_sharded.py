@@ -104,6 +104,23 @@ def test_with_none_kept_locally_each_folder_goes_once_the_store_holds_all_of_it(
     assert not [name for name in os.listdir(tmp_path / "run") if name.startswith("ep")], "no local folder is left"
 
 
+def test_a_users_uploader_takes_sharded_folders_too(tmp_path: Path, s3_env: str, s3_bucket: str) -> None:
+    """A local save_folder and a RemoteUploaderDownloader of the user's own: the same folders, under the uploader's
+    names ({run_name}/checkpoints/...), the pointer beside them, and autoresume finds them from an empty folder."""
+    uploader = ("--uploader", f"s3://{s3_bucket}/team-a")
+    sharded = ("--fsdp", "--sharded", "--save-folder", str(tmp_path / "ckpt"), "--save-interval", "1ba", *uploader)
+    torchrun(tmp_path / "first", *sharded, "--max-duration", "3ba")
+
+    objects = bucket_objects(s3_env, s3_bucket)
+    assert _whole_folders(objects) == [f"team-a/dist/checkpoints/ep0-ba{batch}-rank0.pt" for batch in (1, 2, 3)]
+    pointer = objects["team-a/dist/checkpoints/latest-rank0.pt.symlink"]
+    assert pointer == b"dist/checkpoints/ep0-ba3-rank0.pt"  # names inside the uploader's path, as for single files
+
+    sharded = ("--fsdp", "--sharded", "--save-folder", str(tmp_path / "empty"), "--save-interval", "1ba", *uploader)
+    torchrun(tmp_path / "resumed", *sharded, "--autoresume", "--max-duration", "4ba")
+    assert (tmp_path / "resumed" / "timestamp.txt").read_text().split() == ["0", "4"]
+
+
 def test_shard_uploads_through_a_flaky_store_still_land_whole_and_resume_bit_for_bit(
     tmp_path: Path, faulty_proxy, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

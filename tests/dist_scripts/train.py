@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from cairn import Callback, Trainer  # noqa: E402
 from cairn.core.model_state import model_state  # noqa: E402
+from cairn.loggers import RemoteUploaderDownloader  # noqa: E402
 from cairn.models import Classifier  # noqa: E402
 from conftest import TinyNet, make_dataset  # noqa: E402
 
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--save-interval", default="1ep")
     parser.add_argument("--autoresume", action="store_true")
     parser.add_argument("--load-path")
+    parser.add_argument("--uploader", help="a bucket URI: add a RemoteUploaderDownloader for it to the loggers")
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
     parser.add_argument("--sharded", action="store_true", help="with --fsdp: sharded checkpoint folders")
     parser.add_argument("--keep", type=int, default=-1, help="save_num_checkpoints_to_keep")
@@ -114,6 +116,7 @@ def main() -> None:
         save_num_checkpoints_to_keep=args.keep,
         save_async=args.async_save,
         load_path=args.load_path,
+        loggers=[RemoteUploaderDownloader(args.uploader, use_procs=False)] if args.uploader else None,
         parallelism_config={"fsdp": {"state_dict_type": "sharded" if args.sharded else "full"}} if args.fsdp else None,
     )
     trainer.fit()
