@@ -29,9 +29,27 @@ def torchrun(out: Path, *args: str, nproc: int = 2, preempted: bool = False) -> 
     command = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(SCRIPT), "--out", str(out), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    if _aborted_at_exit_after_finishing(result, out, preempted=preempted):
+        # torch/gloo's teardown race (a joinable gloo thread destroyed at interpreter exit, pytorch#190489): it
+        # struck twice in ~180 launches of this suite, after training had finished; launch once more, and say so
+        print(f"torchrun {' '.join(args)}: a rank aborted at exit after finishing; launching again", file=sys.stderr)
+        for stale in out.iterdir():
+            stale.unlink()
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
     output = result.stdout[-3000:] + result.stderr[-3000:]
     assert result.returncode == (1 if preempted else 0), output
     assert not preempted or "exitcode  : 75" in result.stderr, output
+
+
+def _aborted_at_exit_after_finishing(result: subprocess.CompletedProcess[str], out: Path, *, preempted: bool) -> bool:
+    """Whether the launch failed only because a rank died with SIGABRT in gloo's teardown once training was over
+    (rank 0 had written its final weights), which is torch's bug, not the run's."""
+    return (
+        not preempted
+        and result.returncode != 0
+        and "terminate called without an active exception" in result.stderr
+        and (out / "final.pt").exists()
+    )
 
 
 def _samples(path: Path) -> list[list[int]]:
