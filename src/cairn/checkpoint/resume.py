@@ -19,7 +19,7 @@ from cairn.checkpoint.load.remote import opened_remote_checkpoint
 from cairn.checkpoint.naming.templates import PROGRESS_ORDER, format_name, name_pattern, progress_in_name
 from cairn.checkpoint.save.saver import CheckpointSaver
 from cairn.checkpoint.save.store_names import store_checkpoints
-from cairn.core.logger import LoggerDestination
+from cairn.core.logger import LoggerDestination, transfers_among
 from cairn.core.state import State
 from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, ObjectStoreError
 from cairn.names import DAMAGED_MARKER
@@ -248,8 +248,7 @@ def _remote_file_name(transfers: Transfers, object_name: str) -> str | None:
 def first_uploader_transfers(destinations: Sequence[object]) -> Transfers | None:
     """The transfers of the first uploader among the run's loggers: the store autoresume reads, and whose names it
     must find again. Found through :attr:`LoggerDestination.transfers`: checkpoint code knows no logger class."""
-    uploaders = (d.transfers for d in destinations if isinstance(d, LoggerDestination) and d.transfers is not None)
-    return next(uploaders, None)
+    return next(iter(transfers_among(destinations)), None)
 
 
 def check_autoresume_names(

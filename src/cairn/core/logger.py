@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from cairn.core.state import State
     from cairn.storage.transfer import Transfers
 
-__all__ = ["Logger", "LoggerDestination"]
+__all__ = ["Logger", "LoggerDestination", "transfers_among"]
 
 
 class LoggerDestination(Callback):
@@ -88,3 +88,9 @@ class Logger:
     @property
     def uploads_files(self) -> bool:
         return any(type(d).upload_file is not LoggerDestination.upload_file for d in self.destinations)
+
+
+def transfers_among(destinations: Iterable[object]) -> list[Transfers]:
+    """The store transfers of the run's uploaders, in the order the loggers were given: how checkpoint code and the
+    Trainer reach the run's stores without knowing any logger class."""
+    return [d.transfers for d in destinations if isinstance(d, LoggerDestination) and d.transfers is not None]

@@ -22,7 +22,7 @@ from cairn.core.callback import Algorithm, Callback
 from cairn.core.engine import Engine
 from cairn.core.event import Event
 from cairn.core.interval import IntervalLike, interval_policy
-from cairn.core.logger import Logger, LoggerDestination
+from cairn.core.logger import Logger, LoggerDestination, transfers_among
 from cairn.core.state import State
 from cairn.core.time import Time, TimeUnit, ensure_time
 from cairn.loggers.progress_bar import ProgressBarLogger
@@ -156,7 +156,7 @@ class Trainer:
             yield
         except BaseException:
             engine: Engine | None = getattr(self, "engine", None)
-            transfers = [d.transfers for d in destinations if d.transfers is not None]
+            transfers = transfers_among(destinations)
             closers = [engine.close] if engine is not None else [t.close for t in transfers]
             for close in closers:
                 try:

@@ -20,6 +20,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cairn.core.logger import transfers_among
 from cairn.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
 from cairn.names import METADATA_FILE
 from cairn.utils.dist import all_gather_object, broadcast_object, get_rank
@@ -144,7 +145,7 @@ def _refuse_a_complete_folder(logger: Logger, remote: str) -> None:
     this name (rank 0 asks each store once; the answer is shared, so every rank stops alike)."""
     found = None
     if get_rank() == 0:
-        for transfers in (d.transfers for d in logger.destinations if d.transfers is not None):
+        for transfers in transfers_among(logger.destinations):
             name = transfers.remote_name(posixpath.join(remote, METADATA_FILE))
             try:
                 transfers.store.get_object_size(name)

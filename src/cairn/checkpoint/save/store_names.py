@@ -14,6 +14,7 @@ import string
 from typing import TYPE_CHECKING
 
 from cairn.checkpoint.naming.templates import format_name, name_pattern, progress_in_name
+from cairn.core.logger import transfers_among
 from cairn.errors import ObjectStoreError
 from cairn.names import METADATA_FILE
 from cairn.utils.dist import broadcast_object, get_rank, share_rank_zero_failure
@@ -37,7 +38,7 @@ def guard_store_names(
     ``remote_template`` is the saver's format string for remote file names; progress in names is compared as
     retention compares local files (epoch, then batch, sample, token, ...).
     """
-    stores = [d.transfers for d in logger.destinations if d.transfers is not None]
+    stores = transfers_among(logger.destinations)
     for transfers in stores:
         template = transfers.remote_template(remote_template)
         pattern = name_pattern(template, state, rank=0)
