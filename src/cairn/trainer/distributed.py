@@ -8,9 +8,12 @@ cairn has no launcher of its own. Under ``torchrun`` the environment holds ``RAN
 from __future__ import annotations
 
 import atexit
+import datetime
 import gc
 import logging
 import os
+import sys
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -36,17 +39,49 @@ def init_from_environment(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        _note_uncaught_exceptions()
         atexit.register(_leave_process_group)
         log.info("joined process group: rank %d of %d", dist.get_rank(), dist.get_world_size())
     return device
 
 
+#: How long a rank leaving normally waits at exit for the others to leave too, before it goes regardless.
+EXIT_WAIT = datetime.timedelta(seconds=60)
+
+_exit = {"on_error": False}
+
+
+def _note_uncaught_exceptions() -> None:
+    """Remember when the process ends on an uncaught exception: then it must not wait for the others at exit (they
+    may be blocked in a collective it will never join; torchrun stops them once this rank is gone)."""
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, trace: TracebackType | None) -> None:
+        _exit["on_error"] = True
+        previous(kind, value, trace)
+
+    sys.excepthook = hook
+
+
 def _leave_process_group() -> None:
     """Tear the group down while Python still runs: left to C++ static destructors at exit, gloo's worker threads
-    can be destroyed while joinable, and the process dies with SIGABRT after training succeeded."""
+    can be destroyed while joinable, and the process dies with SIGABRT after training succeeded. On a normal exit
+    the ranks first meet once, so that none closes its connections while a peer is still finishing a collective
+    with it (the abort was seen on a rank whose peer was still at work, about once in a hundred runs)."""
     if dist.is_initialized():
+        if not _exit["on_error"] and dist.get_backend() == "gloo":
+            _wait_for_the_other_ranks()
         dist.destroy_process_group()
     gc.collect()  # wrappers (DDP's reducer, FSDP) hold the group too: free them now, not during finalization
+
+
+def _wait_for_the_other_ranks() -> None:
+    """gloo's barrier with a timeout: a rank that never comes (it failed, or is still busy) delays the exit by
+    ``EXIT_WAIT`` at most, and is named in the warning."""
+    try:
+        dist.monitored_barrier(timeout=EXIT_WAIT)
+    except Exception as err:  # noqa: BLE001 - leaving regardless: the process is exiting
+        log.warning("leaving the process group without every rank: %s", str(err).splitlines()[0][:200])
 
 
 def parse_parallelism_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
