@@ -79,6 +79,22 @@ def test_a_sharded_run_saves_to_a_store_and_a_fresh_machine_resumes_from_it_bit_
         assert (tmp_path / "four" / "timestamp.txt").read_text().split()[0] == "3", "and onto four ranks"
 
 
+def test_an_async_sharded_saves_shards_go_up_once_published_not_at_the_next_save(
+    tmp_path: Path, s3_env: str, s3_bucket: str
+) -> None:
+    """Saves at batches 3, 6 and 8: at batch 5 rank 0 waits (at most a minute) for the store to hold both ranks'
+    shards of batch 3's folder, which every rank's background starts uploading once the folder is published."""
+    uri = f"s3://{s3_bucket}/run"
+    out = tmp_path / "out"
+    async_sharded = ("--fsdp", "--sharded", "--async-save", "--save-folder", uri, "--save-interval", "3ba")
+    torchrun(out, *async_sharded, "--max-duration", "8ba", "--await-shards-at", "5")
+
+    assert (out / "shards-at-batch.txt").read_text() == "stored\n", "batch 3's shards reached the store by batch 5"
+    objects = bucket_objects(s3_env, s3_bucket)
+    assert _whole_folders(objects) == ["run/ep0-ba3-rank0.pt", "run/ep0-ba6-rank0.pt", "run/ep1-ba8-rank0.pt"]
+    assert objects["run/latest-rank0.pt.symlink"] == b"run/ep1-ba8-rank0.pt"
+
+
 def test_with_none_kept_locally_each_folder_goes_once_the_store_holds_all_of_it(
     tmp_path: Path, s3_env: str, s3_bucket: str
 ) -> None:

@@ -7,6 +7,7 @@ final weights to ``--out/final.pt``. Every rank writes the sample indices it saw
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -94,10 +95,24 @@ def main() -> None:
     parser.add_argument("--async-save", action="store_true", help="save_async=True")
     parser.add_argument("--announce", action="store_true", help="print BATCH n, wait for a stdin line")
     parser.add_argument("--preempt-at", type=int, help="SIGTERM rank 1 at this batch (save_on_preemption=True)")
+    parser.add_argument(
+        "--await-shards-at", type=int, help="rank 0 at this batch: wait for a folder's shards in --save-folder's store"
+    )
+    parser.add_argument("--cairn-log", action="store_true", help="cairn's INFO lines to --out/log-rank<r>.txt")
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", 0))
+    if args.cairn_log:
+        cairn_log = logging.getLogger("cairn")
+        cairn_log.addHandler(logging.FileHandler(os.path.join(args.out, f"log-rank{rank}.txt")))
+        cairn_log.setLevel(logging.INFO)
     torch.manual_seed(0)
     model = TripleClassifier(TinyNet(dropout=0.3), num_classes=3)
+    if args.await_shards_at:
+        from store_watch import AwaitShards  # beside this script
+
+        watch = [AwaitShards(args.await_shards_at, args.save_folder, args.out)]
+    else:
+        watch = []
     trainer = Trainer(
         model=model,
         train_dataloader=DataLoader(Indexed(), batch_size=4, shuffle=True),
@@ -108,7 +123,8 @@ def main() -> None:
         progress_bar=False,
         callbacks=[SeenSamples(os.path.join(args.out, f"samples-rank{rank}.txt"))]
         + ([SignalRankOne(args.preempt_at)] if args.preempt_at else [])
-        + ([Announce()] if args.announce else []),
+        + ([Announce()] if args.announce else [])
+        + watch,
         save_on_preemption=args.preempt_at is not None,
         save_folder=args.save_folder,
         save_interval=args.save_interval,

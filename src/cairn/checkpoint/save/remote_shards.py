@@ -6,10 +6,13 @@ goes up last: only once every rank has reported its own shard files uploaded and
 and the store's ``latest`` pointer moves with that upload. A folder missing a shard is never named by the pointer,
 and a run killed half-way leaves at worst a prefix without ``cairn.pt``, which nothing reads.
 
-Every rank starts its uploads at the same save and settles them at the same later moments (each checkpoint event,
-and the end of ``fit``), so the one collective that compares notes (:func:`~cairn.utils.dist.all_gather_object`)
-runs on every rank alike. An upload that failed on any rank fails the folder on every rank, naming rank and file;
-the local folder is kept, as with a single file.
+Every rank registers the folder on its training thread when the save is taken, so every rank's list of folders in
+flight is the same, in the same order; each rank's uploads start once the folder is published (at once for a
+synchronous save, from the saver's background thread for an asynchronous one) and are attached to that record. The
+ranks settle at the same later moments (each checkpoint event, and the end of ``fit``), so the one collective that
+compares notes (:func:`~cairn.utils.dist.all_gather_object`) runs on every rank alike and matches folders by
+position; a folder whose uploads have not started on some rank is still pending there. An upload that failed on
+any rank fails the folder on every rank, naming rank and file; the local folder is kept, as with a single file.
 """
 
 from __future__ import annotations
@@ -17,52 +20,65 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import posixpath
+import re
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cairn.core.logger import transfers_among
 from cairn.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
 from cairn.names import METADATA_FILE
-from cairn.utils.dist import all_gather_object, broadcast_object, get_rank
+from cairn.utils.dist import all_gather_object, broadcast_object, get_rank, get_world_size
 
 if TYPE_CHECKING:
     from cairn.core.logger import Logger
 
-__all__ = ["ShardedUploads", "own_shard_files"]
+__all__ = ["FolderUpload", "ShardedUploads", "own_shard_files"]
 
-_PENDING, _DONE = "pending", "done"
+_PENDING, _DONE, _DROPPED = "pending", "done", "dropped"
+_NOT_FAILED = (_PENDING, _DONE, _DROPPED)  #: any other status is the failure of one file
+
+_SHARD_FILE = re.compile(r"__(0|[1-9][0-9]*)_[0-9]+\.distcp", re.ASCII)  # DCP's name for rank r's shards
 
 
-def own_shard_files(folder: str, rank: int) -> list[str]:
+def own_shard_files(folder: str, rank: int, world_size: int) -> list[str]:
     """The files of ``folder`` that ``rank`` uploads: the shards DCP wrote for it (``__<rank>_<n>.distcp``), and on
-    rank 0 the shard index and any other file (never ``cairn.pt``, which goes up last)."""
+    rank 0 the shard index and every other file, a name DCP might give in another version or a rank this run does
+    not have included, so that each file has exactly one uploader (never ``cairn.pt``, which goes up last)."""
     names = sorted(name for name in os.listdir(folder) if name != METADATA_FILE)
-    if rank == 0:
-        return [name for name in names if not _is_shard_file(name) or _shard_rank(name) == 0]
-    return [name for name in names if _is_shard_file(name) and _shard_rank(name) == rank]
+    return [name for name in names if _uploader_of(name, world_size) == rank]
 
 
-def _is_shard_file(name: str) -> bool:
-    return name.startswith("__") and name.endswith(".distcp") and name[2:].split("_", 1)[0].isdigit()
-
-
-def _shard_rank(name: str) -> int:
-    return int(name[2:].split("_", 1)[0])
+def _uploader_of(name: str, world_size: int) -> int:
+    """The rank that uploads the file ``name``: the shard's own rank, else rank 0."""
+    match = _SHARD_FILE.fullmatch(name)
+    shard_rank = int(match.group(1)) if match else 0
+    return shard_rank if shard_rank < world_size else 0
 
 
 @dataclass
-class _FolderUpload:
-    """One sharded folder on its way to the store, as this rank sees it."""
+class FolderUpload:
+    """One sharded folder on its way to the store, as this rank sees it: registered on the training thread when
+    the save is taken; its uploads are attached once the folder is published (maybe on the background thread)."""
 
     folder: str  #: the local folder
     remote: str  #: its name in the store (before the uploader's own prefix)
     pointer: str | None
     overwrite: bool
-    uploads: list[tuple[str, cf.Future[str]]]  #: (file, upload) for this rank's own files
+    refusal: ObjectExistsError | None = None  #: found at registration, raised when the uploads would start
+    uploads: list[tuple[str, cf.Future[str]]] | None = None  #: (file, upload) for this rank's own files, once started
+    failure: str | None = None  #: why starting this rank's uploads failed (file and error)
+    dropped: bool = False  #: never published, or refused: nothing of it goes up
     settled: cf.Future[str] = field(default_factory=cf.Future)  #: done once the whole folder is in the store
 
     def status(self) -> str:
-        """``pending``, ``done``, or why it failed (the first failed file and its error)."""
+        """``pending``, ``done``, ``dropped``, or why it failed (the first failed file and its error)."""
+        if self.failure is not None:
+            return self.failure
+        if self.dropped:
+            return _DROPPED
+        if self.uploads is None:
+            return _PENDING  # the folder is not published yet (an async save still writing)
         for name, upload in self.uploads:
             if upload.done() and (upload.cancelled() or upload.exception() is not None):
                 reason = "cancelled" if upload.cancelled() else str(upload.exception())
@@ -71,61 +87,98 @@ class _FolderUpload:
 
 
 class ShardedUploads:
-    """The sharded folders a saver has handed to the run's uploaders, until each is whole in the store."""
+    """The sharded folders a saver has handed to the run's uploaders, until each is whole in the store.
+
+    The list of folders changes on the training thread alone (registered at the save, removed when settled), so
+    it is the same on every rank; the background thread only attaches uploads to a folder, under the lock.
+    """
 
     def __init__(self) -> None:
-        self._pending: list[_FolderUpload] = []
+        self._lock = threading.Lock()
+        self._pending: list[FolderUpload] = []
 
     @property
     def in_flight(self) -> bool:
-        return bool(self._pending)
+        with self._lock:
+            return bool(self._pending)
 
-    def start(
+    def register(
         self, logger: Logger, folder: str, remote: str, *, pointer: str | None, overwrite: bool
-    ) -> list[tuple[cf.Future[str], str]]:
-        """Every rank, once ``folder`` is published: start uploading this rank's own files of it. Returns
-        ``(upload, folder)`` pairs for the saver to track: they settle once the whole folder is in the store.
+    ) -> FolderUpload:
+        """Every rank, on the training thread, when the save of ``folder`` is taken (before it is published).
 
         Shard files replace what a prefix holds without its ``cairn.pt`` (the leftovers of a run killed mid-upload,
-        which a resumed run saves again); a complete folder of that name is replaced only with ``overwrite``.
+        which a resumed run saves again); a complete folder of that name is replaced only with ``overwrite``. That
+        is asked here (a collective, which the training thread alone may run) and the refusal kept: it is raised
+        when the uploads would start, once the folder is written and kept locally.
         """
-        if not overwrite:
-            _refuse_a_complete_folder(logger, remote)
-        uploads = [
-            (name, upload)
-            for name in own_shard_files(folder, get_rank())
-            for upload in logger.upload_file(posixpath.join(remote, name), os.path.join(folder, name), True)
-        ]
-        record = _FolderUpload(folder, remote, pointer, overwrite, uploads)
-        self._pending.append(record)
-        return [(upload, folder) for _, upload in uploads] + [(record.settled, folder)]
+        refusal = None if overwrite else _complete_folder_refusal(logger, remote)
+        record = FolderUpload(folder, remote, pointer, overwrite, refusal=refusal)
+        with self._lock:
+            self._pending.append(record)
+        return record
+
+    def start(self, logger: Logger, record: FolderUpload) -> None:
+        """Every rank, once ``record``'s folder is published (now, or on the saver's background thread): start
+        uploading this rank's own files of it. A refusal found at registration is raised here, on every rank. A
+        file that cannot be handed to the uploaders fails the folder on every rank at the next settle."""
+        if record.refusal is not None:
+            self.drop(record, record.refusal)
+            raise record.refusal
+        uploads: list[tuple[str, cf.Future[str]]] = []
+        failure = None
+        current = record.folder
+        try:
+            for current in own_shard_files(record.folder, get_rank(), get_world_size()):
+                source = os.path.join(record.folder, current)
+                started = logger.upload_file(posixpath.join(record.remote, current), source, True)
+                uploads += [(current, upload) for upload in started]
+        except Exception as err:  # noqa: BLE001 - reported by settle, on every rank
+            failure = f"{current}: {type(err).__name__}: {err}"
+        with self._lock:
+            record.uploads, record.failure = uploads, failure
+
+    def drop(self, record: FolderUpload, reason: BaseException) -> None:
+        """Every rank alike, when ``record``'s folder will not go up (its write failed, or the store refused it):
+        the next settle forgets it, and the saver keeps what is left of it locally (``settled`` failed)."""
+        with self._lock:
+            record.dropped = True
+        if not record.settled.done():
+            record.settled.set_exception(reason)
 
     def settle(self, logger: Logger, *, wait: bool) -> None:
         """Every rank, at the same moments: compare notes on the folders in flight. A folder whose shards every
         rank has stored gets its ``cairn.pt`` (rank 0, moving the pointer); one that failed anywhere raises on
-        every rank. With ``wait``, this rank's uploads are waited for first (the end of ``fit``)."""
-        if not self._pending:
+        every rank. With ``wait``, this rank's uploads are waited for first (the end of ``fit``, once every
+        background write has finished, so every folder's uploads have started)."""
+        with self._lock:
+            records = list(self._pending)
+            started = [upload for record in records for _, upload in record.uploads or ()]
+        if not records:
             return
         if wait:
-            cf.wait([upload for record in self._pending for _, upload in record.uploads])
-        statuses = all_gather_object([record.status() for record in self._pending])
-        still: list[_FolderUpload] = []
+            cf.wait(started)
+        with self._lock:
+            mine = [record.status() for record in records]
+        statuses = all_gather_object(mine)  # outside the lock: the background may attach uploads meanwhile
+        still: list[FolderUpload] = []
         failure: ObjectStoreError | None = None
-        for index, record in enumerate(self._pending):
+        for index, record in enumerate(records):
             column = [ranks_statuses[index] for ranks_statuses in statuses]
-            failed = [(rank, status) for rank, status in enumerate(column) if status not in (_PENDING, _DONE)]
+            failed = [(rank, status) for rank, status in enumerate(column) if status not in _NOT_FAILED]
             if failed:
                 failure = failure or _folder_failed(record, *failed[0])
                 record.settled.set_exception(failure)
             elif all(status == _DONE for status in column):
                 self._finish(logger, record)
-            else:
+            elif not all(status == _DROPPED for status in column):  # dropped on every rank alike: forgotten
                 still.append(record)
-        self._pending = still
+        with self._lock:
+            self._pending = still
         if failure is not None:
             raise failure
 
-    def _finish(self, logger: Logger, record: _FolderUpload) -> None:
+    def _finish(self, logger: Logger, record: FolderUpload) -> None:
         """Every shard is stored: rank 0 uploads ``cairn.pt`` (the pointer moves once it is verified)."""
         if get_rank() != 0:
             record.settled.set_result(record.remote)
@@ -140,9 +193,9 @@ class ShardedUploads:
         _settle_when_done(record.settled, uploads, record.remote)
 
 
-def _refuse_a_complete_folder(logger: Logger, remote: str) -> None:
-    """Every rank: raise :class:`~cairn.errors.ObjectExistsError` when a store already holds a complete folder of
-    this name (rank 0 asks each store once; the answer is shared, so every rank stops alike)."""
+def _complete_folder_refusal(logger: Logger, remote: str) -> ObjectExistsError | None:
+    """Every rank: the :class:`~cairn.errors.ObjectExistsError` to raise when a store already holds a complete
+    folder of this name, else None (rank 0 asks each store once; the answer is shared, so every rank stops alike)."""
     found = None
     if get_rank() == 0:
         for transfers in transfers_among(logger.destinations):
@@ -154,12 +207,13 @@ def _refuse_a_complete_folder(logger: Logger, remote: str) -> None:
             found = transfers.store.get_uri(transfers.remote_name(remote))
             break
     found = broadcast_object(found)
-    if found is not None:
-        raise ObjectExistsError(
-            f"{found} already holds a complete sharded checkpoint and save_overwrite=False never replaces one, so "
-            "this folder was not uploaded (it is kept): pass save_overwrite=True to replace it, or give this run "
-            "another run_name or remote file name"
-        )
+    if found is None:
+        return None
+    return ObjectExistsError(
+        f"{found} already holds a complete sharded checkpoint and save_overwrite=False never replaces one, so "
+        "this folder was not uploaded (it is kept): pass save_overwrite=True to replace it, or give this run "
+        "another run_name or remote file name"
+    )
 
 
 def _settle_when_done(settled: cf.Future[str], uploads: list[cf.Future[str]], remote: str) -> None:
@@ -180,7 +234,7 @@ def _settle_when_done(settled: cf.Future[str], uploads: list[cf.Future[str]], re
         upload.add_done_callback(done)
 
 
-def _folder_failed(record: _FolderUpload, rank: int, status: str) -> ObjectStoreError:
+def _folder_failed(record: FolderUpload, rank: int, status: str) -> ObjectStoreError:
     return ObjectStoreError(
         f"uploading the sharded checkpoint {record.folder!r} failed on rank {rank} ({status}); its cairn.pt was not "
         "uploaded and the store's latest pointer did not move, so nothing names the incomplete folder. The local "

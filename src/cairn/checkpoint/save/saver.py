@@ -22,7 +22,7 @@ from cairn.checkpoint.naming.templates import PROGRESS_VARIABLES, fields_of, for
 from cairn.checkpoint.save.background import BackgroundSaves
 from cairn.checkpoint.save.commit import atomic_symlink, remove_stale_temporaries
 from cairn.checkpoint.save.policy import is_last_checkpoint_event, save_policy
-from cairn.checkpoint.save.remote_shards import ShardedUploads
+from cairn.checkpoint.save.remote_shards import FolderUpload, ShardedUploads
 from cairn.checkpoint.save.retention import prune
 from cairn.checkpoint.save.store_names import guard_store_names
 from cairn.checkpoint.save.writers import SingleFileWriter, Writer, make_writer
@@ -110,7 +110,6 @@ class CheckpointSaver(Callback):
         self._background = BackgroundSaves()
         self._writer: Writer | None = None  # built at the first save, when the state says which format
         self._sharded_uploads = ShardedUploads()
-        self._awaiting_upload: tuple[Logger | None, _Target] | None = None  # an async sharded save in flight
 
     # -- events -----------------------------------------------------------------------------------------------
 
@@ -208,12 +207,10 @@ class CheckpointSaver(Callback):
         """
         target = self._target(state)
         if self.async_save:
-            self._save_in_background(state, logger, target)
+            self._finish_previous_save()
+            self._background.start(self._take(state, logger, target))  # written and published on the saver's thread
         else:
-            self._start_write(state, target.path)()
-            self._start_sharded_upload(logger, target)  # every rank its own shards (a sharded folder only)
-            if get_rank() == 0:
-                self._after_write(logger, target)
+            self._take(state, logger, target)()
             barrier()
         self.saved_checkpoints.append(target.path)
         self.save_order.append(next(_SAVE_SEQUENCE))
@@ -241,18 +238,27 @@ class CheckpointSaver(Callback):
             sharded=state.sharded_checkpoints,
         )
 
-    def _save_in_background(self, state: State, logger: Logger | None, target: _Target) -> None:
-        """Take the snapshot here (every rank, collectives included); write and publish on the saver's thread."""
-        self._finish_previous_save()
+    def _take(self, state: State, logger: Logger | None, target: _Target) -> Callable[[], None]:
+        """The training thread's part of a save, on every rank (the snapshot and every collective, a sharded
+        folder's upload registered); the returned function does the rest on every rank, now or in the background:
+        write and publish, start this rank's uploads of a sharded folder, and on rank 0 move ``latest``, upload a
+        single file and prune."""
         write = self._start_write(state, target.path)
-        self._awaiting_upload = (logger, target)  # a sharded folder's shards go up once it is published
+        upload = self._register_sharded_upload(logger, target)
 
         def finish() -> None:
-            write()
+            try:
+                write()
+            except BaseException as err:
+                if upload is not None:
+                    self._sharded_uploads.drop(upload, err)  # every rank alike: the failure is shared
+                raise
+            if upload is not None and logger is not None:
+                self._sharded_uploads.start(logger, upload)  # every rank its own shards, as soon as published
             if get_rank() == 0:
                 self._after_write(logger, target)
 
-        self._background.start(finish)
+        return finish
 
     def _start_write(self, state: State, path: str) -> Callable[[], None]:
         """The training thread's part of a save (every rank); the returned function writes and publishes."""
@@ -288,22 +294,22 @@ class CheckpointSaver(Callback):
             self._background.wait()
         except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised
             failure = err
-        awaiting, self._awaiting_upload = self._awaiting_upload, None
         share_rank_zero_failure(failure, "finish writing a checkpoint in the background")
-        if awaiting is not None:
-            self._start_sharded_upload(*awaiting)  # published on every rank's view now: each uploads its shards
 
-    def _start_sharded_upload(self, logger: Logger | None, target: _Target) -> None:
-        """Every rank, once a sharded folder is published: upload this rank's own shard files; ``cairn.pt`` follows
-        when every rank's are stored (:mod:`~cairn.checkpoint.save.remote_shards`)."""
+    def _register_sharded_upload(self, logger: Logger | None, target: _Target) -> FolderUpload | None:
+        """Every rank, on the training thread, when a sharded folder's save is taken: its upload is registered now
+        (so every rank lists the same folders in the same order), and it counts as in flight from now on, so no
+        prune takes it until the store holds all of it; its uploads start once it is published, and ``cairn.pt``
+        follows when every rank's are stored (:mod:`~cairn.checkpoint.save.remote_shards`)."""
         if logger is None or not logger.uploads_files or not target.sharded:
-            return
-        pairs = self._sharded_uploads.start(
+            return None
+        upload = self._sharded_uploads.register(
             logger, target.path, target.remote_name, pointer=target.remote_pointer, overwrite=self.overwrite
         )
         with self._uploading_lock:
-            self._uploading.extend(pairs)
-            self._upload_failed.discard(target.path)
+            self._uploading.append((upload.settled, target.path))
+            self._upload_failed.discard(target.path)  # the folder whose upload failed is being replaced
+        return upload
 
     def _after_write(self, logger: Logger | None, target: _Target) -> None:
         """Rank 0, once the file is complete: move the latest link, start uploads, prune old files."""

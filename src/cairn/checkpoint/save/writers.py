@@ -8,8 +8,10 @@ an asynchronous one hands it to the saver's background thread, where it runs on 
 collectives need every rank; a single file is written by rank 0 alone, the other ranks' function does nothing).
 
 Who writes and how a failure reaches the other ranks differ by form: a synchronous writer shares rank 0's failure
-with every rank at once (:func:`~cairn.utils.dist.on_rank_zero`); an asynchronous one leaves it to the saver, which
-shares it when it next waits for the save.
+with every rank at once (:func:`~cairn.utils.dist.on_rank_zero`); an asynchronous single file leaves it to the
+saver, which shares it when it next waits for the save; an asynchronous sharded folder shares rank 0's outcome in
+the background, over the writer's own process group, so that when its function returns on any rank the folder is
+published (every rank may then upload its shards at once) and when it fails, it fails on every rank.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ class ShardedWriter(Writer):
 
 class AsyncShardedWriter(ShardedWriter):
     """The sharded folder, its shards staged to host memory now and written by DCP in the background; rank 0 then
-    adds ``cairn.pt`` and publishes (a failure is reported through the saver, at its next event or save)."""
+    adds ``cairn.pt`` and publishes, and every rank's background learns the outcome (a failure is raised on every
+    rank's background thread, and reported through the saver at its next event or save)."""
 
     def __init__(self, *, weights_only: bool, ignore_keys: Sequence[str], overwrite: bool) -> None:
         super().__init__(weights_only=weights_only, ignore_keys=ignore_keys, overwrite=overwrite)
@@ -138,14 +141,17 @@ class AsyncShardedWriter(ShardedWriter):
         if self._shards is None:
             self._shards = AsyncShardWrites()
         temporary = temporary_shard_folder(path)
-        shards_written = self._shards.start(state, temporary, path, weights_only=self.weights_only)
+        shards = self._shards
+        shards_written = shards.start(state, temporary, path, weights_only=self.weights_only)
         rest = copy.deepcopy(self._rest(state))  # training goes on and may change what it refers to
         overwrite = self.overwrite
 
         def finish() -> None:
-            shards_written()
-            if get_rank() == 0:
-                complete_folder(rest, temporary, path, overwrite=overwrite)
+            shards_written()  # every rank's, or DCP raises on every rank
+            shards.on_rank_zero(
+                lambda: complete_folder(rest, temporary, path, overwrite=overwrite),
+                f"finish the sharded checkpoint {path!r}",
+            )
 
         return finish
 
