@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cairn.checkpoint.folder import list_checkpoints
 from cairn.checkpoint.load.loader import apply_checkpoint, read_checkpoint
-from cairn.checkpoint.load.remote import opened_remote_checkpoint
+from cairn.checkpoint.load.remote import RemoteShards, opened_remote_checkpoint
 from cairn.checkpoint.naming.templates import PROGRESS_ORDER, format_name, name_pattern, progress_in_name
 from cairn.checkpoint.save.saver import CheckpointSaver
 from cairn.checkpoint.save.store_names import store_checkpoints
@@ -48,12 +48,13 @@ log = logging.getLogger(__name__)
 
 
 class Found(NamedTuple):
-    """A checkpoint autoresume or ``load_path`` found: where it is, what it holds, and (for one downloaded from a
-    store) the local download, from which a sharded folder's shards are read while it is applied."""
+    """A checkpoint autoresume or ``load_path`` found: where it is, what it holds, and (for one from a store) where
+    a sharded folder's shards are read from while it is applied: each rank fetches the files its own plan reads
+    (:class:`~cairn.checkpoint.load.remote.RemoteShards`)."""
 
     path: str
     checkpoint: dict[str, Any]
-    shards_at: str | None = None
+    shards_at: str | RemoteShards | None = None
 
 
 def find_latest_checkpoint(saver: CheckpointSaver, state: State) -> Found | None:
@@ -139,6 +140,7 @@ def find_remote_latest(
     progress: bool,
     listed: list[str] | None = None,
     downloads: contextlib.ExitStack | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> Found | None:
     """The newest checkpoint of ``saver``'s remote names in the store of ``transfers`` (the run's first uploader's)
     that downloads and verifies, with its content; None if none does.
@@ -152,7 +154,10 @@ def find_remote_latest(
     the one before it, and is kept aside (:func:`_set_aside_damaged_object`) so that the run can save that name
     again. Tries the newest first and stops at the first that verifies: no more is downloaded than needed.
     ``listed`` is the store's listing (:func:`store_checkpoints`) when the caller already has it. With
-    ``downloads``, the download is kept until that stack closes (a sharded folder's shards are read from it).
+    ``downloads``, the download is kept until that stack closes: a sharded folder's ``cairn.pt`` and index are
+    downloaded and verified here, and each rank fetches the shard files its own plan reads when it is applied, so
+    a shard damaged in the store is found then (:func:`restore` then asks again, with that folder's URI in
+    ``skip``: the URIs of checkpoints not to take).
     """
     store = transfers.store
     if listed is None:
@@ -162,10 +167,12 @@ def find_remote_latest(
     candidates = sorted(listed, key=lambda name: (progress_in_name(pattern, name) or (), name == pointed), reverse=True)
     if pointed is not None and pointed not in listed:
         candidates.append(pointed)
-    for name in candidates:
+    for name in [name for name in candidates if store.get_uri(name) not in skip]:
         keep = functools.partial(_set_aside_damaged_object, transfers, name, pattern) if get_rank() == 0 else None
         try:
-            opened = opened_remote_checkpoint(store, name, progress=progress, keep_damaged=keep)
+            opened = opened_remote_checkpoint(
+                store, name, progress=progress, keep_damaged=keep, shards_on_demand=downloads is not None
+            )
             with contextlib.ExitStack() as attempt:
                 checkpoint, local = attempt.enter_context(opened)
                 if downloads is not None:
@@ -286,13 +293,10 @@ def restore(
     """
     with contextlib.ExitStack() as downloads:  # what came from a store stays on disk until it is applied
         if autoresume:
-            found = _autoresume_target(saver, state, destinations, progress=progress, downloads=downloads)
-            if found is not None:
+            resumed = _autoresume(saver, state, destinations, progress=progress, downloads=downloads)
+            if resumed is not None:
                 _note_ignored_load_options(load_path, weights_only=weights_only, strict=strict, ignore_keys=ignore_keys)
-                # the run's own checkpoint: everything comes back
-                apply_checkpoint(found.checkpoint, state, source=found.path, shards_at=found.shards_at)
-                log.info("autoresume: continuing from %s", found.path)
-                return found.path
+                return resumed
         if load_path is None:
             return None
         checkpoint, local = downloads.enter_context(opened_load_path(load_path, load_object_store, progress=progress))
@@ -308,6 +312,38 @@ def restore(
         return load_path
 
 
+def _autoresume(
+    saver: CheckpointSaver | None,
+    state: State,
+    destinations: Sequence[object],
+    *,
+    progress: bool,
+    downloads: contextlib.ExitStack,
+) -> str | None:
+    """Restore the run's newest good checkpoint (the run's own: everything comes back); its path, or None.
+
+    A sharded folder in a store has only its ``cairn.pt`` and index verified before it is chosen; a shard that
+    fails its digest is found as it is applied, before any of the model changes (every rank fetches and checks its
+    files before DCP reads any), so that folder is skipped for the one before it, as a damaged file is."""
+    skip: set[str] = set()
+    while (
+        found := _autoresume_target(
+            saver, state, destinations, progress=progress, downloads=downloads, skip=frozenset(skip)
+        )
+    ) is not None:
+        try:
+            apply_checkpoint(found.checkpoint, state, source=found.path, shards_at=found.shards_at)
+        except CheckpointCorruptError as err:
+            if not isinstance(found.shards_at, RemoteShards) or found.path in skip:
+                raise
+            log.warning("autoresume skips %s: %s", printable(found.path), err)
+            skip.add(found.path)
+            continue
+        log.info("autoresume: continuing from %s", found.path)
+        return found.path
+    return None
+
+
 def _autoresume_target(
     saver: CheckpointSaver | None,
     state: State,
@@ -315,6 +351,7 @@ def _autoresume_target(
     *,
     progress: bool,
     downloads: contextlib.ExitStack,
+    skip: frozenset[str] = frozenset(),
 ) -> Found | None:
     """The checkpoint autoresume continues from: the newest good one here, unless the store of the run's first
     uploader holds one further along; None for a fresh start."""
@@ -323,7 +360,9 @@ def _autoresume_target(
     found = find_latest_checkpoint(saver, state)
     transfers = first_uploader_transfers(destinations)
     if transfers is not None:
-        found = _local_unless_store_is_ahead(found, saver, state, transfers, progress=progress, downloads=downloads)
+        found = _local_unless_store_is_ahead(
+            found, saver, state, transfers, progress=progress, downloads=downloads, skip=skip
+        )
     if found is None:
         log.info("autoresume: no checkpoint in %s yet; starting fresh", format_name(saver.folder, state, rank=0))
     return found
@@ -337,18 +376,26 @@ def _local_unless_store_is_ahead(
     *,
     progress: bool,
     downloads: contextlib.ExitStack,
+    skip: frozenset[str] = frozenset(),
 ) -> Found | None:
-    """The local checkpoint, unless the store holds one further along (or there is no local one).
+    """The local checkpoint, unless the store holds one further along (or there is no local one); none whose URI
+    is in ``skip``.
 
     A node that comes back with an old local folder (ep1) while the store holds ep3 must not resume behind its
     store: it would redo ep2 and ep3, and with ``save_overwrite=False`` its upload of ep2 would be refused at
     every restart. Names are compared first (no download); the store's checkpoint is taken only when its
     timestamp is really ahead of the local one's once downloaded and verified.
     """
-    listed = store_checkpoints(transfers, saver.remote_template(), state)  # listed once, for both steps below
+    listed = [  # listed once, for both steps below
+        name
+        for name in store_checkpoints(transfers, saver.remote_template(), state)
+        if transfers.store.get_uri(name) not in skip
+    ]
     if found is not None and not _store_may_be_ahead(found[0], listed, saver, state, transfers):
         return found
-    remote = find_remote_latest(saver, state, transfers, progress=progress, listed=listed, downloads=downloads)
+    remote = find_remote_latest(
+        saver, state, transfers, progress=progress, listed=listed, downloads=downloads, skip=skip
+    )
     if found is None or (remote is not None and _batches(remote[1]) > _batches(found[1])):
         if found is not None and remote is not None:
             log.warning(
@@ -411,33 +458,35 @@ def _note_ignored_load_options(
 def read_load_path(path: str, source: ObjectStore | LoggerDestination | None, *, progress: bool) -> dict[str, Any]:
     """The checkpoint ``load_path`` names: a local file or sharded folder, a URI, or a name inside
     ``load_object_store`` (a store, or an uploader: the name then goes inside its path and
-    ``file_path_format_string``)."""
-    with opened_load_path(path, source, progress=progress) as (checkpoint, _):
+    ``file_path_format_string``). A sharded folder in a store is downloaded whole, and every shard verified."""
+    with opened_load_path(path, source, progress=progress, shards_on_demand=False) as (checkpoint, _):
         return checkpoint
 
 
 @contextlib.contextmanager
 def opened_load_path(
-    path: str, source: ObjectStore | LoggerDestination | None, *, progress: bool
-) -> Iterator[tuple[dict[str, Any], str | None]]:
-    """As :func:`read_load_path`, and where the checkpoint lies on disk while the ``with`` lasts: the local download
-    of one from a store (a sharded folder's shards are read from it when it is applied), else None."""
+    path: str, source: ObjectStore | LoggerDestination | None, *, progress: bool, shards_on_demand: bool = True
+) -> Iterator[tuple[dict[str, Any], str | RemoteShards | None]]:
+    """As :func:`read_load_path`, and, while the ``with`` lasts, where a checkpoint from a store is read from when
+    it is applied: the local download, or for a sharded folder (with ``shards_on_demand``) the folder in the store,
+    from which each rank fetches the shard files its own plan reads; None for a local checkpoint."""
+    opened = functools.partial(opened_remote_checkpoint, progress=progress, shards_on_demand=shards_on_demand)
     if source is not None:
         transfers = source.transfers if isinstance(source, LoggerDestination) else None
         if transfers is not None:
-            with opened_remote_checkpoint(transfers.store, transfers.remote_name(path), progress=progress) as opened:
-                yield opened
+            with opened(transfers.store, transfers.remote_name(path)) as found:
+                yield found
             return
         if not isinstance(source, ObjectStore):
             raise TypeError(f"load_object_store must be an ObjectStore or RemoteUploaderDownloader, not {source!r}")
-        with opened_remote_checkpoint(source, path, progress=progress) as opened:
-            yield opened
+        with opened(source, path) as found:
+            yield found
         return
     if is_uri(path):
         store, name = store_from_uri(path)
         try:
-            with opened_remote_checkpoint(store, name, progress=progress) as opened:
-                yield opened
+            with opened(store, name) as found:
+                yield found
         finally:
             store.close()
         return

@@ -11,7 +11,7 @@ import math
 import os
 import pickle
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,9 @@ from cairn.names import EPOCH_START_GENERATORS, EPOCH_START_RNG, GENERATORS, MET
 from cairn.utils.dist import get_rank
 from cairn.utils.reproducibility import check_generator_states, check_rng_state, load_rng_state
 from cairn.utils.text import printable
+
+if TYPE_CHECKING:
+    from cairn.checkpoint.load.shard_index import ShardFiles
 
 __all__ = ["apply_checkpoint", "load_checkpoint", "read_checkpoint"]
 
@@ -110,7 +113,6 @@ def _torch_load_safely(path: str, *, is_archive: bool) -> Any:
         raise CheckpointCorruptError(
             f"{path!r} is truncated or corrupt ({error_reason(err)}); load an earlier checkpoint"
         ) from None
-
 
 
 def _check_structure(checkpoint: Any, path: str) -> None:
@@ -197,12 +199,13 @@ def apply_checkpoint(
     weights_only: bool = False,
     strict: bool = True,
     ignore_keys: Sequence[str] = (),
-    shards_at: str | None = None,
+    shards_at: str | ShardFiles | None = None,
 ) -> None:
     """Restore a verified checkpoint into ``state``: check everything first, then change anything.
 
     ``source`` names the checkpoint in messages and in ``state.resumed_from``; a sharded one's shards are read from
-    ``shards_at`` when given (a local download of a folder in a store), else from ``source``.
+    ``shards_at`` when given (a local download of a folder in a store, or the folder in the store itself, from
+    which each rank fetches only the shard files its own plan reads), else from ``source``.
     """
     weights_only = weights_only or is_weights_only(checkpoint)
     checkpoint = drop_keys(checkpoint, ignore_keys)

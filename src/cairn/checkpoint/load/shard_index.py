@@ -15,7 +15,8 @@ import math
 import os
 import pickle
 import stat
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
@@ -44,7 +45,9 @@ __all__ = [
     "SafeLoadPlanner",
     "SafeReader",
     "SafeWholeLoadPlanner",
+    "ShardFiles",
     "read_shard_index",
+    "recorded_shard_files",
     "verify_shard_digests",
 ]
 
@@ -81,8 +84,35 @@ class _IndexUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(printable(f"{module}.{name}"))  # quoted in the error: shown, never obeyed
 
 
-def read_shard_index(folder: str) -> Metadata:
-    """The folder's DCP ``Metadata``, unpickled without running code and checked against the files beside it."""
+class ShardFiles(Protocol):
+    """A sharded folder whose shard files are not all on disk yet (one in an object store): each rank fetches, into
+    ``folder``, only the files its own load plan reads from, each checked against the digest ``cairn.pt`` recorded
+    (:class:`cairn.checkpoint.load.remote.RemoteShards`)."""
+
+    @property
+    def folder(self) -> str:
+        """The local folder the files land in: ``cairn.pt`` and the index are there already."""
+
+    @property
+    def label(self) -> str:
+        """The folder's name in messages (its URI)."""
+
+    @property
+    def sizes(self) -> Mapping[str, int]:
+        """Each file's size where it is kept (the store's listing), before any is fetched."""
+
+    def fetch(self, names: Iterable[str]) -> None:
+        """Make each file of ``names`` present in :attr:`folder`, verified; those already fetched are not fetched
+        again."""
+
+
+def read_shard_index(folder: str, *, sizes: Mapping[str, int] | None = None) -> Metadata:
+    """The folder's DCP ``Metadata``, unpickled without running code and checked against the files beside it.
+
+    With ``sizes`` (a folder in a store, whose shard files are fetched only when a rank's plan reads them), each
+    entry is checked against those sizes instead of the files on disk, and the byte entries are checked later, by
+    :class:`SafeReader`, once their file is fetched: still before any rank reads a tensor into a model.
+    """
     _require_regular_file(os.path.join(folder, METADATA_FILE), folder)
     path = os.path.join(folder, INDEX_FILE)
     _require_regular_file(path, folder)
@@ -102,23 +132,17 @@ def read_shard_index(folder: str) -> Metadata:
         raise CheckpointCorruptError(f"{path!r} is not a shard index; load an earlier checkpoint")
     if getattr(index, "storage_meta", None) is None:
         index.storage_meta = StorageMeta()
-    _check_storage(index.storage_data, folder)
+    _check_storage(index.storage_data, folder, sizes)
     _check_entries(index, folder)
     _check_planner_data(index, folder)
-    _check_byte_entries(index, folder)
+    if sizes is None:
+        _check_byte_entries(index, folder)
     return index
 
 
 def verify_shard_digests(folder: str, index: Metadata, digests: Any) -> None:
     """Every file of the folder's index holds the bytes ``cairn.pt`` recorded when the folder was written."""
-    if not isinstance(digests, dict) or INDEX_FILE not in digests:
-        raise CheckpointCorruptError(
-            f"{os.path.join(folder, METADATA_FILE)!r} records no digests of its shards, so they cannot be verified; "
-            "it was not written by this version of cairn: load an earlier checkpoint"
-        )
-    for name in [INDEX_FILE, *sorted({entry.relative_path for entry in index.storage_data.values()})]:
-        if name not in digests:
-            raise CheckpointCorruptError(f"shard {name!r} of {folder!r} was not there when the folder was written")
+    for name in recorded_shard_files(folder, index, digests):
         path = os.path.join(folder, name)
         _require_regular_file(path, folder)  # checked again here: a FIFO swapped in since would block the read
         if file_digest(path) != digests[name]:
@@ -128,9 +152,25 @@ def verify_shard_digests(folder: str, index: Metadata, digests: Any) -> None:
             )
 
 
-def _check_storage(storage: dict[Any, Any], folder: str) -> None:
-    """Every entry names a regular file inside the folder and a byte range within it; no two ranges share a byte
-    (DCP writes each entry once, one after another), so the declared entries cannot add up to more than the files."""
+def recorded_shard_files(folder: str, index: Metadata, digests: Any) -> list[str]:
+    """The index and every file it names, each one ``cairn.pt`` recorded a digest of (``digests``) when the folder
+    was written: a file the index names that was not there then is refused."""
+    if not isinstance(digests, dict) or INDEX_FILE not in digests:
+        raise CheckpointCorruptError(
+            f"{os.path.join(folder, METADATA_FILE)!r} records no digests of its shards, so they cannot be verified; "
+            "it was not written by this version of cairn: load an earlier checkpoint"
+        )
+    names = [INDEX_FILE, *sorted({entry.relative_path for entry in index.storage_data.values()})]
+    for name in names:
+        if name not in digests:
+            raise CheckpointCorruptError(f"shard {name!r} of {folder!r} was not there when the folder was written")
+    return names
+
+
+def _check_storage(storage: dict[Any, Any], folder: str, listed: Mapping[str, int] | None) -> None:
+    """Every entry names a regular file inside the folder (or, with ``listed``, one of the listed files) and a byte
+    range within it; no two ranges share a byte (DCP writes each entry once, one after another), so the declared
+    entries cannot add up to more than the files."""
     sizes: dict[str, int] = {}
     ranges: dict[str, list[tuple[int, int]]] = {}
     for key, entry in storage.items():
@@ -148,7 +188,7 @@ def _check_storage(storage: dict[Any, Any], folder: str) -> None:
                 "cairn never writes; load it with the tool that wrote it"
             )
         if name not in sizes:
-            sizes[name] = _require_regular_file(os.path.join(folder, name), folder)
+            sizes[name] = _file_size(name, folder, listed)
         if not all(_is_count(n) for n in (offset, length)) or offset + length > sizes[name]:
             raise CheckpointCorruptError(
                 f"shard {name!r} of {folder!r} is shorter than its index says (truncated or damaged); "
@@ -159,6 +199,19 @@ def _check_storage(storage: dict[Any, Any], folder: str) -> None:
         spans.sort()
         if any(start < previous_end for (_, previous_end), (start, _) in zip(spans, spans[1:], strict=False)):
             raise _index_error(folder, f"gives two entries the same bytes of shard {name!r}")
+
+
+def _file_size(name: str, folder: str, listed: Mapping[str, int] | None) -> int:
+    """The size of the folder's file ``name``: on disk, or where it is kept (``listed``) when it is fetched later."""
+    if listed is None:
+        return _require_regular_file(os.path.join(folder, name), folder)
+    size = listed.get(name)
+    if not _is_count(size):
+        raise CheckpointCorruptError(
+            f"shard {name!r} is missing from the sharded checkpoint {folder!r}; the folder is incomplete: load an "
+            "earlier one"
+        )
+    return size  # type: ignore[return-value] - a count, checked just above
 
 
 def _check_entries(index: Metadata, folder: str) -> None:
@@ -300,11 +353,15 @@ def _check_byte_entries(index: Metadata, folder: str) -> None:
     """DCP unpickles non-tensor entries (an optimizer's lr, its betas) with ``weights_only=False``: each must load
     as plain data here first. They are a few hundred bytes each."""
     for key, entry in index.storage_data.items():
-        if not isinstance(index.state_dict_metadata.get(key.fqn), BytesStorageMetadata):
-            continue
-        with _open_regular(os.path.join(folder, entry.relative_path), folder) as file:
-            file.seek(entry.offset)
-            _load_plain(io.BytesIO(file.read(entry.length)), key.fqn, folder)
+        if isinstance(index.state_dict_metadata.get(key.fqn), BytesStorageMetadata):
+            _check_byte_entry(key.fqn, entry, folder)
+
+
+def _check_byte_entry(name: str, entry: Any, folder: str) -> None:
+    """The byte entry ``name``, stored at ``entry``, loads as plain data."""
+    with _open_regular(os.path.join(folder, entry.relative_path), folder) as file:
+        file.seek(entry.offset)
+        _load_plain(io.BytesIO(file.read(entry.length)), name, folder)
 
 
 def _load_plain(data: io.BytesIO, name: str, folder: str) -> None:
@@ -373,11 +430,29 @@ class SafeReader(FileSystemReader):
     """DCP's file reader, with the index read by :func:`read_shard_index`, or the one the caller already read and
     checked, and every entry read here: a tensor chunk must load as plain data of exactly the dtype and shape the
     index declares for it (DCP would narrow a larger one and convert another dtype without a word); byte entries
-    are checked again as they load, by the planners below."""
+    are checked again as they load, by the planners below.
 
-    def __init__(self, folder: str, index: Metadata | None = None) -> None:
+    With ``files`` (a folder in a store), this rank fetches only the files its own plan reads from, in
+    :meth:`prepare_local_plan`: DCP runs it on every rank before its global plan step and gathers any failure
+    there to every rank, so a shard that fails its digest, or a byte entry that is not plain data, stops the load
+    on every rank before any ``read_data`` touches a model's tensor.
+    """
+
+    def __init__(self, folder: str, index: Metadata | None = None, *, files: ShardFiles | None = None) -> None:
         super().__init__(folder)
         self._index = index
+        self._files = files
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        if self._files is not None:
+            self._files.fetch(self._files_read_by(plan))
+            for item in plan.items:  # read_shard_index left them to now: their files were not here yet
+                if item.type == LoadItemType.BYTE_IO:
+                    _check_byte_entry(item.storage_index.fqn, self._stored(item), str(self.path))
+        return super().prepare_local_plan(plan)
+
+    def _files_read_by(self, plan: LoadPlan) -> list[str]:
+        return sorted({self._stored(item).relative_path for item in plan.items})
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self._index is None:
@@ -387,6 +462,8 @@ class SafeReader(FileSystemReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         folder = str(self.path)
+        if self._files is not None:
+            self._files.fetch(self._files_read_by(plan))  # fetched in prepare_local_plan: nothing is left, normally
         for item in sorted(plan.items, key=lambda item: (self._stored(item).relative_path, self._stored(item).offset)):
             stored = self._stored(item)
             with _open_regular(os.path.join(folder, stored.relative_path), folder) as file:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cairn.checkpoint.load.compatibility import model_name_problems, model_shape_problems
 from cairn.checkpoint.shards import dcp_tensors, single_process_quietly
@@ -14,24 +14,32 @@ from cairn.core.model_state import model_weights_module
 from cairn.core.state import State, class_keys
 from cairn.errors import CairnError, CheckpointCorruptError, CheckpointIncompatibleError
 
+if TYPE_CHECKING:
+    from cairn.checkpoint.load.shard_index import ShardFiles
+
 __all__ = ["load_shards", "read_whole_shards"]
 
 
-def load_shards(folder: str, state: State, *, weights_only: bool, strict: bool) -> None:
-    """Read the shards of ``folder`` into this run's model (and optimizers), resharding to this run's ranks."""
+def load_shards(shards: str | ShardFiles, state: State, *, weights_only: bool, strict: bool) -> None:
+    """Read the shards of a folder into this run's model (and optimizers), resharding to this run's ranks.
+
+    ``shards`` is the local folder, or one in a store (:class:`~cairn.checkpoint.load.shard_index.ShardFiles`),
+    from which this rank fetches only the files its own plan reads."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     from cairn.checkpoint.load.shard_index import SafeLoadPlanner, SafeReader, read_shard_index
 
-    index = read_shard_index(folder)
+    files = None if isinstance(shards, str) else shards
+    folder, label = (shards, shards) if files is None else (files.folder, files.label)
+    index = read_shard_index(folder, sizes=None if files is None else files.sizes)
     saved = index.state_dict_metadata
-    _check_model_fits(folder, saved, state, strict=strict)
+    _check_model_fits(label, saved, state, strict=strict)
     tensors = dcp_tensors(state, weights_only=weights_only)
     if not strict:
         tensors["model"] = {k: v for k, v in tensors["model"].items() if f"model.{k}" in saved}
-    with _shard_errors(folder):
-        dcp.load(tensors, storage_reader=SafeReader(folder, index), planner=SafeLoadPlanner())
+    with _shard_errors(label):
+        dcp.load(tensors, storage_reader=SafeReader(folder, index, files=files), planner=SafeLoadPlanner())
     module = model_weights_module(state.model)
     set_model_state_dict(module, tensors["model"], options=_options(strict=strict))
     for key, optimizer in zip(class_keys(state.optimizers), state.optimizers, strict=True):
