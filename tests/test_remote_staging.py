@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -23,6 +24,7 @@ from cairn import Trainer
 from cairn.core.callback import Callback
 from cairn.errors import CheckpointIncompatibleError, ObjectStoreError
 from cairn.models import Classifier
+from cairn.names import METADATA_FILE, TEMP_MARKER
 from cairn.storage.transfer import Transfers
 from cairn.utils.checkpoint import save_checkpoint
 from conftest import TinyNet, make_loader, s3_run_trainer
@@ -197,6 +199,85 @@ def test_a_staging_folder_on_another_filesystem_falls_back_to_a_copy(
     finally:
         if str(staging).startswith("/dev/shm/"):
             staging.rmdir()
+
+
+def _staging_folders(folder: Path) -> list[Path]:
+    """The hidden staging folders an uploader made in ``folder`` (``.cairn-upload-staging.cairn-tmp-...``)."""
+    return sorted(folder.glob(f".cairn-upload-staging{TEMP_MARKER}*"))
+
+
+def test_with_tmpdir_on_another_filesystem_a_file_is_still_staged_by_link_beside_itself(
+    held_proxy: Any, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The temporary folder on a tmpfs (``/dev/shm`` here), the checkpoints on disk: without an
+    ``upload_staging_folder``, the file is staged by hard link in a hidden folder beside it, not copied into TMPDIR;
+    the folder goes when the uploader closes."""
+    other_tmp = _other_filesystem(tmp_path)
+    if other_tmp is None:
+        pytest.skip("/dev/shm is not another filesystem than the test's folder here")
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(other_tmp))
+        proxy = held_proxy("ep1.pt", then="pass")
+        save_folder = tmp_path / "checkpoints"
+        save_folder.mkdir()
+        source = save_folder / "ep1.pt"
+        data = _random_file(source, 8 * MIB)
+        transfers = Transfers(f"s3://{s3_bucket}", {"endpoint_url": proxy.endpoint}, use_procs=False)
+        with caplog.at_level(logging.WARNING, logger="cairn"):
+            transfers.upload("run/ep1.pt", str(source))
+        assert proxy.held.wait(30), "the upload reached the store"
+        (staging,) = _staging_folders(save_folder)
+        (staged,) = _staged(staging)
+        assert os.stat(staged).st_ino == os.stat(source).st_ino, "linked on the file's own filesystem, not copied"
+        assert list(other_tmp.iterdir()) == [], "nothing staged in TMPDIR"
+        proxy.release.set()
+        transfers.close()
+        assert bucket_objects(proxy.endpoint, s3_bucket)["run/ep1.pt"] == data
+        assert _staging_folders(save_folder) == [], "the staging folder is removed on close"
+        assert "copies" not in caplog.text
+    finally:
+        shutil.rmtree(other_tmp, ignore_errors=True)
+
+
+def test_a_staging_folder_beside_checkpoints_is_never_taken_for_one_and_skips_sharded_folders(
+    s3_env: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The staging folder sits in the save folder, not inside a sharded checkpoint folder (whose files are all its
+    own); it is named as a temporary of this process, so the folder walk of retention, autoresume and ``cairn ckpt
+    ls`` skips it, and a run starting there clears it only once this process is gone (a killed run's leftover)."""
+    from cairn.atomic import WRITER_PATTERN, this_machine
+    from cairn.checkpoint.folder import folder_entries
+    from cairn.checkpoint.save.commit import remove_stale_temporaries
+
+    save_folder = tmp_path / "checkpoints"
+    sharded = save_folder / "ep1-ba2-rank0"
+    sharded.mkdir(parents=True)
+    (sharded / METADATA_FILE).write_bytes(b"stands for the folder's cairn.pt")
+    shard = sharded / "__0_0.distcp"
+    data = _random_file(shard, MIB)
+    single = save_folder / "ep2.pt"
+    _random_file(single, MIB)
+    transfers = Transfers(f"s3://{s3_bucket}", use_procs=False)
+    uploads = [
+        transfers.upload("run/ep1-ba2-rank0/__0_0.distcp", str(shard)),
+        transfers.upload("run/ep2.pt", str(single)),
+    ]
+    for upload in uploads:
+        upload.result(timeout=60)
+    (staging,) = _staging_folders(save_folder)
+    assert transfers.staging_folder_for(str(shard)) == transfers.staging_folder_for(str(single)) == str(staging)
+    assert sorted(p.name for p in sharded.iterdir()) == ["__0_0.distcp", METADATA_FILE], "the checkpoint is as saved"
+    assert bucket_objects(s3_env, s3_bucket)["run/ep1-ba2-rank0/__0_0.distcp"] == data
+    assert sorted(entry.path for entry in folder_entries(str(save_folder))) == [str(sharded), str(single)]
+    writer = WRITER_PATTERN.match(staging.name.rsplit(TEMP_MARKER, 1)[1])
+    assert writer is not None and writer["machine"] == this_machine() and int(writer["pid"]) == os.getpid()
+    assert remove_stale_temporaries(str(save_folder)) == [], "kept while this process runs"
+    transfers.wait()
+    assert _staging_folders(save_folder) == [], "once every upload has finished, the empty folder goes"
+    transfers.upload("run/ep2-again.pt", str(single))  # a later upload makes a new one
+    transfers.close()
+    assert _staging_folders(save_folder) == []
+    assert bucket_objects(s3_env, s3_bucket)["run/ep2-again.pt"] == single.read_bytes()
 
 
 def test_staging_a_missing_file_raises_instead_of_copying(tmp_path: Path) -> None:

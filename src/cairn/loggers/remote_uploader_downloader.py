@@ -27,9 +27,11 @@ class RemoteUploaderDownloader(LoggerDestination):
 
     ``bucket_uri`` is ``s3://bucket``, ``gs://bucket``, ``oci://bucket`` or ``libcloud://container``, optionally
     with a path that prefixes every name. ``backend_kwargs`` go to the store's constructor (for libcloud:
-    ``provider``, ``container``, ``provider_kwargs``). Each file is staged in ``upload_staging_folder`` before
-    :meth:`upload_file` returns, by hard link where that folder is on the file's filesystem (else by copy), so
-    training may delete the file, or rename a new one over its name, straight away; a file rewritten in place
+    ``provider``, ``container``, ``provider_kwargs``). Each file is staged before :meth:`upload_file` returns, by
+    hard link where the staging folder is on the file's filesystem (else by copy), so training may delete the file,
+    or rename a new one over its name, straight away. The staging folder is ``upload_staging_folder`` when given,
+    else a hidden one beside the file, on its own filesystem (see
+    :meth:`cairn.storage.transfer.Transfers.staging_folder_for`), removed on close; a file rewritten in place
     before its upload is verified fails that upload (see :func:`cairn.storage.transfer.stage_file`).
     """
 

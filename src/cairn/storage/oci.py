@@ -14,10 +14,14 @@ from typing import Any
 from cairn.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
 from cairn.storage.base import ObjectStore, ProgressCallback, TransientStoreError, file_md5
 
-__all__ = ["OCIObjectStore"]
+__all__ = ["MAX_PARTS", "OCIObjectStore", "part_size_for"]
 
 MiB = 1 << 20
 _READ_CHUNK = 1 * MiB
+
+#: The most parts one OCI multipart upload may have. A file that would need more at the configured ``part_size``
+#: goes up in larger parts (see :func:`part_size_for`).
+MAX_PARTS = 10_000
 
 
 class OCIObjectStore(ObjectStore):
@@ -28,7 +32,9 @@ class OCIObjectStore(ObjectStore):
     ``~/.oci/config``). The service endpoint is ``endpoint``, else the environment variable ``OCI_ENDPOINT_URL``,
     else the SDK's endpoint for the config's region. The namespace is looked up on first use unless given. Files
     above ``part_size`` go up as a multipart upload whose parts travel in parallel; an upload that fails is aborted,
-    so that no orphaned parts stay behind to be billed.
+    so that no orphaned parts stay behind to be billed. A file that would need more than :data:`MAX_PARTS` parts
+    goes up in parts of twice the size (four times, ...: as boto3 does for S3), so any file OCI takes can be
+    uploaded; verification splits the file the same way.
     """
 
     scheme = "oci"
@@ -126,15 +132,18 @@ class OCIObjectStore(ObjectStore):
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
         """The MD5 OCI keeps: of the content for a simple put; of the parts' MD5s for a multipart upload.
 
-        A multipart hash only compares when the object has the number of parts this store's ``part_size`` would
-        make; uploaded with another part size it is unknown (None), not a mismatch.
+        A multipart hash is compared with the file split into the parts this store uploads it in
+        (:func:`part_size_for`: ``part_size``, enlarged for a file that would need more than :data:`MAX_PARTS`); an
+        object with another number of parts was uploaded with another part size, and is unknown (None), not a
+        mismatch.
         """
         key = self.key(name)
         with self._sdk_errors(key):
             headers = self._client.head_object(self.namespace, self.bucket, key).headers
         multipart = headers.get("opc-multipart-md5")
         if multipart:
-            return _multipart_md5_matches(multipart, filename, self.part_size)
+            part_size = part_size_for(os.path.getsize(filename), self.part_size)
+            return _multipart_md5_matches(multipart, filename, part_size)
         simple = headers.get("content-md5") or headers.get("opc-content-md5")
         return simple == _b64_md5(filename) if simple else None
 
@@ -160,7 +169,7 @@ class OCIObjectStore(ObjectStore):
             self.namespace,
             self.bucket,
             key,
-            part_size=self.part_size,
+            part_size=part_size_for(os.path.getsize(filename), self.part_size),
             allow_parallel_uploads=True,
             parallel_process_count=self.parallel_parts,
             **condition,
@@ -280,6 +289,18 @@ def _multipart_md5_matches(multipart: str, filename: str, part_size: int) -> boo
         return None
     local_hex, _, _ = file_md5(filename, part_size=part_size).partition("-")
     return base64.b64encode(bytes.fromhex(local_hex)).decode() == remote
+
+
+def part_size_for(size: int, part_size: int) -> int:
+    """The part size a file of ``size`` bytes goes up in: ``part_size``, doubled until the file fits in
+    :data:`MAX_PARTS` parts (at the default 128 MiB, a file above 1.25 TiB would otherwise be refused by OCI).
+
+    Doubling, not the smallest size that fits, keeps the part size a power-of-two multiple of the configured one,
+    as boto3 does for S3; the upload and its verification both ask here, so they always split the file alike.
+    """
+    while math.ceil(size / part_size) > MAX_PARTS:
+        part_size *= 2
+    return part_size
 
 
 def _sdk_retry_strategy() -> Any:

@@ -8,11 +8,13 @@ every upload and raises the first failure; :meth:`Transfers.close` drains the po
 pointer (:mod:`cairn.storage.pointer`) is written by one more thread (``cairn-pointer``), created at the first
 pointer move; its failures travel the same way.
 
-Staging: :meth:`Transfers.upload` puts the file into the staging folder before it returns, by hard link where the
+Staging: :meth:`Transfers.upload` puts the file into a staging folder before it returns, by hard link where the
 filesystem allows (no bytes are copied: a published checkpoint is never changed in place, a new save renames a new
 file over its name, so the link holds the very bytes handed over), by copy across filesystems or where links are
-refused. The staging folder a :class:`Transfers` makes itself is created at the first upload and removed by
-:meth:`Transfers.close`.
+refused. Unless the caller names one folder for all (``upload_staging_folder``), a file is staged beside itself, so
+that the link is made on its own filesystem wherever ``TMPDIR`` is (a tmpfs ``/tmp`` is common): see
+:meth:`Transfers.staging_folder_for`. The staging folders a :class:`Transfers` makes itself are created at the first
+upload from each folder and removed by :meth:`Transfers.close`.
 
 Every transfer lives here, below the logger that schedules uploads and the checkpoint code that downloads, so that
 neither has to import the other to reach the store.
@@ -39,20 +41,26 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
+from cairn.atomic import temporary_path
 from cairn.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
+from cairn.names import METADATA_FILE
 from cairn.storage.base import ObjectStore, TransientStoreError
 from cairn.storage.pointer import ProgressOf, move_pointer_forward
 from cairn.storage.settings import PROGRESS_BAR_BYTES, retry_wait
 from cairn.storage.uri import parse_uri, store_from_uri
 from cairn.utils.text import printable
 
-__all__ = ["Transfers", "download_with_progress", "stage_file"]
+__all__ = ["STAGING_NAME", "Transfers", "download_with_progress", "stage_file"]
 
 log = logging.getLogger(__name__)
 
 #: What ``os.link`` answers where a copy may still succeed: another filesystem (EXDEV), a filesystem or policy that
 #: refuses hard links (EPERM, ENOTSUP, EOPNOTSUPP, ENOSYS), or a file with as many links as it may have (EMLINK).
 _LINK_REFUSED = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+
+#: The name a staging folder made beside the files it stages starts from; on disk it is a hidden temporary,
+#: ``.cairn-upload-staging.cairn-tmp-<machine>-<pid>-<token>`` (see :func:`cairn.atomic.temporary_path`).
+STAGING_NAME = "cairn-upload-staging"
 
 
 @dataclass(frozen=True, repr=False)  # no repr: backend_kwargs may hold secrets
@@ -75,9 +83,9 @@ class Transfers:
 
     ``bucket_uri`` is ``s3://bucket``, ``gs://bucket``, ``oci://bucket`` or ``libcloud://container``, optionally
     with a path that prefixes every name. ``backend_kwargs`` go to the store's constructor (for libcloud:
-    ``provider``, ``container``, ``provider_kwargs``). Each file is staged in ``upload_staging_folder`` (by hard
-    link where it can be, see :func:`stage_file`) before :meth:`upload` returns, so training may delete it or
-    rename a new file over its name straight away.
+    ``provider``, ``container``, ``provider_kwargs``). Each file is staged (by hard link where it can be, see
+    :func:`stage_file`) before :meth:`upload` returns, so training may delete it or rename a new file over its name
+    straight away: in ``upload_staging_folder`` when given, else beside the file (:meth:`staging_folder_for`).
     """
 
     def __init__(
@@ -101,8 +109,8 @@ class Transfers:
         self.use_procs = use_procs
         self.num_attempts = num_attempts
         self.file_path_format_string = file_path_format_string
-        self._own_staging = upload_staging_folder is None
-        self._staging = upload_staging_folder  # made at the first upload when None (see _staging_folder)
+        self._staging = upload_staging_folder  # the caller's, for every file; None: see staging_folder_for
+        self._made_staging: dict[str, str] = {}  # a folder of files handed over -> the staging folder made for them
         self._copy_noted = False  # whether the log already said that staging copies instead of linking
         self._worker_finished = False  # whether any upload has finished: dead workers then are not the script's fault
         self._store: ObjectStore | None = None
@@ -193,10 +201,7 @@ class Transfers:
         once :meth:`order_pointer` said how to order them, to a file older than the one it names already. The
         pointer names ``pointer_target`` instead where given: a sharded folder, whose ``cairn.pt`` is uploaded last.
         """
-        staged = os.path.join(self._staging_folder(), f"{secrets.token_hex(8)}-{os.path.basename(file_path)}")
-        refusal = stage_file(file_path, staged)
-        if refusal is not None:
-            self._note_copy(file_path, refusal)
+        staged, refusal = self._stage(file_path)
         unchanged = _Unchanged.of(staged) if refusal is None else None  # a copy is private: nothing can change it
         remote = self.remote_name(remote_file_name)
         with self._lock:
@@ -251,15 +256,64 @@ class Transfers:
         if pool is not None:
             pool.shutdown(wait=False)
 
-    def _staging_folder(self) -> str:
-        """The staging folder, made on first use when the caller gave none: a Transfers that never uploads (a run
-        whose construction failed, a download-only uploader) leaves nothing behind in the temporary folder."""
-        with self._lock:
-            if self._staging is None:
-                self._staging = tempfile.mkdtemp(prefix="cairn-upload-staging-")
-            return self._staging
+    def staging_folder_for(self, file_path: str) -> str:
+        """Where ``file_path`` is staged: ``upload_staging_folder`` when the caller gave one, else a hidden folder
+        beside the file, made at the first upload from its folder (:func:`_staging_home`).
 
-    def _note_copy(self, file_path: str, refusal: OSError) -> None:
+        Beside the file, because a hard link can only be made on the file's own filesystem, and the temporary
+        folder (``TMPDIR``) is often another one (a tmpfs ``/tmp``): staged there, every checkpoint would be copied
+        whole before its upload. The folder's name is a temporary's (``.cairn-upload-staging.cairn-tmp-...``), so
+        that retention, autoresume and ``cairn ckpt ls`` never take it for a checkpoint (they skip temporaries),
+        and a run starting in the folder clears the one a killed run left (its process is gone). Where no folder
+        can be made beside the file (a read-only folder), the staging folder is a new one in ``TMPDIR``. Nothing
+        is made before the first upload: a Transfers that never uploads (a run whose construction failed, a
+        download-only uploader) leaves nothing behind.
+        """
+        if self._staging is not None:
+            return self._staging
+        home = _staging_home(file_path)
+        with self._lock:
+            staging = self._made_staging.get(home)
+            if staging is None or not os.path.isdir(staging):  # removed meanwhile (by hand, or a stale-file sweep)
+                staging = self._made_staging[home] = _make_staging_folder(home)
+            return staging
+
+    def _stage(self, file_path: str) -> tuple[str, OSError | None]:
+        """Stage ``file_path`` (:func:`stage_file`): the staged path, and the refusal that made it a copy, if any.
+
+        A staging folder this Transfers made may vanish between being chosen and being used (:meth:`wait` removes
+        the empty ones, a stale-file sweep of another machine may too): then a new one is made, once.
+        """
+        staging = self.staging_folder_for(file_path)
+        try:
+            return self._stage_in(staging, file_path)
+        except FileNotFoundError:
+            if self._staging is not None or os.path.isdir(staging):
+                raise  # the file itself is missing, or the folder the caller chose is
+        return self._stage_in(self.staging_folder_for(file_path), file_path)
+
+    def _stage_in(self, staging: str, file_path: str) -> tuple[str, OSError | None]:
+        staged = os.path.join(staging, f"{secrets.token_hex(8)}-{os.path.basename(file_path)}")
+        refusal = stage_file(file_path, staged)
+        if refusal is not None:
+            self._note_copy(staging, file_path, refusal)
+        return staged, refusal
+
+    def _remove_empty_staging_folders(self) -> None:
+        """Remove the staging folders this Transfers made that hold nothing: once every upload has finished (at
+        :meth:`wait`, so at the end of ``fit``), the save folder holds no hidden folder of ours. One that holds a
+        file (an upload started meanwhile) stays; the next upload from a removed one makes a new one."""
+        with self._lock:
+            for home, staging in list(self._made_staging.items()):
+                try:
+                    os.rmdir(staging)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue
+                del self._made_staging[home]
+
+    def _note_copy(self, staging: str, file_path: str, refusal: OSError) -> None:
         """Say once per uploader that staging copies files, why, and how to make it link them instead."""
         if self._copy_noted:
             return
@@ -271,9 +325,9 @@ class Transfers:
         )
         log.warning(
             "the upload staging folder %s cannot hold a hard link to %s (%s), so each upload first copies its file; "
-            "pass upload_staging_folder (or set TMPDIR to) a folder on the checkpoints' filesystem to stage "
-            "without copying",
-            self._staging,
+            "pass upload_staging_folder a folder on the checkpoints' filesystem (or leave it unset, to stage beside "
+            "each file) to stage without copying",
+            staging,
             file_path,
             reason,
         )
@@ -300,6 +354,7 @@ class Transfers:
             if not pending:
                 break
             cf.wait(pending)
+        self._remove_empty_staging_folders()
         self.raise_failures()
 
     def _executor(self) -> cf.Executor:
@@ -349,8 +404,8 @@ class Transfers:
                 ) from error
 
     def close(self) -> None:
-        """Wait for every upload (raising the first failure), then release the workers, the staging folder (when
-        it made one) and the store."""
+        """Wait for every upload (raising the first failure), then release the workers, the staging folders it
+        made and the store."""
         try:
             self.wait()
         finally:
@@ -358,9 +413,10 @@ class Transfers:
                 if pool is not None:
                     pool.shutdown(wait=True)
             self._pool = self._pointer_writer = None
-            if self._own_staging and self._staging is not None:
-                shutil.rmtree(self._staging, ignore_errors=True)
-                self._staging = None  # a later upload makes a new one
+            with self._lock:
+                made, self._made_staging = list(self._made_staging.values()), {}  # a later upload makes new ones
+            for staging in made:
+                shutil.rmtree(staging, ignore_errors=True)
             if self._store is not None:
                 self._store.close()
                 self._store = None
@@ -373,6 +429,28 @@ class _WorkerDied(ObjectStoreError):
     def __init__(self, had_worked: bool, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.had_worked = had_worked  #: an upload had finished before: the workers start fine, so not the script
+
+def _staging_home(file_path: str) -> str:
+    """The folder beside which ``file_path`` is staged: its own, or, for a file of a sharded checkpoint folder
+    (one holding ``cairn.pt``), the folder holding that one, so that a checkpoint folder holds only its own files
+    (``cairn ckpt verify`` checks them all) and one staging folder serves all of its shards."""
+    folder = os.path.dirname(os.path.abspath(file_path))
+    if os.path.isfile(os.path.join(folder, METADATA_FILE)):
+        return os.path.dirname(folder)
+    return folder
+
+
+def _make_staging_folder(home: str) -> str:
+    """A new hidden staging folder in ``home`` (named as a temporary of this process), else, where ``home`` takes
+    no new folder (read-only, or gone), a new one in the temporary folder, where staging may have to copy."""
+    staging = temporary_path(os.path.join(home, STAGING_NAME))
+    try:
+        os.mkdir(staging)
+    except OSError as err:
+        log.info("cannot make an upload staging folder in %s (%s); staging in the temporary folder", home, err)
+        return tempfile.mkdtemp(prefix=f"{STAGING_NAME}-")
+    return staging
+
 
 def _with_prefix(path: str, backend_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """The store's arguments, with the URI's path as its key prefix unless the caller gave one."""
