@@ -7,6 +7,7 @@ through the fault proxy, which breaks requests on purpose and records what a cli
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -226,6 +227,46 @@ def test_every_store_lists_each_objects_size(any_store: ObjectStore, tmp_path: P
     expected = sorted((name, size) for name, size in sizes.items() if name.startswith("run/"))
     assert any_store.list_objects_with_sizes("run/") == expected
     assert any_store.list_objects_with_sizes("nothing-here/") == []
+
+
+def test_every_store_refuses_an_absolute_name(any_store: ObjectStore, tmp_path: Path) -> None:
+    """A leading '/' was once stripped without a word; an absolute name has no place inside a prefix."""
+    with pytest.raises(ValueError, match="leads outside .*no leading '/'"):
+        any_store.upload_object("/escaped.bin", str(_file(tmp_path, "x.bin", 10)))
+    with pytest.raises(ValueError, match="leads outside"):
+        any_store.download_object("/escaped.bin", str(tmp_path / "out.bin"))
+    assert any_store.list_objects("") == [] and not (tmp_path / "out.bin").exists()
+
+
+@pytest.mark.parametrize("kind", ["libcloud_s3", "libcloud_azure"])
+@pytest.mark.parametrize("name", ["../escaped.bin", "run/../../escaped.bin", "run/.."])
+def test_libcloud_refuses_dot_dot_which_its_http_client_folds_out_of_the_prefix(
+    kind: str, name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """urllib3 resolves ``..`` in the request's path: ``conformance/run/../../escaped.bin`` was written as
+    ``escaped.bin`` at the container's root, outside the store's prefix. Now no request is sent."""
+    store = request.getfixturevalue(f"{kind}_store")
+    with pytest.raises(ValueError, match="leads outside .*no '\\.\\.' segment"):
+        store.upload_object(name, str(_file(tmp_path, "x.bin", 10)))
+    with pytest.raises(ValueError, match="leads outside"):
+        store.download_object(name, str(tmp_path / "out.bin"))
+    whole = copy.copy(store)
+    whole.prefix = ""  # the same container, seen from its root
+    assert whole.list_objects("") == [], "nothing anywhere in the container"
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs_hmac", "oci"])
+def test_stores_that_keep_dot_dot_literally_keep_it_inside_the_prefix(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """S3's and OCI's requests carry a name as it is: ``run/../x`` is one more key under the prefix, listed and read
+    back under that very name (the loader never lets a name choose where a download lands)."""
+    store = request.getfixturevalue(f"{kind}_store")
+    source = _file(tmp_path, "x.bin", 10)
+    store.upload_object("run/../../x.bin", str(source))
+    assert store.list_objects("") == ["run/../../x.bin"]
+    store.download_object("run/../../x.bin", str(tmp_path / "out.bin"))
+    assert (tmp_path / "out.bin").read_bytes() == source.read_bytes()
 
 
 def test_listing_a_prefix_asks_for_no_size_object_by_object(proxy: FaultyProxy, moto_endpoint: str) -> None:

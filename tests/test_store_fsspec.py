@@ -339,6 +339,20 @@ def test_downloads_cut_short_are_tried_again_then_name_the_object(
     assert not (tmp_path / "out.pt").exists()
 
 
+def test_an_azure_blob_sent_in_blocks_is_verified_by_its_md5_not_its_size_alone(
+    fsspec_azure_store: FsspecObjectStore, tmp_path: Path
+) -> None:
+    """Above 64 MiB the SDK sends blocks (each checked by the service against its own MD5) and Azure keeps no MD5
+    of the whole blob; the store declares the file's, so another file of the same size fails verification."""
+    size = (64 << 20) + 1
+    source = _file(tmp_path, "big.pt", size)
+    fsspec_azure_store.upload_object("run/big.pt", str(source))
+    assert fsspec_azure_store._checksum_matches("run/big.pt", str(source)) is True
+    fsspec_azure_store.verify_upload("run/big.pt", str(source))
+    with pytest.raises(ObjectStoreError, match="checksum mismatch"):
+        fsspec_azure_store.verify_upload("run/big.pt", str(_file(tmp_path, "other.pt", size)))
+
+
 def test_every_kind_lists_sizes_from_the_listing(store: ObjectStore, tmp_path: Path) -> None:
     sizes = {"run/a.pt": 10, "run/b/c.pt": 2000, "run-2/d.pt": 5}
     for name, size in sizes.items():
@@ -398,6 +412,38 @@ def _folder_uri(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> st
     if kind == "memory":
         return f"memory://{_fresh_name()}/run"
     return f"file://{tmp_path}/store/run"
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "run/../../outside.bin", "..", "/outside.bin"])
+def test_a_file_store_refuses_a_name_that_leads_outside_its_root(tmp_path: Path, name: str) -> None:
+    """``..`` segments would have read and written beside the store's folder; a leading ``/`` once went quietly
+    inside it. Each is refused before anything is touched, in one sentence that says what a name may be."""
+    (tmp_path / "store" / "root").mkdir(parents=True)
+    store = FsspecObjectStore(f"file://{tmp_path}/store/root", prefix="run")
+    source = _file(tmp_path, "source.bin", 100)
+    (tmp_path / "store" / "outside.bin").write_bytes(b"not the store's")
+    before = sorted(str(path) for path in tmp_path.rglob("*"))
+    calls = {
+        "upload": lambda: store.upload_object(name, str(source)),
+        "upload, overwrite=False": lambda: store.upload_object(name, str(source), overwrite=False),
+        "download": lambda: store.download_object(name, str(tmp_path / "out.bin")),
+        "size": lambda: store.get_object_size(name),
+        "verify": lambda: store.verify_upload(name, str(source)),
+    }
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=r"leads outside .*no leading '/' and no '\.\.' segment") as excinfo:
+            call()
+        assert "\n" not in str(excinfo.value), what
+    assert sorted(str(path) for path in tmp_path.rglob("*")) == before, "nothing written, inside or out"
+
+
+def test_an_azure_name_with_dot_dot_is_refused_not_blamed_on_the_credentials(
+    fsspec_azure_store: FsspecObjectStore, tmp_path: Path
+) -> None:
+    """aiohttp folds ``..`` out of the URL after the request was signed: Azure refused the signature, and the
+    message sent the user to check credentials that were fine."""
+    with pytest.raises(ValueError, match="leads outside"):
+        fsspec_azure_store.upload_object("run/../../x.pt", str(_file(tmp_path, "x.pt", 10)))
 
 
 @pytest.mark.parametrize("kind", ["az", "memory", "file"])

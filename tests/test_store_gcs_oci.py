@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from cairn.storage.base import ObjectStore, TransientStoreError
 from cairn.storage.gcs import GCSObjectStore
 from cairn.storage.oci import OCIObjectStore
 from cairn.storage.uri import store_from_uri
+from store_servers.faulty_proxy import FaultyProxy
+from store_servers.gcs import new_gcs_bucket
 from store_servers.moto import CREDENTIALS
 from store_servers.oci import OCIStandIn
 
@@ -85,6 +88,31 @@ def test_gcs_big_files_go_up_in_chunks(gcs_store: GCSObjectStore, tmp_path: Path
     gcs_store.upload_object("big.bin", str(source), callback=lambda done, total: progress.append((done, total)))
     assert progress == [(8 << 20, 12 << 20), (12 << 20, 12 << 20)]
     gcs_store.verify_upload("big.bin", str(source))
+
+
+def test_a_gcs_download_that_keeps_arriving_cut_off_fails_after_cairns_retries_alone(
+    gcs_emulator: str, no_hmac_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """One request per attempt, then an error that names the object: the SDK's own retries (30 s of them, under
+    each of cairn's attempts) once made this take about a minute."""
+    bucket = new_gcs_bucket()
+    proxy = FaultyProxy(gcs_emulator).start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
+        store = GCSObjectStore(bucket, prefix="p", num_attempts=3)
+        # uploaded through the proxy, so that the emulator's download link (mediaLink) leads through it too
+        store.upload_object("run/ckpt.pt", str(_file(tmp_path, "ckpt.pt", 200_000)))
+        proxy.cut_downloads = "alt=media"  # the object's bytes arrive cut off; its metadata arrives whole
+        started = time.monotonic()
+        with pytest.raises(TransientStoreError, match=rf"^could not download gs://{bucket}/p/run/ckpt\.pt: "):
+            store.download_object("run/ckpt.pt", str(tmp_path / "out.pt"))
+        took = time.monotonic() - started
+        store.close()
+    finally:
+        proxy.stop()
+    assert proxy.counts["cut"] == 3, proxy.counts  # one download request for each of cairn's three attempts
+    assert took < 10, f"took {took:.1f} s"  # cairn's pauses: at most 0.2 s, then 0.4 s
+    assert not (tmp_path / "out.pt").exists()
 
 
 def test_gcs_missing_bucket_is_named(gcs_emulator: str, no_hmac_env: None, tmp_path: Path) -> None:

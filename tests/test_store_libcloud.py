@@ -130,6 +130,20 @@ def test_same_size_other_content_fails_the_checksum(
         store.verify_upload("a.bin", str(_file(tmp_path, "b.bin", 5000)))
 
 
+@pytest.mark.parametrize("with_progress", [False, True], ids=["upload_object", "via_stream"])
+def test_an_azure_blob_sent_in_blocks_keeps_an_md5_to_verify(
+    libcloud_azure_store: LibcloudObjectStore, tmp_path: Path, with_progress: bool
+) -> None:
+    """libcloud sends Azure blobs above 4 MiB in blocks, each with its MD5, and declares the MD5 of the bytes it
+    sent when it commits them: verification compares that, not the size alone, on both upload routes."""
+    source = _file(tmp_path, "big.pt", (6 << 20) + 1)
+    callback = (lambda done, total: None) if with_progress else None
+    libcloud_azure_store.upload_object("run/big.pt", str(source), callback=callback)
+    assert libcloud_azure_store._checksum_matches("run/big.pt", str(source)) is True
+    with pytest.raises(ObjectStoreError, match="checksum mismatch"):
+        libcloud_azure_store.verify_upload("run/big.pt", str(_file(tmp_path, "other.pt", (6 << 20) + 1)))
+
+
 def test_an_unknown_provider_lists_the_valid_names() -> None:
     with pytest.raises(ValueError, match=r"libcloud\.storage\.types\.Provider.*azure_blobs.*s3"):
         LibcloudObjectStore("no_such_cloud", "bucket")
@@ -158,3 +172,14 @@ def test_an_unreachable_server_is_retried_then_reported(caplog: pytest.LogCaptur
         store.list_objects("")
     assert "attempt 1" in caplog.text
     assert WRONG_SECRET not in caplog.text
+
+
+def test_a_libcloud_uri_without_a_provider_says_how_to_give_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """A URI names a container, never its provider: ``cairn ckpt verify libcloud://c/x`` or a bare
+    ``store_from_uri`` must say what to pass, not raise Python's own missing-argument error."""
+    with pytest.raises(ValueError, match="names a container but not its provider; pass backend_kwargs"):
+        store_from_uri("libcloud://checkpoints/run/ep1.pt")
+    from cairn.cli.main import main
+
+    assert main(["ckpt", "verify", "libcloud://checkpoints/run/ep1.pt"]) != 0
+    assert "not its provider" in capsys.readouterr().out

@@ -46,6 +46,11 @@ class ObjectStore(abc.ABC):
 
     #: attempts for each call (the first one included) before a transient failure is raised
     num_attempts: int = 3
+    #: Whether a ``..`` in a name reaches the service as part of a literal key (S3, GCS and OCI send names so:
+    #: ``run/../x`` is one more key under ``run/``). False where names are paths, and ``..`` would be folded away
+    #: by the filesystem (``file://``) or the HTTP client (aiohttp's and urllib3's URLs, under adlfs and libcloud),
+    #: leading out of the prefix, or the root: there such names are refused (:meth:`key`).
+    keeps_dot_segments: bool = True
 
     def __init__(self, bucket: str, prefix: str = "") -> None:
         if not isinstance(bucket, str) or not bucket or "/" in bucket:
@@ -92,11 +97,12 @@ class ObjectStore(abc.ABC):
         """Download ``name`` into ``filename``; the file appears complete or not at all, through the same commit as a
         checkpoint (:func:`cairn.atomic.atomic_write`: temporary beside it, fsync, rename). The store's errors pass
         on as raised."""
+        uri = self.get_uri(name)  # refuses a name that leads outside the prefix before anything is written
         if os.path.exists(filename) and not overwrite:
             raise FileExistsError(f"{filename!r} already exists; pass overwrite=True to replace it")
 
         def download(temporary: str) -> None:
-            self._retrying(f"download {self.get_uri(name)}", self._download, self.key(name), temporary, callback)
+            self._retrying(f"download {uri}", self._download, self.key(name), temporary, callback)
 
         atomic_write(os.path.abspath(filename), download, overwrite=overwrite, explain_failure=False, room=_SDK_ROOM)
 
@@ -154,9 +160,21 @@ class ObjectStore(abc.ABC):
         return self._retrying(what, self._checksum_matches, name, filename) is True
 
     def key(self, name: str) -> str:
+        """The store's key of ``name``: the prefix, then the name.
+
+        A name is a path inside the prefix, so one that could leave it is refused before any request, with a
+        ``ValueError`` (the caller's mistake, which no retry mends): a leading ``/`` (an absolute name has no place
+        inside a prefix), and, in a store whose names are paths (:attr:`keeps_dot_segments` False), a ``..``
+        segment.
+        """
         if not isinstance(name, str):
             raise TypeError(f"object names are str, not {type(name).__name__}")
-        return self.prefix + name.lstrip("/")
+        if name.startswith("/") or (not self.keeps_dot_segments and ".." in name.split("/")):
+            raise ValueError(
+                f"object name {name!r} leads outside {self.get_uri('')}: names are relative to the store's prefix, "
+                "with no leading '/' and no '..' segment; name the object from inside it"
+            )
+        return self.prefix + name
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.get_uri('')!r})"

@@ -78,6 +78,10 @@ class FsspecObjectStore(ObjectStore):
     reader never sees half an object; ``memory://`` lives in this process only.
     """
 
+    #: file:// resolves ``..`` on disk (outside the root), and aiohttp folds it out of adlfs's URLs (Azure then
+    #: refuses the request's signature, a failure that blamed the credentials): such names are refused.
+    keeps_dot_segments = False
+
     def __init__(
         self,
         uri: str,
@@ -148,9 +152,10 @@ class FsspecObjectStore(ObjectStore):
         return entries
 
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
-        """Compare the MD5 the backend reports (Azure's ``Content-MD5``, GCS's ``md5Hash``); ``file://`` and
-        ``memory://`` report none, but reading them back is cheap, so their content is hashed. None otherwise (a
-        large Azure blob, uploaded in blocks, has no MD5): the size alone was compared."""
+        """Compare the MD5 the backend reports (Azure's ``Content-MD5``: the service's own for a blob sent in one
+        request, the one declared at upload for a blob sent in blocks, see :meth:`_declared_md5`; GCS's
+        ``md5Hash``); ``file://`` and ``memory://`` report none, but reading them back is cheap, so their content is
+        hashed. None otherwise (a blob another tool uploaded in blocks): the size alone was compared."""
         key = self.key(name)
         with self._sdk_errors(key):
             remote = _reported_md5(self._file_info(key))
@@ -222,9 +227,25 @@ class FsspecObjectStore(ObjectStore):
             atomic_write(self._path(key), copy, overwrite=replace, explain_failure=False)
         else:
             options = dict(self._upload_options) if replace else {**self._upload_options, **self._refusal()}
+            options.update(self._declared_md5(filename, size))
             self._fs.put_file(filename, self._path(key), callback=_progress(callback), **options)
         if callback is not None:
             callback(size, size)
+
+    def _declared_md5(self, filename: str, size: int) -> dict[str, Any]:
+        """For an Azure blob the SDK uploads in blocks (above its single-request size, 64 MiB), the file's MD5 as
+        the blob's ``Content-MD5``; nothing otherwise.
+
+        Azure computes a blob's MD5 itself only when it arrives in one request; a blob committed from blocks has
+        none, and its verification fell back to the size alone. The service cannot check a whole-blob MD5 given at
+        commit (it stores it as given), but it checks each block against the MD5 the SDK sends with it
+        (``validate_content=True``), so what landed is what was read; the declared MD5, taken from the file before
+        the upload, then lets :meth:`verify_upload` (and any later reader) tell whether the file read was the file
+        meant: one that changed while it went up, or another file of the same size, no longer passes.
+        """
+        if not self._azure or size <= _azure_single_put_size(self._fs):
+            return {}
+        return {"content_settings": {"content_md5": bytearray.fromhex(file_md5(filename))}}
 
     def _refusal(self) -> dict[str, Any]:
         """What makes this filesystem's ``put_file`` refuse an existing object, if anything does."""
@@ -412,6 +433,12 @@ def _quicken_azure_retries(filesystem: Any) -> None:
         setattr(policy, name, value)
 
 
+def _azure_single_put_size(filesystem: Any) -> int:
+    """The largest blob the Azure SDK sends in one request (its ``max_single_put_size``, 64 MiB by default)."""
+    config = getattr(getattr(filesystem, "service_client", None), "_config", None)
+    return int(getattr(config, "max_single_put_size", 64 << 20))
+
+
 def _takes(filesystem: Any, method: str, argument: str) -> bool:
     """Whether ``filesystem.<method>`` (or its async form, which the sync one wraps) declares ``argument``."""
     for name in (f"_{method}", method):
@@ -443,7 +470,8 @@ def _progress(callback: ProgressCallback | None) -> Any:
 
 def _reported_md5(info: dict[str, Any]) -> str | None:
     """A hex MD5 the backend reported for the whole object: Azure's ``content_md5`` (bytes; absent for a blob
-    uploaded in blocks), GCS's ``md5Hash`` (base64). ETags are left alone: not every store makes them MD5s."""
+    another tool uploaded in blocks), GCS's ``md5Hash`` (base64). ETags are left alone: not every store makes them
+    MD5s."""
     settings = info.get("content_settings")
     raw = settings.get("content_md5") if isinstance(settings, dict) else getattr(settings, "content_md5", None)
     if raw:

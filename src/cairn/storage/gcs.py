@@ -21,7 +21,9 @@ __all__ = ["GCS_XML_ENDPOINT", "GCSObjectStore"]
 MiB = 1 << 20
 GCS_XML_ENDPOINT = "https://storage.googleapis.com"
 _CHUNK_GRANULARITY = 256 << 10  # resumable uploads send chunks in multiples of 256 KiB
-_SDK_RETRY_SECONDS = 30.0  # google-cloud-storage's own retries give up after this; cairn's come on top
+#: google-cloud-storage's own retries of an upload's chunks (a resumable upload resumes, not restarts) give up after
+#: this; cairn's come on top. Reads (metadata, listings, downloads) get no SDK retries at all: see ``_download``.
+_SDK_UPLOAD_RETRY_SECONDS = 30.0
 _EMULATOR_PROJECT = "cairn-emulator"  # the emulator wants some project; any name does
 
 
@@ -61,7 +63,7 @@ class GCSObjectStore(ObjectStore):
         else:
             self._client = _native_client(endpoint_url)
             self._bucket = self._client.bucket(bucket)
-            self._retry = _sdk_retry()
+            self._upload_retry = _sdk_upload_retry()
 
     @property
     def uses_hmac(self) -> bool:
@@ -88,16 +90,20 @@ class GCSObjectStore(ObjectStore):
         blob = self._bucket.blob(key, chunk_size=self.chunk_size)
         with self._sdk_errors(key), open(filename, "rb") as file:
             reader = _ProgressReader(file, size, callback)
-            blob.upload_from_file(reader, size=size, retry=self._retry, **condition)
+            blob.upload_from_file(reader, size=size, retry=self._upload_retry, **condition)
         reader.finish()
 
     def _download(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
+        """Reads go without the SDK's retries (``retry=None``): with them, each of cairn's attempts spent up to the
+        SDK's own 30 s deadline on a download that keeps arriving cut off, so one failed in about a minute instead of
+        after cairn's retry policy (:func:`~cairn.storage.settings.retry_wait`, ``num_attempts``), the one every
+        store follows. A retried download starts again from its first byte, as with every other store."""
         if self._interop:
             return self._interop._download(key, filename, callback)
         with self._sdk_errors(key):
             blob = self._blob(key)  # its generation pins the download to this version of the object
             with open(filename, "wb") as file:
-                blob.download_to_file(_ProgressWriter(file, blob.size or 0, callback), retry=self._retry)
+                blob.download_to_file(_ProgressWriter(file, blob.size or 0, callback), retry=None)
         return None
 
     def _size(self, key: str) -> int:
@@ -113,7 +119,7 @@ class GCSObjectStore(ObjectStore):
         if self._interop:
             return self._interop._list_with_sizes(key_prefix)
         with self._sdk_errors(key_prefix):
-            blobs = self._client.list_blobs(self._bucket, prefix=key_prefix, retry=self._retry)
+            blobs = self._client.list_blobs(self._bucket, prefix=key_prefix, retry=None)
             return [(blob.name, int(blob.size or 0)) for blob in blobs]
 
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
@@ -138,7 +144,7 @@ class GCSObjectStore(ObjectStore):
 
     def _blob(self, key: str) -> Any:
         """The object's metadata (size, hashes, generation), or :class:`ObjectNotFoundError`."""
-        blob = self._bucket.get_blob(key, retry=self._retry)
+        blob = self._bucket.get_blob(key, retry=None)
         if blob is None:
             raise self._missing(key)
         return blob
@@ -154,7 +160,7 @@ class GCSObjectStore(ObjectStore):
     def _bucket_exists(self) -> bool:
         """True unless GCS says the bucket is missing: credentials that may read objects but not buckets get True."""
         try:
-            return bool(self._bucket.exists(retry=self._retry))
+            return bool(self._bucket.exists(retry=None))
         except Exception:
             return True
 
@@ -258,10 +264,10 @@ def _native_client(endpoint_url: str | None) -> Any:
         raise ObjectStoreError(f"no Google credentials found ({error}); {_CREDENTIALS_HINT}") from None
 
 
-def _sdk_retry() -> Any:
+def _sdk_upload_retry() -> Any:
     from google.cloud.storage.retry import DEFAULT_RETRY
 
-    return DEFAULT_RETRY.with_timeout(_SDK_RETRY_SECONDS)
+    return DEFAULT_RETRY.with_timeout(_SDK_UPLOAD_RETRY_SECONDS)
 
 
 def _media_errors() -> tuple[type[Exception], type[Exception]]:

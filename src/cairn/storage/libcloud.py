@@ -31,6 +31,7 @@ class LibcloudObjectStore(ObjectStore):
     """
 
     scheme = "libcloud"
+    keeps_dot_segments = False  # urllib3 folds them out of the request's URL: run/../../x would land at x
 
     def __init__(
         self,

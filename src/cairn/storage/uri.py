@@ -77,6 +77,12 @@ def store_from_uri(uri: str, backend_kwargs: dict[str, Any] | None = None) -> tu
     from cairn.storage.libcloud import LibcloudObjectStore
 
     kwargs.setdefault("container", parsed.bucket)
+    if "provider" not in kwargs:
+        raise ValueError(
+            f"{uri!r}: a libcloud:// URI names a container but not its provider; pass backend_kwargs={{'provider': "
+            "'AZURE_BLOBS', 'key': ..., 'secret': ...} (a RemoteUploaderDownloader's), or use the provider's own "
+            "scheme (s3://, gs://, az://)"
+        )
     return LibcloudObjectStore(**kwargs), parsed.path
 
 
