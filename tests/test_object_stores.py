@@ -82,3 +82,27 @@ def test_a_changed_object_fails_verification(store: ObjectStore, tmp_path: Path)
 def test_uploading_a_missing_file_is_refused(store: ObjectStore, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such file"):
         store.upload_object("e.bin", str(tmp_path / "absent.bin"))
+
+
+def test_delete_removes_that_one_object_and_a_missing_one_is_no_error(store: ObjectStore, tmp_path: Path) -> None:
+    """Deleting is one object, never a prefix; deleting what is not there (a retried delete whose answer was lost,
+    another prune that got there first, a name that only prefixes others) passes quietly, as S3's DELETE does."""
+    for name in ("run/a.bin", "run/ab.bin", "run/sub/c.bin"):
+        store.upload_object(name, str(_file(tmp_path, name.replace("/", "-"), 1000)))
+    store.delete_object("run/a.bin")
+    assert store.list_objects("run/") == ["run/ab.bin", "run/sub/c.bin"]
+    with pytest.raises(ObjectNotFoundError):
+        store.get_object_size("run/a.bin")
+    store.delete_object("run/a.bin")  # already gone
+    store.delete_object("run/sub")  # a prefix of an object, not an object: nothing under it goes
+    store.delete_object("never/was.bin")
+    assert store.list_objects("run/") == ["run/ab.bin", "run/sub/c.bin"]
+    store.delete_object("run/sub/c.bin")
+    assert store.list_objects("run/") == ["run/ab.bin"]
+
+
+def test_delete_refuses_a_name_outside_the_prefix(store: ObjectStore, tmp_path: Path) -> None:
+    store.upload_object("kept.bin", str(_file(tmp_path, "kept.bin", 10)))
+    with pytest.raises(ValueError, match="leads outside"):
+        store.delete_object("/kept.bin")
+    assert store.list_objects("") == ["kept.bin"]

@@ -36,6 +36,8 @@ from test_object_stores import (  # noqa: F401
     test_a_changed_object_fails_verification,
     test_a_large_file_survives_the_trip,
     test_a_missing_object_is_file_not_found,
+    test_delete_refuses_a_name_outside_the_prefix,
+    test_delete_removes_that_one_object_and_a_missing_one_is_no_error,
     test_download_does_not_replace_a_file_unless_asked,
     test_upload_list_size_download_round_trip,
     test_uploading_a_missing_file_is_refused,

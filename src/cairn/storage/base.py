@@ -3,7 +3,8 @@
 Names and URIs are ``str``, never ``Path``: ``Path("s3://b/k")`` would fold the double slash. Public methods check
 their arguments and turn each SDK's exceptions into cairn's (a missing object is :class:`ObjectNotFoundError`, a
 ``FileNotFoundError`` too; anything else that still fails after retries is :class:`ObjectStoreError`). Stores
-implement the private hooks; they never retry themselves beyond what their SDK already does.
+implement the private hooks; they never retry themselves beyond what their SDK already does. Deleting an object
+that is not there is not an error (:meth:`ObjectStore.delete_object`), as in S3.
 """
 
 from __future__ import annotations
@@ -124,6 +125,22 @@ class ObjectStore(abc.ABC):
         skip = len(self.prefix)
         return sorted((key[skip:], size) for key, size in entries if key.startswith(self.prefix))
 
+    def delete_object(self, name: str) -> None:
+        """Delete the object ``name``, with the same retries and errors as every other call.
+
+        An object that is not there is not an error, as in S3 (whose DELETE answers alike either way): a delete
+        retried after its answer was lost, or one that another process (a second prune, a person) got to first,
+        leaves the store as asked. A missing bucket, or a refusal (no permission to delete), is
+        :class:`ObjectStoreError` naming the object's URI. Only the one object goes: ``name`` is never a prefix, and
+        a sharded folder's files are deleted one by one (see :mod:`cairn.checkpoint.save.remote_retention`). In a
+        bucket with versioning on, the store keeps the old version behind a delete marker, as its own rules say.
+        """
+        uri = self.get_uri(name)  # refuses a name that leads outside the prefix before any request
+        try:
+            self._retrying(f"delete {uri}", self._delete, self.key(name))
+        except ObjectNotFoundError:
+            log.debug("%s was already gone", uri)
+
     def close(self) -> None:  # noqa: B027 - most SDK clients need no closing
         """Release connections. The store must not be used afterwards."""
 
@@ -203,6 +220,11 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     def _list(self, key_prefix: str) -> list[str]: ...
+
+    def _delete(self, key: str) -> None:
+        """Delete the object ``key``; a missing one may raise :class:`ObjectNotFoundError` or pass quietly. This
+        default, for stores written elsewhere before deleting was part of the protocol, refuses."""
+        raise ObjectStoreError(f"{type(self).__name__} cannot delete objects (it implements no _delete)")
 
     def _list_with_sizes(self, key_prefix: str) -> list[tuple[str, int]]:
         """``(key, bytes)`` for each key :meth:`_list` gives. Every store here reads the sizes from its listing; this

@@ -151,6 +151,14 @@ class FsspecObjectStore(ObjectStore):
                 raise self._missing_bucket()
         return entries
 
+    def _delete(self, key: str) -> None:
+        """Remove the one file ``key``: looked up first, so that a folder (``file://``) or a name that only prefixes
+        others is a missing object (which ``delete_object`` lets pass), never a folder removed with its contents.
+        A ``file://`` folder left empty stays: removing it could pull it from under an upload starting in it."""
+        with self._sdk_errors(key):
+            self._file_info(key)
+            self._fs.rm_file(self._path(key))
+
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
         """Compare the MD5 the backend reports (Azure's ``Content-MD5``: the service's own for a blob sent in one
         request, the one declared at upload for a blob sent in blocks, see :meth:`_declared_md5`; GCS's

@@ -96,6 +96,15 @@ class LibcloudObjectStore(ObjectStore):
             objects = self._driver.iterate_container_objects(container, prefix=key_prefix or None)
             return [(obj.name, int(obj.size or 0)) for obj in objects]
 
+    def _delete(self, key: str) -> None:
+        """libcloud deletes an ``Object``, so the object is looked up first (``ObjectDoesNotExistError`` when it is
+        not there, which ``delete_object`` lets pass); a driver that answers False refused the delete."""
+        with self._sdk_errors(key):
+            obj = self._driver.get_object(self.bucket, key)
+            deleted = self._driver.delete_object(obj)
+        if not deleted:
+            raise ObjectStoreError(f"provider {self.provider!r} did not delete {key!r} (the driver answered False)")
+
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
         """Compare the MD5 the provider reports; None where it reports none (S3 multipart ETags, Azure's ETags)."""
         key = self.key(name)

@@ -129,6 +129,12 @@ class OCIObjectStore(ObjectStore):
                 if not start:
                     return entries
 
+    def _delete(self, key: str) -> None:
+        """OCI answers 404 ``ObjectNotFound`` for a missing object (``delete_object`` lets it pass); a missing
+        bucket or namespace is told apart by :meth:`_not_found`."""
+        with self._sdk_errors(key):
+            self._client.delete_object(self.namespace, self.bucket, key)
+
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
         """The MD5 OCI keeps: of the content for a simple put; of the parts' MD5s for a multipart upload.
 

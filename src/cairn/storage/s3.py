@@ -159,6 +159,11 @@ class S3ObjectStore(ObjectStore):
                 entries.extend((item["Key"], int(item["Size"])) for item in page.get("Contents", []))
         return entries
 
+    def _delete(self, key: str) -> None:
+        """S3's DELETE answers 204 whether or not the object was there; a missing bucket is ``NoSuchBucket``."""
+        with _translated(key):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+
     def _checksum_matches(self, name: str, filename: str) -> bool | None:
         """Compare the ETag: the MD5 of a single-part upload, or of the parts' MD5s for a multipart one.
 

@@ -1,0 +1,233 @@
+"""Deleting a run's old checkpoints in its object store: what the retention rules doomed, and nothing else.
+
+The rules (which checkpoints to keep) are decided elsewhere (:mod:`cairn.checkpoint.save.retention`); this module
+lists the run's checkpoints in the store (:func:`list_store_checkpoints`) and deletes the doomed ones
+(:func:`prune_store`), enforcing on its own, whatever it is handed, what must never happen in a store:
+
+- it deletes only names this run's remote name pattern could have produced: never another run's objects, never a
+  damaged copy autoresume kept aside (``<name>.damaged-...``), never a pointer object (``....symlink``);
+- it never deletes the checkpoint a store pointer (``latest``, ``best``) names, read from the store just before;
+- it deletes nothing until a newer checkpoint that stays is verified in the store, so the store never holds less
+  to resume from than before the prune;
+- a sharded folder (the prefix ``<name>/``, complete when its ``cairn.pt`` is there) loses its ``cairn.pt`` first:
+  from that moment it is no complete folder, so neither a loader nor autoresume takes it, wherever a crash stops
+  the rest. Its other objects follow. A folder left without ``cairn.pt`` is listed as incomplete and its objects go
+  at a later prune.
+
+A failed delete is logged with the object's URI and never raised: training goes on, and the checkpoint, still
+listed, is doomed again at the next prune. The prune stops at the first failure (a store that is down or refuses
+would refuse the rest too, each after its retries).
+
+Names here are names in the store, as the store lists them: for a saver's remote file name ``n``, that is
+``transfers.remote_name(n)``. Save-side code: nothing here imports ``checkpoint.load``, so the one check of a
+complete folder (its ``cairn.pt`` in a listing) is made here again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cairn.checkpoint.naming.templates import PROGRESS_ORDER
+from cairn.errors import CheckpointCorruptError, ObjectStoreError
+from cairn.names import DAMAGED_MARKER, METADATA_FILE, POINTER_SUFFIX, TEMP_MARKER
+from cairn.storage.pointer import read_pointer
+from cairn.utils.text import printable
+
+if TYPE_CHECKING:
+    from cairn.storage.base import ObjectStore
+    from cairn.storage.transfer import Transfers
+
+__all__ = ["MetricOf", "StoreCheckpoint", "list_store_checkpoints", "prune_store"]
+
+log = logging.getLogger(__name__)
+
+#: reads the metric value a checkpoint recorded when it was saved, given its name in the store (None: it recorded
+#: none, so it ranks last)
+MetricOf = Callable[[str], "float | None"]
+
+
+@dataclass(frozen=True)
+class StoreCheckpoint:
+    """One of the run's checkpoints in the store, with what retention needs to judge it.
+
+    ``name`` is the object's name (a single file) or the folder's (a sharded folder, without the trailing ``/``);
+    ``progress`` the numbers in the name, epoch first (the order retention sorts by); ``sharded`` whether it is a
+    folder; ``complete`` False for a folder without its ``cairn.pt`` (an upload in flight, or a delete that was cut
+    short: never a checkpoint to keep or to count); ``metric`` what ``metric_of`` read (None without one).
+    """
+
+    name: str
+    progress: tuple[float, ...]
+    sharded: bool
+    complete: bool
+    metric: float | None = None
+
+
+def list_store_checkpoints(
+    transfers: Transfers, pattern: re.Pattern[str], prefix: str = "", *, metric_of: MetricOf | None = None
+) -> list[StoreCheckpoint]:
+    """The run's checkpoints in the store, oldest first (by the progress in their names, then by name), as
+    :func:`cairn.checkpoint.folder.list_checkpoints` orders local files.
+
+    ``pattern`` matches the store names the run's remote name template makes (``name_pattern`` of
+    ``transfers.remote_template(template)``); ``prefix`` is where to list (``store_names.listing_prefix``; the
+    whole store when empty). A name counts if it is an object matching ``pattern``, or a folder matching it
+    (``<name>/...``); damaged copies, pointers and temporaries never count, whatever the pattern says.
+
+    ``metric_of`` (optional) is called for each complete checkpoint to read the metric it recorded: reading it
+    from the store means a download, so a saver may pass the values it kept when it saved, and fall back to the
+    store only for checkpoints of earlier runs. Its exceptions propagate: a metric that could not be read must not
+    rank a checkpoint last and get it deleted.
+    """
+    files: set[str] = set()
+    folders: dict[str, set[str]] = {}
+    for name in transfers.store.list_objects(prefix):
+        if _is_ours(name, pattern):
+            files.add(name)
+            continue
+        folder, _, member = name.rpartition("/")
+        if folder and _is_ours(folder, pattern):
+            folders.setdefault(folder, set()).add(member)
+    found = [StoreCheckpoint(name, _progress(pattern, name), False, True) for name in files - folders.keys()]
+    found += [
+        StoreCheckpoint(name, _progress(pattern, name), True, METADATA_FILE in members)
+        for name, members in folders.items()
+    ]
+    found.sort(key=lambda checkpoint: (checkpoint.progress, checkpoint.name))
+    if metric_of is None:
+        return found
+    return [
+        StoreCheckpoint(c.name, c.progress, c.sharded, c.complete, metric_of(c.name) if c.complete else None)
+        for c in found
+    ]
+
+
+def prune_store(
+    transfers: Transfers,
+    doomed: Iterable[str],
+    *,
+    pattern: re.Pattern[str],
+    verified: Collection[str],
+    pointers: Collection[str] = (),
+    protect: Collection[str] = (),
+) -> list[str]:
+    """Delete the checkpoints named in ``doomed`` from ``transfers``' store; return the names deleted whole.
+
+    What the caller passes, all as names in the store:
+
+    - ``doomed``: checkpoints the retention rules gave up (a folder by its name, with or without ``/``);
+    - ``pattern``: the run's remote name pattern; a doomed name it does not match in full is never touched;
+    - ``verified``: checkpoints known to be complete and verified in the store: for a single file, its upload
+      finished (an upload is verified before it counts as done); for a sharded folder, its ``cairn.pt``, uploaded
+      last, finished. A doomed checkpoint is deleted only when one of these, newer by the progress in its name,
+      stays after this prune (it is not doomed, or it is protected). So a saver passes what its finished uploads
+      tell it, and a prune right after a save whose upload is still in flight deletes nothing yet;
+    - ``pointers``: the store's pointer objects (``latest``, ``best``; e.g. ``transfers.remote_name(pointer)``).
+      Each is read now, and the checkpoint it names is never deleted; a pointer that cannot be read (the store
+      failed, or it holds no name) stops the prune, since what it protects is unknown;
+    - ``protect``: checkpoints never to delete whatever else holds (uploads in flight, for instance).
+
+    The caller moves a pointer away from a checkpoint before dooming it. Deletes run here, on the calling thread,
+    one object at a time; failures are logged (with the object's URI) and the rest waits for the next prune.
+    """
+    store = transfers.store
+    wanted = _doomed_of_ours(doomed, pattern, store)
+    if not wanted:
+        return []
+    try:
+        kept = set(_pointer_targets(store, pointers)) | {name.rstrip("/") for name in protect}
+    except (ObjectStoreError, CheckpointCorruptError, OSError) as err:
+        log.warning("nothing deleted from %s this time: could not read its pointers (%s)", transfers.bucket_uri, err)
+        return []
+    wanted = [name for name in wanted if not _named_by_any(name, kept)]
+    staying = {name.rstrip("/") for name in verified} - set(wanted)
+    newest_staying = max((_progress(pattern, name) for name in staying if pattern.fullmatch(name)), default=None)
+    deleted = []
+    for name in sorted(wanted, key=lambda name: (_progress(pattern, name), name)):
+        if newest_staying is None or not _progress(pattern, name) < newest_staying:
+            log.info("%s stays in the store until a newer checkpoint is verified there", store.get_uri(name))
+            continue
+        if not _delete_checkpoint(store, name):
+            break
+        deleted.append(name)
+    return deleted
+
+
+def _doomed_of_ours(doomed: Iterable[str], pattern: re.Pattern[str], store: ObjectStore) -> list[str]:
+    """The doomed names this run's pattern could have produced, each once; the others are named in the log (as
+    text only: such a name may not even be a valid one in this store)."""
+    ours = []
+    for name in dict.fromkeys(name.rstrip("/") for name in doomed):
+        if _is_ours(name, pattern):
+            ours.append(name)
+        else:
+            log.warning("not deleting %r from %s: not a name of this run's checkpoints", printable(name), store)
+    return ours
+
+
+def _is_ours(name: str, pattern: re.Pattern[str]) -> bool:
+    """Whether ``name`` is one the run's pattern produces, and none of the names kept beside checkpoints."""
+    if name.endswith(POINTER_SUFFIX) or DAMAGED_MARKER in name or TEMP_MARKER in name:
+        return False
+    return pattern.fullmatch(name) is not None
+
+
+def _progress(pattern: re.Pattern[str], name: str) -> tuple[float, ...]:
+    match = pattern.fullmatch(name)
+    if match is None:
+        return ()
+    numbers = match.groupdict()
+    return tuple(float(numbers[key]) for key in PROGRESS_ORDER if numbers.get(key) is not None)
+
+
+def _pointer_targets(store: ObjectStore, pointers: Collection[str]) -> list[str]:
+    """What each pointer names now, without a trailing ``/``; a pointer not (yet) in the store names nothing."""
+    targets = []
+    for pointer in pointers:
+        target = read_pointer(store, pointer)
+        if target is not None:
+            targets.append(target.rstrip("/"))
+    return targets
+
+
+def _named_by_any(name: str, targets: set[str]) -> bool:
+    """Whether a pointer names ``name``, or an object inside it (a folder's ``cairn.pt``)."""
+    return any(target == name or target.startswith(f"{name}/") for target in targets)
+
+
+def _delete_checkpoint(store: ObjectStore, name: str) -> bool:
+    """Delete the single object ``name``, or the folder ``name/`` with ``cairn.pt`` first; False after a failure,
+    which is logged with the object's URI.
+
+    Inside a folder, a damaged copy or a pointer (no save puts one there) is left alone, as everywhere.
+    """
+    current = name
+    try:
+        members = store.list_objects(f"{name}/")
+        if not members:
+            store.delete_object(name)
+            log.info("deleted %s from the store", printable(store.get_uri(name)))
+            return True
+        metadata = f"{name}/{METADATA_FILE}"
+        left = [member for member in members if member.endswith(POINTER_SUFFIX) or DAMAGED_MARKER in member]
+        doomed = sorted(set(members) - set(left), key=lambda member: member != metadata)  # cairn.pt first
+        for current in doomed:
+            store.delete_object(current)
+            log.debug("deleted %s", printable(store.get_uri(current)))
+        log.info(
+            "deleted the sharded folder %s from the store (%d objects)", printable(store.get_uri(name)), len(doomed)
+        )
+        if left:
+            log.warning("left %s in %s: a damaged copy or a pointer is never deleted", left, store.get_uri(name))
+        return True
+    except (ObjectStoreError, OSError) as err:
+        log.warning(
+            "could not delete %s from the store (%s); training goes on, and it is tried again at the next prune",
+            printable(store.get_uri(current)),
+            err,
+        )
+        return False
