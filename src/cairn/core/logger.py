@@ -57,11 +57,18 @@ class Logger:
     def __init__(self, state: State, destinations: Sequence[LoggerDestination] = ()) -> None:
         self._state = state
         self.destinations = list(destinations)
+        self._latest: dict[str, float] = {}
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         step = self._state.timestamp.batch if step is None else step
+        self._latest.update({name: float(value) for name, value in metrics.items() if _is_number(value)})
         for destination in self.destinations:
             destination.log_metrics(metrics, step)
+
+    def latest_metric(self, name: str) -> float | None:
+        """The value last logged under ``name`` in this process (since it started), or None: what a checkpoint
+        saver records in each checkpoint for ``best_metric``."""
+        return self._latest.get(name)
 
     def log_hyperparameters(self, hyperparameters: dict[str, Any]) -> None:
         for destination in self.destinations:
@@ -88,6 +95,17 @@ class Logger:
     @property
     def uploads_files(self) -> bool:
         return any(type(d).upload_file is not LoggerDestination.upload_file for d in self.destinations)
+
+
+def _is_number(value: object) -> bool:
+    """A value a checkpoint can record as a float: a Python or NumPy number, or a one-element tensor."""
+    if isinstance(value, bool):
+        return False
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def transfers_among(destinations: Iterable[object]) -> list[Transfers]:

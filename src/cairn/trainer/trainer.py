@@ -17,7 +17,7 @@ from torchmetrics import Metric
 from cairn.checkpoint.keys import check_ignore_keys
 from cairn.checkpoint.naming.checks import bidi_controls, check_names, control_characters
 from cairn.checkpoint.resume import check_autoresume_names, restore, saving_from_arguments
-from cairn.checkpoint.save.saver import CheckpointSaver
+from cairn.checkpoint.save.saver import CheckpointSaver, check_retention_arguments
 from cairn.core.callback import Algorithm, Callback
 from cairn.core.engine import Engine
 from cairn.core.event import Event
@@ -105,6 +105,12 @@ class Trainer:
         save_remote_file_name: str | None = None,
         save_ignore_keys: Sequence[str] | None = None,
         save_async: bool = False,
+        save_keep_best: int = 0,
+        save_best_metric: str | None = None,
+        save_best_mode: str = "max",
+        save_best_filename: str | None = "best-rank{rank}.pt",
+        save_keep_every: str | Time[Any] | None = None,
+        save_remote_num_checkpoints_to_keep: int = -1,
         # loading and resuming (docs/checkpointing.md, "Loading and resuming")
         load_path: str | None = None,
         load_object_store: ObjectStore | RemoteUploaderDownloader | None = None,
@@ -469,6 +475,17 @@ def _checked_arguments(**given: Any) -> SimpleNamespace:
         args.save_folder, args.save_filename, args.save_latest_filename, args.save_remote_file_name, _ = check_names(
             args.save_folder, args.save_filename, args.save_latest_filename, args.save_remote_file_name, prefix="save_"
         )
+        check_retention_arguments(  # under the Trainer's names; the saver checks them again
+            keep_best=args.save_keep_best,
+            best_metric=args.save_best_metric,
+            best_mode=args.save_best_mode,
+            best_filename=args.save_best_filename,
+            keep_every=args.save_keep_every,
+            remote_num_checkpoints_to_keep=args.save_remote_num_checkpoints_to_keep,
+            filename=args.save_filename,
+            latest_filename=args.save_latest_filename,
+            prefix="save_",
+        )
     args.save_ignore_keys = check_ignore_keys(args.save_ignore_keys, argument="save_ignore_keys", loading=False)
     args.load_ignore_keys = check_ignore_keys(args.load_ignore_keys, argument="load_ignore_keys", loading=True)
     return args
@@ -513,6 +530,12 @@ def _saving_keywords(args: SimpleNamespace) -> dict[str, Any]:
         "overwrite": args.save_overwrite,
         "ignore_keys": args.save_ignore_keys,
         "async_save": args.save_async,
+        "keep_best": args.save_keep_best,
+        "best_metric": args.save_best_metric,
+        "best_mode": args.save_best_mode,
+        "best_filename": args.save_best_filename,
+        "keep_every": args.save_keep_every,
+        "remote_num_checkpoints_to_keep": args.save_remote_num_checkpoints_to_keep,
     }
 
 

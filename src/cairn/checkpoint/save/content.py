@@ -10,8 +10,10 @@ but the hash itself, so a flipped bit anywhere in the data is caught when the fi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +26,25 @@ from cairn.utils.dist import all_gather_object, get_world_size
 from cairn.utils.reproducibility import rng_state
 from cairn.version import __version__
 
-__all__ = ["build_checkpoint", "collect_checkpoint", "parameter_names", "seal"]
+__all__ = ["build_checkpoint", "collect_checkpoint", "parameter_names", "recording_metrics", "seal"]
+
+#: the metric values the saver records in the checkpoints built inside :func:`recording_metrics`
+_RECORDED_METRICS: contextvars.ContextVar[Mapping[str, float] | None] = contextvars.ContextVar(
+    "cairn_recorded_metrics", default=None
+)
+
+
+@contextlib.contextmanager
+def recording_metrics(values: Mapping[str, float]) -> Iterator[None]:
+    """Record ``values`` (logged metric name -> value at save time) in the metadata (``metadata["metrics"]``) of
+    every checkpoint built inside this block, on this thread: how the saver hands the value ``keep_best`` ranks by
+    to whichever writer it has, without each writer learning about metrics. Every writer builds the checkpoint's
+    content in ``start``, on the thread that calls it, so the block need only surround that call."""
+    token = _RECORDED_METRICS.set(dict(values))
+    try:
+        yield
+    finally:
+        _RECORDED_METRICS.reset(token)
 
 
 def build_checkpoint(
@@ -52,6 +72,10 @@ def collect_checkpoint(
         checkpoint = {"state": state.state_dict(tensors=not sharded), "rng": all_gather_object(rng_state())}
     checkpoint = drop_keys(checkpoint, ignore_keys)
     checkpoint["state"]["metadata"] = {**_metadata(get_world_size(), weights_only), "sharded": sharded}
+    checkpoint["state"]["metadata"]["progress"] = _progress(state)
+    metrics = _RECORDED_METRICS.get()
+    if metrics:
+        checkpoint["state"]["metadata"]["metrics"] = {str(name): float(value) for name, value in metrics.items()}
     if not weights_only:
         checkpoint["state"]["metadata"]["parameter_names"] = parameter_names(state)
     return checkpoint
@@ -92,6 +116,21 @@ def _as_saved(tensor: torch.Tensor) -> torch.Tensor:
     if overlaps(tuple(tensor.shape), tensor.stride()):
         tensor = tensor.contiguous()
     return tensor
+
+
+def _progress(state: State) -> dict[str, int]:
+    """Where the run was, in the metadata of every checkpoint (weights-only ones hold no timestamp): retention
+    reads it to keep ``keep_every`` boundaries, without relying on the file's name."""
+    timestamp = state.timestamp
+    return {
+        "epoch": int(timestamp.epoch),
+        "batch": int(timestamp.batch),
+        "sample": int(timestamp.sample),
+        "token": int(timestamp.token),
+        "batch_in_epoch": int(timestamp.batch_in_epoch),
+        "sample_in_epoch": int(timestamp.sample_in_epoch),
+        "token_in_epoch": int(timestamp.token_in_epoch),
+    }
 
 
 def _metadata(world_size: int, weights_only: bool) -> dict[str, Any]:

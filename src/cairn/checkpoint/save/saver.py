@@ -3,27 +3,39 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import itertools
 import logging
 import os
 import re
-import shutil
 import stat
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from cairn.checkpoint.folder import list_checkpoints, named_entries
 from cairn.checkpoint.keys import check_ignore_keys
-from cairn.checkpoint.naming.checks import check_names, check_not_a_file
+from cairn.checkpoint.naming.checks import check_local_name, check_names, check_not_a_file
 from cairn.checkpoint.naming.clash import template_clash
 from cairn.checkpoint.naming.templates import PROGRESS_VARIABLES, fields_of, format_name, name_pattern
 from cairn.checkpoint.save.background import BackgroundSaves
 from cairn.checkpoint.save.commit import atomic_symlink, remove_stale_temporaries
+from cairn.checkpoint.save.content import recording_metrics
 from cairn.checkpoint.save.policy import is_last_checkpoint_event, save_policy
 from cairn.checkpoint.save.remote_shards import FolderUpload, ShardedUploads
-from cairn.checkpoint.save.retention import prune
+from cairn.checkpoint.save.retention import (
+    BEST_MODES,
+    RecordCache,
+    RetentionCandidate,
+    RetentionRules,
+    best_ranking,
+    candidates_in,
+    check_keep_every,
+    link_target,
+    prune,
+)
 from cairn.checkpoint.save.store_names import guard_store_names
 from cairn.checkpoint.save.writers import SingleFileWriter, Writer, make_writer
 from cairn.core.callback import Callback
@@ -31,12 +43,13 @@ from cairn.core.event import Event
 from cairn.core.interval import IntervalLike
 from cairn.core.logger import Logger
 from cairn.core.state import State
+from cairn.core.time import Time
 from cairn.names import POINTER_SUFFIX
 from cairn.storage.pointer import pointer_beside
 from cairn.utils.arguments import check_flag
 from cairn.utils.dist import barrier, broadcast_object, get_rank, share_rank_zero_failure
 
-__all__ = ["CheckpointSaver", "save_checkpoint"]
+__all__ = ["CheckpointSaver", "check_retention_arguments", "save_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +63,7 @@ class _Target:
     folder: str
     path: str
     latest_link: str | None
+    best_link: str | None
     retention_pattern: str
     remote_name: str
     remote_pointer: str | None
@@ -61,8 +75,16 @@ class CheckpointSaver(Callback):
 
     ``folder``, ``filename`` and ``latest_filename`` are format strings (``{run_name}``, ``{epoch}``, ``{batch}``,
     ``{rank}``, ... see ``cairn.checkpoint.naming.templates.FORMAT_VARIABLES``); folders inside a name are
-    created. The end of training is always saved once. ``num_checkpoints_to_keep`` counts the files matching
-    ``filename`` on disk.
+    created. The end of training is always saved once.
+
+    Retention (docs/checkpointing.md, "Retention") decides from the files on disk which checkpoints matching
+    ``filename`` stay: the ``num_checkpoints_to_keep`` most recent (``-1`` all; ``0`` each one once uploaded), the
+    ``keep_best`` best by ``best_metric`` (a logged metric whose value at save time each checkpoint records in its
+    metadata; ``best_mode`` ``"max"`` or ``"min"``), every one on a ``keep_every`` boundary (``"10ep"``), and any
+    that the ``latest`` or ``best`` link names. ``best_filename`` is a link to the best one (only with
+    ``keep_best``; ``None``: no link). ``remote_num_checkpoints_to_keep`` is the store's count of recent ones
+    (``-1``: the store keeps everything); the saver only checks and holds it, the store side applies it with the
+    same rules (:attr:`remote_retention`).
 
     With ``async_save=True`` a save only copies the state into reused host buffers (pinned memory for GPU tensors)
     and returns; a background thread hashes, writes, fsyncs and renames the file, then moves ``latest``, hands the
@@ -84,6 +106,12 @@ class CheckpointSaver(Callback):
         overwrite: bool = False,
         ignore_keys: Sequence[str] | None = None,
         async_save: bool = False,
+        keep_best: int = 0,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        best_filename: str | None = "best-rank{rank}.pt",
+        keep_every: str | Time[Any] | None = None,
+        remote_num_checkpoints_to_keep: int = -1,
     ) -> None:
         self.folder, self.filename, self.latest_filename, self.remote_file_name, self.latest_remote_file_name = (
             check_names(folder, filename, latest_filename, remote_file_name, latest_remote_file_name)
@@ -96,6 +124,21 @@ class CheckpointSaver(Callback):
             raise ValueError(f"num_checkpoints_to_keep={num_checkpoints_to_keep}: use -1 (keep all), 0, or more")
         _refuse_latest_names_that_clash(self)
         self.num_checkpoints_to_keep = num_checkpoints_to_keep
+        retention = check_retention_arguments(
+            keep_best=keep_best,
+            best_metric=best_metric,
+            best_mode=best_mode,
+            best_filename=best_filename,
+            keep_every=keep_every,
+            remote_num_checkpoints_to_keep=remote_num_checkpoints_to_keep,
+            filename=self.filename,
+            latest_filename=self.latest_filename,
+        )
+        self.keep_best, self.best_metric, self.best_mode, self.best_filename, self.keep_every = retention[:5]
+        self.remote_num_checkpoints_to_keep: int = retention[5]
+        self._records = RecordCache()  # what each checkpoint file records, read once per file
+        self._prune_lock = threading.Lock()  # the background save prunes, and so does the training thread
+        self._uploaded: set[str] = set()  # local files every upload of which succeeded (num_checkpoints_to_keep=0)
         self.overwrite = check_flag(overwrite, argument="overwrite")
         self.ignore_keys = check_ignore_keys(ignore_keys, argument="ignore_keys", loading=False)
         # not written into checkpoints: the files on disk are the record, and a resumed run lists only what it saves
@@ -110,6 +153,24 @@ class CheckpointSaver(Callback):
         self._background = BackgroundSaves()
         self._writer: Writer | None = None  # built at the first save, when the state says which format
         self._sharded_uploads = ShardedUploads()
+
+    @property
+    def retention(self) -> RetentionRules:
+        """The rules local pruning applies (docs/checkpointing.md, "Retention")."""
+        return RetentionRules(
+            recent=self.num_checkpoints_to_keep, best=self.keep_best, mode=self.best_mode, every=self.keep_every
+        )
+
+    @property
+    def remote_retention(self) -> RetentionRules | None:
+        """The rules the store side applies to this saver's objects, or None when the store keeps everything
+        (``remote_num_checkpoints_to_keep=-1``, the default): the same best and boundary rules as on disk, with the
+        store's own count of recent checkpoints."""
+        if self.remote_num_checkpoints_to_keep < 0:
+            return None
+        return RetentionRules(
+            recent=self.remote_num_checkpoints_to_keep, best=self.keep_best, mode=self.best_mode, every=self.keep_every
+        )
 
     # -- events -----------------------------------------------------------------------------------------------
 
@@ -133,6 +194,8 @@ class CheckpointSaver(Callback):
                 self.latest_remote_file_name if logger.uploads_files else None,
                 run_name=state.run_name,
             )
+            if self._links_best:
+                check_local_name(self.best_filename, argument="best_filename", run_name=state.run_name)  # type: ignore[arg-type]
             if not any(field in PROGRESS_VARIABLES for field in fields_of(self.folder)):
                 check_not_a_file(self.folder, format_name(self.folder, state, rank=0), argument="folder")
         except ValueError as err:
@@ -227,11 +290,13 @@ class CheckpointSaver(Callback):
     def _target(self, state: State) -> _Target:
         folder = format_name(self.folder, state, rank=0)
         latest = None if self.latest_filename is None else format_name(self.latest_filename, state, rank=0)
+        best = None if not self._links_best else format_name(self.best_filename, state, rank=0)  # type: ignore[arg-type]
         remote_name, remote_pointer = self.remote_names(state)
         return _Target(
             folder=folder,
             path=os.path.join(folder, format_name(self.filename, state, rank=0)),
             latest_link=None if latest is None else os.path.join(folder, latest),
+            best_link=None if best is None else os.path.join(folder, best),
             retention_pattern=name_pattern(self.filename, state, rank=0),
             remote_name=remote_name,
             remote_pointer=remote_pointer,
@@ -243,7 +308,8 @@ class CheckpointSaver(Callback):
         folder's upload registered); the returned function does the rest on every rank, now or in the background:
         write and publish, start this rank's uploads of a sharded folder, and on rank 0 move ``latest``, upload a
         single file and prune."""
-        write = self._start_write(state, target.path)
+        with recording_metrics(self._metric_to_record(logger)):  # into the metadata the writer builds now
+            write = self._start_write(state, target.path)
         upload = self._register_sharded_upload(logger, target)
 
         def finish() -> None:
@@ -263,6 +329,19 @@ class CheckpointSaver(Callback):
     def _start_write(self, state: State, path: str) -> Callable[[], None]:
         """The training thread's part of a save (every rank); the returned function writes and publishes."""
         return self._writer_for(state).start(state, path)
+
+    def _metric_to_record(self, logger: Logger | None) -> dict[str, float]:
+        """``{best_metric: value}`` as last logged, or nothing (no metric asked for, or none logged yet: the
+        checkpoint then ranks after every one that recorded a value). Recorded in the checkpoint's metadata, so
+        that the ranking of the best checkpoints is rebuilt from the files after a restart."""
+        if self.best_metric is None or logger is None:
+            return {}
+        value = logger.latest_metric(self.best_metric)
+        return {} if value is None else {self.best_metric: value}
+
+    @property
+    def _links_best(self) -> bool:
+        return self.keep_best > 0 and self.best_filename is not None
 
     def _writer_for(self, state: State) -> Writer:
         """The saver's one writer, built at its first save: only then does the state say whether checkpoints are
@@ -326,12 +405,48 @@ class CheckpointSaver(Callback):
         self._prune()
 
     def _prune(self) -> None:
-        """Apply ``num_checkpoints_to_keep`` after the newest save (rank 0). Never deleted: that checkpoint, and
-        every one whose upload is in flight or failed; they count among those kept, and go at a later prune."""
+        """Apply the retention rules after the newest save (rank 0), from the files on disk: move the ``best``
+        link first, then delete what no rule and no link keeps. Never deleted: the checkpoint just written, and
+        every one whose upload is in flight or failed; they count among the recent ones, and go at a later prune.
+        With ``num_checkpoints_to_keep=0`` only checkpoints this run has uploaded are deleted (and the ``latest``
+        link then goes with its checkpoint), unless another rule keeps them."""
         target = self._last_target
-        if self.num_checkpoints_to_keep > 0 and target is not None:
-            protect = {target.path, *self._not_safely_uploaded()}
-            prune(target.folder, target.retention_pattern, self.num_checkpoints_to_keep, protect=protect)
+        if target is None or (self.num_checkpoints_to_keep < 0 and not self._links_best):
+            return  # nothing can be deleted, and no link to move
+        with self._prune_lock:
+            candidates = candidates_in(
+                target.folder, target.retention_pattern, metric=self.best_metric, cache=self._records
+            )
+            self._move_best_link(target, candidates)
+            if self.num_checkpoints_to_keep < 0:
+                return
+            links = {"best": link_target(target.best_link)}
+            if self.num_checkpoints_to_keep > 0:  # with 0, the latest link goes with its checkpoint, as it always did
+                links["latest"] = link_target(target.latest_link)
+            named = {label: path for label, path in links.items() if path is not None}
+            removed = prune(candidates, self.retention, links=named, protect=self._protected(target, candidates))
+            with self._uploading_lock:
+                self._uploaded -= set(removed)
+            _unlink_links_to(removed)
+
+    def _protected(self, target: _Target, candidates: list[RetentionCandidate]) -> set[str]:
+        """What no rule may delete now: the checkpoint just written and those whose upload is in flight or failed;
+        with ``num_checkpoints_to_keep=0``, every checkpoint this run has not uploaded."""
+        unsettled = self._not_safely_uploaded()
+        if self.num_checkpoints_to_keep > 0:
+            return {target.path, *unsettled}
+        with self._uploading_lock:
+            uploaded = {os.path.abspath(path) for path in self._uploaded - unsettled}
+        return {c.name for c in candidates if os.path.abspath(c.name) not in uploaded}
+
+    def _move_best_link(self, target: _Target, candidates: list[RetentionCandidate]) -> None:
+        """Point the ``best`` link at the best checkpoint on disk (before any prune: the old best may then go).
+        Left as it is while no checkpoint has recorded the metric."""
+        if target.best_link is None or not self._links_best:
+            return
+        ranking = best_ranking(candidates, self.best_mode)
+        if ranking and link_target(target.best_link) != os.path.abspath(ranking[0].name):
+            atomic_symlink(target.best_link, ranking[0].name)
 
     def _not_safely_uploaded(self) -> set[str]:
         """Local checkpoints whose upload is still in flight or failed: deleting one would lose the only copy."""
@@ -361,9 +476,9 @@ class CheckpointSaver(Callback):
             self._uploading = [(future, path) for future, path in self._uploading if not future.done()]
             self._upload_failed |= {path for future, path in finished if _failed(future)}
             unsettled = self._upload_failed | {path for _, path in self._uploading}  # another uploader's, say
-        if self.num_checkpoints_to_keep == 0 and get_rank() == 0:  # rank 0 alone removes, as it alone prunes
-            for path in sorted({path for _, path in finished} - unsettled):
-                _remove_with_link(path)
+            self._uploaded |= {path for _, path in finished} - unsettled
+        if self.num_checkpoints_to_keep == 0 and finished and get_rank() == 0:  # rank 0 alone prunes
+            self._prune()
 
 
 def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:
@@ -432,16 +547,97 @@ def _failed(upload: Future[str]) -> bool:
     return upload.cancelled() or upload.exception() is not None
 
 
-def _remove_with_link(path: str) -> None:
-    """Delete an uploaded local checkpoint, and the local ``latest`` link if it pointed there."""
-    folder = os.path.dirname(path)
-    for entry in os.scandir(folder or "."):
-        if entry.is_symlink() and os.path.join(folder, os.readlink(entry.path)) == path:
-            os.unlink(entry.path)
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)  # a sharded folder
-    elif os.path.exists(path):
-        os.remove(path)
+def _unlink_links_to(removed: Sequence[str]) -> None:
+    """Remove the links beside deleted checkpoints that named them (``latest`` with ``num_checkpoints_to_keep=0``):
+    a link that leads nowhere would only mislead a reader."""
+    gone = {os.path.abspath(path) for path in removed}
+    for folder in {os.path.dirname(path) or "." for path in removed}:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_symlink() and link_target(entry.path) in gone:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
+def check_retention_arguments(
+    *,
+    keep_best: object,
+    best_metric: object,
+    best_mode: object,
+    best_filename: object,
+    keep_every: object,
+    remote_num_checkpoints_to_keep: object,
+    filename: str,
+    latest_filename: str | None,
+    prefix: str = "",
+) -> tuple[int, str | None, str, str | None, Time[Any] | None, int]:
+    """The retention arguments, each refused now (one sentence naming it, under ``prefix``: ``"save_"`` in the
+    Trainer) when it could never work, and returned checked: ``keep_best, best_metric, best_mode, best_filename,
+    keep_every, remote_num_checkpoints_to_keep``."""
+    checked_best = _checked_best(keep_best, best_metric, best_mode, prefix=prefix)
+    link = _checked_best_filename(best_filename, checked_best[0], filename, latest_filename, prefix=prefix)
+    every = None if keep_every is None else check_keep_every(keep_every, argument=f"{prefix}keep_every")
+    remote = _checked_count(
+        remote_num_checkpoints_to_keep,
+        argument=f"{prefix}remote_num_checkpoints_to_keep",
+        meaning="the store keeps all",
+    )
+    return (*checked_best, link, every, remote)
+
+
+def _checked_count(value: object, *, argument: str, meaning: str) -> int:
+    """A count of checkpoints to keep: an int of -1 (``meaning``) or more."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{argument}={value!r}: use an int (-1: {meaning})")
+    if value < -1:
+        raise ValueError(f"{argument}={value}: use -1 ({meaning}), 0, or more")
+    return value
+
+
+def _checked_best(
+    keep_best: object, best_metric: object, best_mode: object, *, prefix: str
+) -> tuple[int, str | None, str]:
+    """``keep_best``, ``best_metric`` and ``best_mode``, refused now when they could never rank anything."""
+    if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
+        raise ValueError(f"{prefix}keep_best={keep_best!r}: use an int, 0 (keep no best ones) or more")
+    if best_metric is not None and (not isinstance(best_metric, str) or not best_metric.strip()):
+        raise ValueError(
+            f"{prefix}best_metric={best_metric!r}: give the name of a logged metric, such as "
+            "'metrics/eval/MulticlassAccuracy'"
+        )
+    if keep_best > 0 and best_metric is None:
+        raise ValueError(
+            f"{prefix}keep_best={keep_best} ranks checkpoints by a metric, and {prefix}best_metric is None; pass the "
+            f"name of a logged metric, such as {prefix}best_metric='metrics/eval/MulticlassAccuracy'"
+        )
+    if best_mode not in BEST_MODES:
+        raise ValueError(f"{prefix}best_mode={best_mode!r}: use 'max' (higher is better) or 'min' (lower is better)")
+    return keep_best, best_metric, str(best_mode)
+
+
+def _checked_best_filename(
+    best_filename: object, keep_best: int, filename: str, latest_filename: str | None, *, prefix: str
+) -> str | None:
+    """The ``best`` link's name template, checked as ``latest_filename`` is; it must never take the name of a
+    checkpoint or of the ``latest`` link, or each move would replace one of them (checked only when the link is
+    made: with ``keep_best=0`` the default name must not refuse a saver that worked before)."""
+    if best_filename is None:
+        return None
+    checked = check_local_name(best_filename, argument=f"{prefix}best_filename")  # type: ignore[arg-type]
+    if keep_best == 0:
+        return checked
+    for other, argument in ((filename, "filename"), (latest_filename, "latest_filename")):
+        clash = None if other is None else template_clash(other, checked)
+        if clash is not None:
+            raise ValueError(
+                f"{prefix}best_filename={checked!r} and {prefix}{argument}={other!r} can both name {clash!r}, and the "
+                "best link would replace it; give the link a name nothing else can take (such as "
+                f"'best-rank{{rank}}.pt'), or pass {prefix}best_filename=None"
+            )
+    return checked
 
 
 def save_checkpoint(

@@ -28,6 +28,7 @@ from cairn.atomic import is_temporary
 from cairn.checkpoint.folder import folder_entries
 from cairn.checkpoint.format import is_sharded, is_weights_only
 from cairn.checkpoint.load.archive import check_archive
+from cairn.checkpoint.save.retention import PROGRESS_KEYS, RetentionCandidate, RetentionRules, reasons_to_keep
 from cairn.checkpoint.shards import is_sharded_folder
 from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
 from cairn.names import METADATA_FILE
@@ -47,6 +48,8 @@ __all__ = [
     "model_tensor_sizes",
     "peek_checkpoint",
     "progress_from_name",
+    "recorded_metric_names",
+    "retention_reasons",
     "size_on_disk",
     "summarize",
 ]
@@ -75,6 +78,10 @@ class ListedCheckpoint:
     latest: tuple[str, ...] = ()  #: the ``latest`` links or pointers that name it
     modified: float | None = field(default=None, compare=False, repr=False)  #: the file's mtime (local only)
     progress: tuple[int, ...] = field(default=(), compare=False, repr=False)  #: epoch, batch, sample, token
+    #: the metric values the run recorded in it when saving (``best_metric``), by logged name; local only
+    metrics: Mapping[str, float] = field(default_factory=dict, compare=False)
+    #: the progress counts it records (epoch, batch, batch_in_epoch, ...), or those its name holds in a store
+    counts: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,8 @@ def _local_entry(name: str, path: str) -> ListedCheckpoint | None:
     created = state["metadata"].get("created_at")
     modified = os.path.getmtime(path)
     progress = tuple(_count(timestamp.get(key)) for key in _PROGRESS_KEYS)
+    recorded = state["metadata"].get("progress")
+    counts = recorded if isinstance(recorded, dict) else timestamp
     return ListedCheckpoint(
         name=name,
         location=path,
@@ -166,7 +175,45 @@ def _local_entry(name: str, path: str) -> ListedCheckpoint | None:
         batch=_count(timestamp.get("batch"), None),
         modified=modified,
         progress=progress,
+        metrics=_recorded_metrics(state["metadata"].get("metrics")),
+        counts={key: counts[key] for key in PROGRESS_KEYS if _count(counts.get(key), None) is not None},
     )
+
+
+def _recorded_metrics(metrics: Any) -> dict[str, float]:
+    """The metric values a checkpoint recorded (``metadata["metrics"]``), numbers only: the file is not verified."""
+    if not isinstance(metrics, dict):
+        return {}
+    return {str(name): float(value) for name, value in metrics.items() if _is_number(value)}
+
+
+def recorded_metric_names(listing: Listing) -> list[str]:
+    """Every metric name the listed checkpoints recorded, sorted."""
+    return sorted({name for entry in listing.entries for name in entry.metrics})
+
+
+def retention_reasons(listing: Listing, rules: RetentionRules, *, metric: str | None) -> dict[str, tuple[str, ...]]:
+    """Why the retention ``rules`` would keep each listed checkpoint (by location), in the words of
+    :func:`~cairn.checkpoint.save.retention.reasons_to_keep`; an empty tuple: a save under these rules would delete
+    it. ``metric`` is the recorded metric the best are ranked by. A link or pointer whose name starts with ``best``
+    counts as the ``best`` link, any other as ``latest``. All the listed checkpoints are ranked together, as one
+    saver's would be: list one saver's folder."""
+    candidates = [
+        RetentionCandidate(
+            name=entry.location,
+            order=(*entry.progress, entry.created_at or 0.0, entry.modified or 0.0),
+            progress=entry.counts,
+            value=None if metric is None else entry.metrics.get(metric),
+        )
+        for entry in listing.entries
+    ]
+    reasons = reasons_to_keep(candidates, rules)
+    return {entry.location: (*_link_labels(entry.latest), *reasons[entry.location]) for entry in listing.entries}
+
+
+def _link_labels(links: Iterable[str]) -> list[str]:
+    labels = {"best" if posixpath.basename(link).startswith("best") else "latest" for link in links}
+    return sorted(labels, key=("latest", "best").index)
 
 
 def peek_checkpoint(path: str) -> dict[str, Any] | None:
@@ -297,6 +344,7 @@ def _remote_entry(
     store: ObjectStore, name: str, shown: str, latest: tuple[str, ...], size: int, kind: str = "?"
 ) -> ListedCheckpoint:
     epoch, batch = progress_from_name(name)
+    counts = {key: value for key, value in (("epoch", epoch), ("batch", batch)) if value is not None}
     return ListedCheckpoint(
         name=shown,
         location=store.get_uri(name),
@@ -307,6 +355,7 @@ def _remote_entry(
         batch=batch,
         latest=latest,
         progress=(_count(epoch), _count(batch)),
+        counts=counts,
     )
 
 
