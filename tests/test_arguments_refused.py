@@ -208,6 +208,7 @@ def test_whole_number_errors_spell_the_unit() -> None:
         (["state/*"], ValueError, "would take 'state/metadata'"),
         (["state/metadata"], ValueError, "would take 'state/metadata'"),
         (["*/sharded"], ValueError, "would take 'state/metadata/sharded'"),
+        (["state/metadata/metrics"], ValueError, "would take 'state/metadata/metrics'"),  # retention ranks by it
         (["optimizers"], ValueError, "write 'state/optimizers'"),
     ],
 )

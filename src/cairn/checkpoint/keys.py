@@ -34,6 +34,8 @@ _METADATA_KEYS = (  # what checkpoint.content writes into state/metadata, and th
     "sharded",
     "parameter_names",
     "content_hash",
+    "progress",
+    "metrics",
 )
 _ALWAYS_KEPT = ("state", "state/metadata", *(f"state/metadata/{key}" for key in _METADATA_KEYS))
 _KEPT_WHEN_SAVING = ("state/model",)  # a file without its model is refused by every reader

@@ -82,14 +82,15 @@ def _without_zip_crc() -> Iterator[None]:
         set_(before)
 
 
-def atomic_symlink(link: str, target: str) -> None:
-    """Point ``link`` at ``target`` (stored relative to the link's folder), replacing any old link atomically."""
+def atomic_symlink(link: str, target: str, *, argument: str = "save_latest_filename (latest_filename)") -> None:
+    """Point ``link`` at ``target`` (stored relative to the link's folder), replacing any old link atomically.
+    ``argument`` names the setting that chose the link's name, for the error when a file is in its way."""
     folder = os.path.dirname(link) or "."
     os.makedirs(folder, exist_ok=True)
     if os.path.lexists(link) and not os.path.islink(link):
         raise FileExistsError(
-            f"{link} is a file, not a link, and the latest link would replace it (it may be a checkpoint): move it "
-            "away, or choose a save_latest_filename (latest_filename) that no checkpoint name can take"
+            f"{link} is a file, not a link, and the link would replace it (it may be a checkpoint): move it "
+            f"away, or choose a {argument} that no checkpoint name can take"
         )
     relative = os.path.relpath(target, folder)
     temporary = temporary_path(link)
