@@ -135,6 +135,24 @@ def s3_run_trainer(max_duration: str = "3ep", init_seed: int = 0, **kwargs: Any)
 
 
 # Object-store servers on 127.0.0.1, started by fixtures (each module documents its server).
+@pytest.fixture
+def sharded_folder(tmp_path: Path) -> Path:
+    """A small trained checkpoint written as a sharded folder (one process, as ``cairn ckpt convert`` writes it)."""
+    from cairn.checkpoint.tools.convert import convert
+
+    saved = str(tmp_path / "saved")
+    build_trainer(tmp_path, save_folder=saved, save_filename="ep{epoch}.pt", max_duration="1ep").fit()
+    folder = tmp_path / "ep1-sharded"
+    convert(str(tmp_path / "saved" / "ep1.pt"), "sharded", str(folder))
+    return folder
+
+
+def upload_folder(folder: Path, store: Any, name: str) -> None:
+    """Upload a sharded folder's files under ``name/`` in ``store``, ``cairn.pt`` last, as a save does."""
+    for file in sorted(os.listdir(folder), key=lambda f: f == "cairn.pt"):
+        store.upload_object(f"{name}/{file}", str(folder / file))
+
+
 from store_servers.azurite import *  # noqa: E402, F403
 from store_servers.faulty_proxy import *  # noqa: E402, F403
 from store_servers.gcs import *  # noqa: E402, F403

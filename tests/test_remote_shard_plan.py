@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -26,29 +25,13 @@ from cairn.errors import CheckpointCorruptError, UnsafeCheckpointError
 from cairn.models import Classifier
 from cairn.storage.s3 import S3ObjectStore
 from cairn.utils.checkpoint import load_checkpoint
-from conftest import TinyNet, build_trainer, make_loader, params_of
+from conftest import TinyNet, build_trainer, make_loader, params_of, upload_folder
 from store_servers.moto import bucket_objects
 from test_poison_paths import CreatesAFile, _plant_byte_entry
 
 _FETCHED = re.compile(
     r"rank (\d+) fetched shard files (\[.*?\]) of folder (\S+); its load plan reads nothing from (\[.*\])"
 )
-
-
-@pytest.fixture
-def sharded_folder(tmp_path: Path) -> Path:
-    """A small trained checkpoint written as a sharded folder (one process, as ``cairn ckpt convert`` writes it)."""
-    saved = str(tmp_path / "saved")
-    trainer = build_trainer(tmp_path, save_folder=saved, save_filename="ep{epoch}.pt", max_duration="1ep")
-    trainer.fit()
-    folder = tmp_path / "ep1-sharded"
-    convert(str(tmp_path / "saved" / "ep1.pt"), "sharded", str(folder))
-    return folder
-
-
-def _upload_folder(folder: Path, store: S3ObjectStore, name: str) -> None:
-    for file in sorted(os.listdir(folder), key=lambda f: f == "cairn.pt"):  # cairn.pt last, as a save would
-        store.upload_object(f"{name}/{file}", str(folder / file))
 
 
 def _fetches(lines: list[str]) -> list[tuple[int, list[str], str, list[str]]]:
@@ -86,7 +69,7 @@ def test_one_process_fetches_the_index_first_and_then_the_shard_files_its_plan_r
     sharded_folder: Path, s3_env: str, s3_bucket: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = S3ObjectStore(s3_bucket, endpoint_url=s3_env)
-    _upload_folder(sharded_folder, store, "run/ep1")
+    upload_folder(sharded_folder, store, "run/ep1")
     uri = f"s3://{s3_bucket}/run/ep1"
 
     with caplog.at_level(logging.INFO, logger="cairn"):
@@ -103,7 +86,7 @@ def test_a_shard_replaced_in_the_store_is_refused_before_any_weight_changes(
     sharded_folder: Path, s3_env: str, s3_bucket: str
 ) -> None:
     store = S3ObjectStore(s3_bucket, endpoint_url=s3_env)
-    _upload_folder(sharded_folder, store, "run/ep1")
+    upload_folder(sharded_folder, store, "run/ep1")
     shard = bytearray((sharded_folder / "__0_0.distcp").read_bytes())
     shard[-10] ^= 0x10  # inside the last tensor's bytes: the same size, so only the digest can tell
     replaced = sharded_folder.parent / "replaced.distcp"
@@ -120,7 +103,7 @@ def test_a_replaced_index_or_a_missing_shard_is_refused_before_any_shard_is_fetc
     sharded_folder: Path, s3_env: str, s3_bucket: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = S3ObjectStore(s3_bucket, endpoint_url=s3_env)
-    _upload_folder(sharded_folder, store, "run/ep1")
+    upload_folder(sharded_folder, store, "run/ep1")
     store.upload_object("run/ep1/.metadata", str(sharded_folder / "__0_0.distcp"), overwrite=True)
     for file in ("cairn.pt", ".metadata"):  # a folder whose shard never reached the store
         store.upload_object(f"run/ep2/{file}", str(sharded_folder / file))
@@ -142,7 +125,7 @@ def test_a_byte_entry_that_would_run_code_is_refused_once_fetched_and_nothing_ru
     without them."""
     marker = tmp_path / "ran"
     key = _plant_byte_entry(sharded_folder, CreatesAFile(marker))
-    _upload_folder(sharded_folder, S3ObjectStore(s3_bucket, endpoint_url=s3_env), "run/ep1")
+    upload_folder(sharded_folder, S3ObjectStore(s3_bucket, endpoint_url=s3_env), "run/ep1")
     trainer = build_trainer(tmp_path, save_folder=None)
     before = params_of(trainer.state.model)
 
@@ -214,7 +197,7 @@ def test_autoresume_skips_a_store_folder_whose_shard_fails_its_digest_for_the_on
     for epoch in (1, 2):  # this run's names, as sharded folders
         folder = tmp_path / f"ep{epoch}-sharded"
         convert(str(tmp_path / "saved" / f"ep{epoch}.pt"), "sharded", str(folder))
-        _upload_folder(folder, store, f"run/ep{epoch}.pt")
+        upload_folder(folder, store, f"run/ep{epoch}.pt")
     shard = bytearray((tmp_path / "ep2-sharded" / "__0_0.distcp").read_bytes())
     shard[-10] ^= 0x10
     (tmp_path / "damaged.distcp").write_bytes(bytes(shard))

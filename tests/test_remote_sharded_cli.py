@@ -18,26 +18,9 @@ import torch
 from cairn.checkpoint import read_checkpoint
 from cairn.checkpoint.save.commit import write_checkpoint
 from cairn.checkpoint.save.content import seal
-from cairn.checkpoint.tools.convert import convert
 from cairn.cli.main import main as cairn_main
 from cairn.storage.s3 import S3ObjectStore
-from conftest import build_trainer
-
-
-@pytest.fixture
-def sharded_folder(tmp_path: Path) -> Path:
-    """A small trained checkpoint written as a sharded folder (one process, as ``cairn ckpt convert`` writes it)."""
-    saved = str(tmp_path / "saved")
-    trainer = build_trainer(tmp_path, save_folder=saved, save_filename="ep{epoch}.pt", max_duration="1ep")
-    trainer.fit()
-    folder = tmp_path / "ep1-sharded"
-    convert(str(tmp_path / "saved" / "ep1.pt"), "sharded", str(folder))
-    return folder
-
-
-def _upload_folder(folder: Path, store: S3ObjectStore, name: str) -> None:
-    for file in sorted(os.listdir(folder), key=lambda f: f == "cairn.pt"):  # cairn.pt last, as a save would
-        store.upload_object(f"{name}/{file}", str(folder / file))
+from conftest import upload_folder
 
 
 def _ckpt(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -50,7 +33,7 @@ def test_show_verify_and_diff_read_a_sharded_folder_in_a_store(
     sharded_folder: Path, s3_env: str, s3_bucket: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = S3ObjectStore(s3_bucket, endpoint_url=s3_env)
-    _upload_folder(sharded_folder, store, "run/ep1")
+    upload_folder(sharded_folder, store, "run/ep1")
     uri = f"s3://{s3_bucket}/run/ep1"
 
     code, out = _ckpt(capsys, "show", "--json", uri)
@@ -72,7 +55,7 @@ def test_convert_a_sharded_folder_in_a_store_to_one_file(
     sharded_folder: Path, s3_env: str, s3_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = S3ObjectStore(s3_bucket, endpoint_url=s3_env)
-    _upload_folder(sharded_folder, store, "run/ep1")
+    upload_folder(sharded_folder, store, "run/ep1")
     out = tmp_path / "whole.pt"
 
     code, said = _ckpt(capsys, "convert", "--to", "single-file", f"s3://{s3_bucket}/run/ep1", str(out))
@@ -123,7 +106,7 @@ def test_ls_lists_a_sharded_folder_in_a_store_as_one_checkpoint(
     sharded_folder: Path, s3_env: str, s3_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = S3ObjectStore(s3_bucket, endpoint_url=s3_env)
-    _upload_folder(sharded_folder, store, "run/ep1-ba4")
+    upload_folder(sharded_folder, store, "run/ep1-ba4")
     store.upload_object("run/ep0-ba2.pt", str(tmp_path / "saved" / "ep1.pt"))
     folder_bytes = sum(os.path.getsize(sharded_folder / file) for file in os.listdir(sharded_folder))
 

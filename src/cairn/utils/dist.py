@@ -33,12 +33,13 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def broadcast_object(value: T, src: int = 0) -> T:
-    """Rank ``src``'s value on every rank (a seed drawn on rank 0, a run name)."""
+def broadcast_object(value: T, src: int = 0, *, group: Any = None) -> T:
+    """Rank ``src``'s value on every rank (a seed drawn on rank 0, a run name), over ``group`` (the default one
+    unless given: a background thread uses a group of its own)."""
     if not is_distributed():
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=src)
+    dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
 
 
@@ -55,22 +56,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def share_rank_zero_failure(failure: BaseException | None, what: str) -> None:
+def share_rank_zero_failure(failure: BaseException | None, what: str, *, group: Any = None) -> None:
     """Every rank calls this after rank 0 tried ``what`` alone: rank 0 re-raises its own error, the others raise an
     ``OSError`` naming it, instead of waiting forever at the next collective for a rank that has stopped."""
-    reason = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    reason = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}", group=group)
     if failure is not None:
         raise failure
     if reason is not None:
         raise OSError(f"rank 0 could not {what} ({reason})")
 
 
-def on_rank_zero(action: Callable[[], object], what: str) -> None:
-    """Rank 0 alone runs ``action`` (writing a file, publishing a folder); then every rank raises if it failed."""
+def on_rank_zero(action: Callable[[], object], what: str, *, group: Any = None) -> None:
+    """Rank 0 alone runs ``action`` (writing a file, publishing a folder); then every rank raises if it failed
+    (told over ``group``, the default one unless given)."""
     failure: BaseException | None = None
     if get_rank() == 0:
         try:
             action()
         except Exception as err:  # noqa: BLE001 - shared with every rank, then raised
             failure = err
-    share_rank_zero_failure(failure, what)
+    share_rank_zero_failure(failure, what, group=group)

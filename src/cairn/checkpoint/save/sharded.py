@@ -25,7 +25,7 @@ from cairn.checkpoint.save.content import seal
 from cairn.checkpoint.shards import dcp_tensors, single_process_quietly
 from cairn.errors import CairnError
 from cairn.names import METADATA_FILE
-from cairn.utils.dist import broadcast_object, get_rank, is_distributed
+from cairn.utils.dist import broadcast_object, on_rank_zero
 
 if TYPE_CHECKING:
     from cairn.core.state import State
@@ -94,29 +94,9 @@ class AsyncShardWrites:
     def on_rank_zero(self, action: Callable[[], object], what: str) -> None:
         """In the background, once every rank's shards are written: rank 0 alone runs ``action`` (publishing the
         folder), then every rank learns the outcome over this group (never the default one, which the training
-        thread uses) and raises if it failed, as :func:`~cairn.utils.dist.on_rank_zero` does on the training
-        thread. So every rank knows, from its own background thread, that the folder is published."""
-        failure: BaseException | None = None
-        if get_rank() == 0:
-            try:
-                action()
-            except Exception as err:  # noqa: BLE001 - shared with every rank, then raised
-                failure = err
-        reason = self._from_rank_zero(None if failure is None else f"{type(failure).__name__}: {failure}")
-        if failure is not None:
-            raise failure
-        if reason is not None:
-            raise OSError(f"rank 0 could not {what} ({reason})")
-
-    def _from_rank_zero(self, value: str | None) -> str | None:
-        """Rank 0's ``value`` on every rank, over this group."""
-        if not is_distributed():
-            return value
-        import torch.distributed as dist
-
-        holder = [value]
-        dist.broadcast_object_list(holder, src=0, group=self._group)
-        return holder[0]
+        thread uses) and raises if it failed. So every rank knows, from its own background thread, that the folder
+        is published."""
+        on_rank_zero(action, what, group=self._group)
 
     def close(self) -> None:
         self._stager.close()
