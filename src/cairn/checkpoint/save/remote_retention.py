@@ -26,12 +26,23 @@ complete folder (its ``cairn.pt`` in a listing) is made here again.
 from __future__ import annotations
 
 import logging
+import os
 import re
-from collections.abc import Callable, Collection, Iterable
+import tempfile
+import threading
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cairn.checkpoint.naming.templates import PROGRESS_ORDER
+from cairn.checkpoint.save.retention import (
+    PROGRESS_KEYS,
+    CheckpointRecord,
+    RetentionCandidate,
+    RetentionRules,
+    deletable,
+    read_record,
+)
 from cairn.errors import CheckpointCorruptError, ObjectStoreError
 from cairn.names import DAMAGED_MARKER, METADATA_FILE, POINTER_SUFFIX, TEMP_MARKER
 from cairn.storage.pointer import read_pointer
@@ -41,7 +52,15 @@ if TYPE_CHECKING:
     from cairn.storage.base import ObjectStore
     from cairn.storage.transfer import Transfers
 
-__all__ = ["MetricOf", "StoreCheckpoint", "list_store_checkpoints", "prune_store"]
+__all__ = [
+    "MetricOf",
+    "StoreCheckpoint",
+    "StoreRecords",
+    "StoreScope",
+    "apply_store_retention",
+    "list_store_checkpoints",
+    "prune_store",
+]
 
 log = logging.getLogger(__name__)
 
@@ -231,3 +250,90 @@ def _delete_checkpoint(store: ObjectStore, name: str) -> bool:
             err,
         )
         return False
+
+
+# -- applying the retention rules in a store ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreScope:
+    """Where one uploader keeps the run's checkpoints, fixed when a save is taken (the names need the run's state):
+    its ``transfers``, the ``pattern`` of the run's names in its store, the ``prefix`` to list them under, and the
+    store name of the run's ``latest`` pointer (None without one)."""
+
+    transfers: Transfers
+    pattern: re.Pattern[str]
+    prefix: str
+    pointer: str | None
+
+
+class StoreRecords:
+    """What checkpoints of earlier runs recorded (their progress and metric values), read from the store once per
+    object: the object (a sharded folder's ``cairn.pt`` alone) is downloaded into a private temporary folder, read
+    and deleted. Checkpoints the saver uploaded itself need no download: it hands their records in."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, CheckpointRecord] = {}
+        self._lock = threading.Lock()
+
+    def record(self, store: ObjectStore, checkpoint: StoreCheckpoint) -> CheckpointRecord:
+        """The record of a complete ``checkpoint`` in ``store``; a store failure raises (the prune is then skipped:
+        a value that could not be read must not rank a checkpoint last and get it deleted)."""
+        name = f"{checkpoint.name}/{METADATA_FILE}" if checkpoint.sharded else checkpoint.name
+        key = store.get_uri(name)
+        with self._lock:
+            known = self._records.get(key)
+        if known is not None:
+            return known
+        with tempfile.TemporaryDirectory(prefix="cairn-retention-") as private:
+            local = os.path.join(private, METADATA_FILE)
+            store.download_object(name, local)
+            found = read_record(local)
+        with self._lock:
+            self._records[key] = found
+        return found
+
+
+def apply_store_retention(
+    scope: StoreScope,
+    rules: RetentionRules,
+    *,
+    metric: str | None,
+    own: Mapping[str, CheckpointRecord],
+    records: StoreRecords,
+    protect: Collection[str] = (),
+) -> list[str]:
+    """Apply ``rules`` to the run's checkpoints in ``scope``'s store; return the store names deleted.
+
+    ``own`` holds, by store name, the records of the checkpoints this saver uploaded and saw verified (they are
+    also the ``verified`` names :func:`prune_store` needs); the records of the others are read from the store
+    (:class:`StoreRecords`), only when a rule needs them (``best`` or ``every``). The ``latest`` pointer's target
+    counts as a link (never deleted); a folder left incomplete is a leftover and doomed, unless in ``protect``
+    (uploads in flight). Store failures raise: the caller logs them.
+    """
+    transfers, store = scope.transfers, scope.transfers.store
+    listed = list_store_checkpoints(transfers, scope.pattern, scope.prefix)
+    needs_records = rules.best > 0 or rules.every is not None
+    candidates = []
+    for checkpoint in (c for c in listed if c.complete):
+        record = own.get(checkpoint.name)
+        if record is None:
+            record = records.record(store, checkpoint) if needs_records else CheckpointRecord({}, {})
+        progress = dict(record.progress) or _counts_in_name(scope.pattern, checkpoint.name)
+        value = None if metric is None else record.metrics.get(metric)
+        candidates.append(RetentionCandidate(checkpoint.name, checkpoint.progress, progress, value))
+    pointers = [] if scope.pointer is None else [scope.pointer]
+    links = dict(zip(["latest"], _pointer_targets(store, pointers), strict=False))
+    doomed = deletable(candidates, rules, links) + [c.name for c in listed if not c.complete]
+    if not doomed:
+        return []
+    return prune_store(
+        transfers, doomed, pattern=scope.pattern, verified=own.keys(), pointers=pointers, protect=protect
+    )
+
+
+def _counts_in_name(pattern: re.Pattern[str], name: str) -> dict[str, int]:
+    """The progress counts a store name holds, for a checkpoint whose record says none."""
+    match = pattern.fullmatch(name)
+    numbers = {} if match is None else match.groupdict()
+    return {key: int(number) for key, number in numbers.items() if key in PROGRESS_KEYS and number}

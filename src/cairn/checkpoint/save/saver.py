@@ -24,9 +24,11 @@ from cairn.checkpoint.save.background import BackgroundSaves
 from cairn.checkpoint.save.commit import atomic_symlink, remove_stale_temporaries
 from cairn.checkpoint.save.content import recording_metrics
 from cairn.checkpoint.save.policy import is_last_checkpoint_event, save_policy
+from cairn.checkpoint.save.remote_retention import StoreRecords, StoreScope, apply_store_retention
 from cairn.checkpoint.save.remote_shards import FolderUpload, ShardedUploads
 from cairn.checkpoint.save.retention import (
     BEST_MODES,
+    CheckpointRecord,
     RecordCache,
     RetentionCandidate,
     RetentionRules,
@@ -36,12 +38,12 @@ from cairn.checkpoint.save.retention import (
     link_target,
     prune,
 )
-from cairn.checkpoint.save.store_names import guard_store_names
+from cairn.checkpoint.save.store_names import guard_store_names, listing_prefix
 from cairn.checkpoint.save.writers import SingleFileWriter, Writer, make_writer
 from cairn.core.callback import Callback
 from cairn.core.event import Event
 from cairn.core.interval import IntervalLike
-from cairn.core.logger import Logger
+from cairn.core.logger import Logger, transfers_among
 from cairn.core.state import State
 from cairn.core.time import Time
 from cairn.names import POINTER_SUFFIX
@@ -68,6 +70,7 @@ class _Target:
     remote_name: str
     remote_pointer: str | None
     sharded: bool  # a folder: every rank uploads its own shards, rank 0 its cairn.pt last
+    store_scopes: tuple[StoreScope, ...] = ()  # where each uploader keeps the run's checkpoints (store retention)
 
 
 class CheckpointSaver(Callback):
@@ -83,8 +86,9 @@ class CheckpointSaver(Callback):
     metadata; ``best_mode`` ``"max"`` or ``"min"``), every one on a ``keep_every`` boundary (``"10ep"``), and any
     that the ``latest`` or ``best`` link names. ``best_filename`` is a link to the best one (only with
     ``keep_best``; ``None``: no link). ``remote_num_checkpoints_to_keep`` is the store's count of recent ones
-    (``-1``: the store keeps everything); the saver only checks and holds it, the store side applies it with the
-    same rules (:attr:`remote_retention`).
+    (``-1``: the store keeps everything); with it, rank 0 applies the same rules in each uploader's store once
+    uploads are verified there (:attr:`remote_retention`; the metric values of an earlier run's checkpoints are
+    downloaded from the store once).
 
     With ``async_save=True`` a save only copies the state into reused host buffers (pinned memory for GPU tensors)
     and returns; a background thread hashes, writes, fsyncs and renames the file, then moves ``latest``, hands the
@@ -149,6 +153,9 @@ class CheckpointSaver(Callback):
         self._upload_failed: set[str] = set()  # local files whose upload failed: kept, as the error says
         self._uploading_lock = threading.Lock()  # the background save appends, the training thread prunes
         self._last_target: _Target | None = None  # the newest save's, pruned again once its uploads are done
+        self._remote_of: dict[str, str] = {}  # local checkpoint -> its remote file name, while it uploads
+        self._verified_in_store: dict[str, CheckpointRecord] = {}  # remote file name -> record, once all verified
+        self._store_records = StoreRecords()  # what an earlier run's checkpoints in the store recorded
         self.async_save = check_flag(async_save, argument="async_save")
         self._background = BackgroundSaves()
         self._writer: Writer | None = None  # built at the first save, when the state says which format
@@ -242,6 +249,7 @@ class CheckpointSaver(Callback):
         with self._uploading_lock:
             uploads = [future for future, _ in self._uploading]
         cf.wait(uploads)
+        self._wait_for_store_pointers()
         self._forget_uploaded()
         if uploads and get_rank() == 0:
             self._prune()  # the checkpoints kept while their uploads were in flight may go now
@@ -268,7 +276,7 @@ class CheckpointSaver(Callback):
         In a distributed run every rank calls it; rank 0 writes the one file (named as rank 0), the others wait.
         With ``async_save`` it returns once the state is copied; the file appears when the background write ends.
         """
-        target = self._target(state)
+        target = self._target(state, logger)
         if self.async_save:
             self._finish_previous_save()
             self._background.start(self._take(state, logger, target))  # written and published on the saver's thread
@@ -287,7 +295,7 @@ class CheckpointSaver(Callback):
             return None
         return self.save(state, logger)
 
-    def _target(self, state: State) -> _Target:
+    def _target(self, state: State, logger: Logger | None = None) -> _Target:
         folder = format_name(self.folder, state, rank=0)
         latest = None if self.latest_filename is None else format_name(self.latest_filename, state, rank=0)
         best = None if not self._links_best else format_name(self.best_filename, state, rank=0)  # type: ignore[arg-type]
@@ -301,7 +309,21 @@ class CheckpointSaver(Callback):
             remote_name=remote_name,
             remote_pointer=remote_pointer,
             sharded=state.sharded_checkpoints,
+            store_scopes=self._store_scopes(state, logger, remote_pointer),
         )
+
+    def _store_scopes(self, state: State, logger: Logger | None, pointer: str | None) -> tuple[StoreScope, ...]:
+        """Where each uploader keeps this run's checkpoints, as store retention needs it (none without rules)."""
+        if self.remote_retention is None or logger is None or not logger.uploads_files:
+            return ()
+        scopes = []
+        for transfers in transfers_among(logger.destinations):
+            template = transfers.remote_template(self.remote_template())
+            pattern = name_pattern(template, state, rank=0)
+            prefix = listing_prefix(template, pattern, state)
+            remote_pointer = None if pointer is None else transfers.remote_name(pointer)
+            scopes.append(StoreScope(transfers, pattern, prefix, remote_pointer))
+        return tuple(scopes)
 
     def _take(self, state: State, logger: Logger | None, target: _Target) -> Callable[[], None]:
         """The training thread's part of a save, on every rank (the snapshot and every collective, a sharded
@@ -388,6 +410,7 @@ class CheckpointSaver(Callback):
         with self._uploading_lock:
             self._uploading.append((upload.settled, target.path))
             self._upload_failed.discard(target.path)  # the folder whose upload failed is being replaced
+            self._remote_of[target.path] = target.remote_name
         return upload
 
     def _after_write(self, logger: Logger | None, target: _Target) -> None:
@@ -401,6 +424,7 @@ class CheckpointSaver(Callback):
             with self._uploading_lock:
                 self._uploading.extend((future, target.path) for future in futures)
                 self._upload_failed.discard(target.path)  # the file whose upload failed was just replaced
+                self._remote_of[target.path] = target.remote_name
         self._last_target = target
         self._prune()
 
@@ -446,7 +470,7 @@ class CheckpointSaver(Callback):
             return
         ranking = best_ranking(candidates, self.best_mode)
         if ranking and link_target(target.best_link) != os.path.abspath(ranking[0].name):
-            atomic_symlink(target.best_link, ranking[0].name)
+            atomic_symlink(target.best_link, ranking[0].name, argument="save_best_filename (best_filename)")
 
     def _not_safely_uploaded(self) -> set[str]:
         """Local checkpoints whose upload is still in flight or failed: deleting one would lose the only copy."""
@@ -476,9 +500,54 @@ class CheckpointSaver(Callback):
             self._uploading = [(future, path) for future, path in self._uploading if not future.done()]
             self._upload_failed |= {path for future, path in finished if _failed(future)}
             unsettled = self._upload_failed | {path for _, path in self._uploading}  # another uploader's, say
-            self._uploaded |= {path for _, path in finished} - unsettled
-        if self.num_checkpoints_to_keep == 0 and finished and get_rank() == 0:  # rank 0 alone prunes
+            verified = {path for _, path in finished} - unsettled
+            self._uploaded |= verified
+            remote = {path: self._remote_of.pop(path) for path in verified if path in self._remote_of}
+        if get_rank() != 0 or not finished:
+            return  # rank 0 alone prunes
+        for path, name in remote.items():  # read now: a local prune may delete the file
+            self._verified_in_store[name] = self._records.record(path)
+        if self.num_checkpoints_to_keep == 0:
             self._prune()
+        self._prune_store()
+
+    def _wait_for_store_pointers(self) -> None:
+        """At the end of fit, with store retention (rank 0): wait until each store's ``latest`` pointer has moved to
+        the last upload, so the final prune sees it there and not at the checkpoint before (which it would keep).
+        An upload failure is raised here, as the uploader's own wait at FIT_END would raise it."""
+        target = self._last_target
+        if get_rank() != 0 or self.remote_retention is None or target is None:
+            return
+        for scope in target.store_scopes:
+            scope.transfers.wait()
+
+    def _prune_store(self) -> None:
+        """Apply :attr:`remote_retention` in each uploader's store (rank 0, once uploads settled): delete what no
+        rule and no pointer keeps, never a checkpoint whose upload is in flight, and only once a newer checkpoint
+        is verified there. A failure is logged, never raised: training goes on, and the next prune tries again."""
+        rules, target = self.remote_retention, self._last_target
+        if rules is None or target is None or not target.store_scopes:
+            return
+        with self._uploading_lock:
+            in_flight = {self._remote_of[path] for future, path in self._uploading if path in self._remote_of}
+        own = dict(self._verified_in_store)
+        for scope in target.store_scopes:
+            name_in_store = scope.transfers.remote_name
+            try:
+                deleted = apply_store_retention(
+                    scope,
+                    rules,
+                    metric=self.best_metric,
+                    own={name_in_store(name): record for name, record in own.items()},
+                    records=self._store_records,
+                    protect={name_in_store(name) for name in in_flight},
+                )
+            except Exception as err:  # noqa: BLE001 - retention never stops training; the next prune tries again
+                log.warning("store retention skipped in %s this time: %s", scope.transfers.bucket_uri, err)
+                continue
+            gone = set(deleted)
+            for name in [name for name in own if name_in_store(name) in gone]:
+                self._verified_in_store.pop(name, None)
 
 
 def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:

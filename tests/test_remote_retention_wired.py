@@ -1,0 +1,84 @@
+"""Store-side retention applied by the saver, in real runs against moto's S3: ``save_remote_num_checkpoints_to_keep``
+with ``save_keep_best`` deletes exactly what no rule and no pointer keeps, and after a restart on another machine
+the earlier run's checkpoints are ranked from the metric they recorded (read back from the store), so the best one
+survives. The metric follows a script, so the objects that must remain are known exactly."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cairn import Trainer
+from cairn.core.callback import Callback
+from cairn.core.logger import Logger
+from cairn.core.state import State
+from cairn.models import Classifier
+from conftest import TinyNet, make_loader
+from store_servers.moto import bucket_objects
+
+METRIC = "metrics/eval/Scripted"
+#: logged at the end of epochs 1..8: the best of the first six is epoch 4 (0.9), then 6 (0.8); epoch 8 beats all
+SCRIPT = [0.1, 0.5, 0.3, 0.9, 0.2, 0.8, 0.4, 0.95]
+POINTER = "run/latest-rank0.pt.symlink"
+
+
+class ScriptedMetric(Callback):
+    """Logs ``SCRIPT[epoch - 1]`` under :data:`METRIC` at each epoch's end, before the epoch's checkpoint."""
+
+    def epoch_end(self, state: State, logger: Logger) -> None:
+        logger.log_metrics({METRIC: SCRIPT[state.timestamp.epoch - 1]})
+
+
+def _fit(bucket: str, epochs: int, **kwargs: Any) -> None:
+    trainer = Trainer(
+        model=Classifier(TinyNet()),
+        train_dataloader=make_loader(16),
+        max_duration=f"{epochs}ep",
+        progress_bar=False,
+        run_name="r",
+        callbacks=[ScriptedMetric()],
+        save_folder=f"s3://{bucket}/run",
+        save_filename="ep{epoch}.pt",
+        save_interval="1ep",
+        save_best_metric=METRIC,
+        **kwargs,
+    )
+    trainer.fit()
+    trainer.close()
+
+
+def _on_a_new_machine(tmp_path: Path, name: str) -> None:
+    """Work from an empty folder: nothing local, so whatever is known of earlier checkpoints comes from the store."""
+    folder = tmp_path / name
+    folder.mkdir()
+    os.chdir(folder)
+
+
+def test_the_store_keeps_the_recent_and_the_best_and_a_restart_ranks_from_the_store(
+    s3_env: str, s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    _on_a_new_machine(tmp_path, "machine-a")
+    _fit(s3_bucket, 6, save_keep_best=1, save_remote_num_checkpoints_to_keep=2)
+    objects = bucket_objects(s3_env, s3_bucket)
+    assert sorted(objects) == ["run/ep4.pt", "run/ep5.pt", "run/ep6.pt", POINTER]  # best 0.9, and the 2 newest
+    assert objects[POINTER] == b"run/ep6.pt"
+    assert sorted(p.name for p in Path("run").glob("ep*.pt")) == [f"ep{e}.pt" for e in range(1, 7)], "disk: all"
+
+    _on_a_new_machine(tmp_path, "machine-b")  # epochs 4..6 are known only from the store
+    _fit(s3_bucket, 8, autoresume=True, save_keep_best=2, save_remote_num_checkpoints_to_keep=1)
+    objects = bucket_objects(s3_env, s3_bucket)
+    # the two best are epoch 8 (0.95) and epoch 4 (0.9, recorded in the first run's object): epoch 6 (0.8) goes
+    assert sorted(objects) == ["run/ep4.pt", "run/ep8.pt", POINTER]
+    assert objects[POINTER] == b"run/ep8.pt"
+    assert not [r for r in caplog.records if "store retention" in r.getMessage()], "no prune was skipped"
+    assert not list(tmp_path.rglob("cairn-retention-*")), "the downloaded records leave nothing behind"
+
+
+def test_without_remote_retention_the_store_keeps_everything(s3_env: str, s3_bucket: str) -> None:
+    _fit(s3_bucket, 3, save_keep_best=1, save_num_checkpoints_to_keep=1)
+    assert sorted(bucket_objects(s3_env, s3_bucket)) == ["run/ep1.pt", "run/ep2.pt", "run/ep3.pt", POINTER]
