@@ -2,6 +2,13 @@
 resuming from what the last one left; after every kill ``latest`` must name a checkpoint that verifies, and the run
 that finally reaches the end must hold the same weights, bit for bit, as a run never killed.
 
+Every run prunes under all the retention rules at once (the 2 newest, the 2 best by a scripted metric that depends
+only on the batch number, every 6th batch), so kills land inside pruning too: after each kill the ``latest`` and
+``best`` links must name checkpoints that verify, and so must every checkpoint left, save one sharded folder whose
+deletion was cut short, which no rule and no link may keep. At the end the folder holds exactly what the rules keep.
+The sharded modes first run once into the worst moment a random kill rarely hits: rank 0 dies inside its first
+deletion of a folder, its ``cairn.pt`` gone and its shards not (train.py's ``--kill-inside-delete``).
+
 Modes: sync and async single files (one process), sync and async sharded folders (torchrun, 2 ranks, FSDP).
 The default run (``make test``) kills a few times per mode; ``make campaign`` runs the full campaign, 50 kills per
 mode (``CAIRN_KILLS=N`` for another count). Every process of a run is killed at once, torchrun and each rank.
@@ -11,9 +18,11 @@ Each kill's seed, batch and delay are printed (shown with ``-s`` or on failure).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import queue
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +38,10 @@ from cairn.names import TEMP_MARKER
 SCRIPT = Path(__file__).parent / "dist_scripts" / "train.py"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 LINE_TIMEOUT_S = 120
+KEEP, KEEP_BEST, KEEP_EVERY = 2, 2, 6  # the retention rules every killed run saves under (EVERY in batches)
+RETENTION = ("--keep", str(KEEP), "--keep-best", str(KEEP_BEST), "--keep-every", f"{KEEP_EVERY}ba")
+CHECKPOINT_NAME = re.compile(r"ep\d+-ba(\d+)-rank0\.pt")  # train.py's save_filename, rank 0
+LINKS = ("latest-rank0.pt", "best-rank0.pt")
 
 MODES = {
     "sync": ((), 1, 6),
@@ -128,6 +141,100 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _scripted_value():  # noqa: ANN202 - train.py's function: the one source of the metric's values
+    spec = importlib.util.spec_from_file_location("campaign_train", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.scripted_value
+
+
+scripted_value = _scripted_value()
+
+
+def _kept_by_rules(batches: set[int]) -> set[int]:
+    """The batches whose checkpoints the rules keep among ``batches`` (written here, apart from the product's rules:
+    the newest KEEP, the KEEP_BEST of highest scripted value, every KEEP_EVERY-th batch)."""
+    recent = sorted(batches)[-KEEP:]
+    best = sorted(batches, key=scripted_value)[-KEEP_BEST:]
+    return {*recent, *best, *(b for b in batches if b % KEEP_EVERY == 0)}
+
+
+def _verify(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` does not verify, or None when it does."""
+    try:
+        read_checkpoint(str(path))
+    except Exception as err:  # noqa: BLE001 - the caller's assertion says what went wrong
+        return repr(err)
+    return None
+
+
+def _check_after_kill(folder: Path, note: str) -> None:
+    """What a kill at any moment, inside a prune included, must leave: each link names a checkpoint that verifies;
+    every checkpoint verifies, except a sharded folder whose deletion was cut short (the rules were deleting it: no
+    rule and no link may keep it, and the next prune finishes the job); nothing else in the folder but temporaries."""
+    if not folder.exists():
+        return
+    named: dict[str, int] = {}
+    for link in LINKS:
+        path = folder / link
+        if os.path.lexists(path):
+            target = os.readlink(path)
+            match = CHECKPOINT_NAME.fullmatch(os.path.basename(target))
+            assert match, f"{note}: {link} -> {target}, not a checkpoint of the run"
+            problem = _verify(path)
+            assert problem is None, f"{note}: {link} -> {target} does not verify: {problem}"
+            named[link] = int(match.group(1))
+    present, damaged = set(), {}
+    for entry in folder.iterdir():
+        if entry.name in LINKS or TEMP_MARKER in entry.name:
+            continue
+        match = CHECKPOINT_NAME.fullmatch(entry.name)
+        assert match, f"{note}: unexpected {entry.name} in the checkpoint folder"
+        present.add(int(match.group(1)))
+        if (problem := _verify(entry)) is not None:
+            assert entry.is_dir(), f"{note}: the checkpoint file {entry.name} does not verify: {problem}"
+            damaged[int(match.group(1))] = f"{entry.name}: {problem}"
+    assert len(damaged) <= 1, f"{note}: more than one damaged checkpoint: {damaged}"
+    kept = _kept_by_rules(present) | set(named.values())
+    assert not set(damaged) & kept, f"{note}: a checkpoint the rules or a link keep does not verify: {damaged}"
+
+
+def _batch_of(name: str) -> int:
+    match = CHECKPOINT_NAME.fullmatch(os.path.basename(name))
+    assert match, f"{name} is not a checkpoint of the run"
+    return int(match.group(1))
+
+
+def _check_final_folder(folder: Path, batches: int) -> None:
+    """The folder holds exactly what the rules keep of the whole run's checkpoints (one per batch), each recording
+    its batch's scripted value; ``latest`` names the last, ``best`` the best."""
+    checkpoints = sorted(p.name for p in folder.iterdir() if p.name not in LINKS)
+    expected = _kept_by_rules(set(range(1, batches + 1)))
+    assert sorted(_batch_of(name) for name in checkpoints) == sorted(expected), (checkpoints, sorted(expected))
+    links = {link: _batch_of(os.readlink(folder / link)) for link in LINKS}
+    assert links == {"latest-rank0.pt": batches, "best-rank0.pt": max(range(1, batches + 1), key=scripted_value)}
+    for name in checkpoints:
+        recorded = read_checkpoint(str(folder / name))["state"]["metadata"]["metrics"]
+        assert recorded == {"metrics/eval/Scripted": scripted_value(_batch_of(name))}, name
+
+
+def _kill_inside_a_folder_delete(tmp_path: Path, nproc: int, saving: tuple[str, ...], folder: Path) -> None:
+    """A run whose rank 0 dies inside its first deletion of a sharded folder, after that folder's ``cairn.pt`` and
+    before its shards (train.py's ``--kill-inside-delete``): the moment a random kill rarely hits. What it leaves
+    must pass the after-kill checks, and the runs after it must resume and finish."""
+    out = tmp_path / "cut-short"
+    out.mkdir()
+    run = Run(
+        _command(
+            out, nproc, *[flag for flag in saving if flag != "--announce"], "--autoresume", "--kill-inside-delete"
+        ),
+        tmp_path / "cut-short.log",
+    )
+    assert run.finish() != 0 and (out / "killed-inside-delete").exists(), (tmp_path / "cut-short.log").read_text()
+    _check_after_kill(folder, "killed inside a folder delete: " + (out / "killed-inside-delete").read_text().strip())
+
+
 def _temporaries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if TEMP_MARKER in p.name) if folder.exists() else []
 
@@ -137,12 +244,15 @@ def test_runs_killed_at_random_moments_lose_nothing_and_end_bit_for_bit(tmp_path
     flags, nproc, default_kills = MODES[mode]
     kills = int(os.environ.get("CAIRN_KILLS", default_kills))
     folder = tmp_path / "ckpt"
-    flags = (*flags, "--max-duration", f"{(kills + 2) * 6}ba")  # room for every kill, then a stretch to finish
-    saving = (*flags, "--save-folder", str(folder), "--save-interval", "1ba", "--keep", "2", "--announce")
+    batches = (kills + 2) * 6  # room for every kill, then a stretch to finish
+    flags = (*flags, "--max-duration", f"{batches}ba")
+    saving = (*flags, "--save-folder", str(folder), "--save-interval", "1ba", *RETENTION, "--announce")
     (tmp_path / "whole").mkdir()
     whole = Run(_command(tmp_path / "whole", nproc, *flags), tmp_path / "whole.log")
     assert whole.finish() == 0, (tmp_path / "whole.log").read_text()[-3000:]
 
+    if nproc > 1:  # sharded folders: a prune cut short inside one, at the worst moment, first
+        _kill_inside_a_folder_delete(tmp_path, nproc, saving, folder)
     survived = 0
     for kill in range(kills):
         seed = random.randrange(2**32)
@@ -169,18 +279,14 @@ def test_runs_killed_at_random_moments_lose_nothing_and_end_bit_for_bit(tmp_path
         run.kill()
         note = f"{mode} kill {kill} (seed {seed}): {delay:.3f} s after batch {batch}"
         print(note)
-        latest = folder / "latest-rank0.pt"
-        if latest.exists():
-            try:
-                read_checkpoint(str(latest))
-            except Exception as err:  # noqa: BLE001 - the assertion says what went wrong
-                pytest.fail(f"{note}: latest -> {os.readlink(latest)} does not verify: {err!r}")
+        _check_after_kill(folder, note)
         survived += 1
 
     (tmp_path / "final").mkdir()
     final = Run(_command(tmp_path / "final", nproc, *saving, "--autoresume"), tmp_path / "final.log")
     assert final.finish() == 0, (tmp_path / "final.log").read_text()[-3000:]
     assert _temporaries(folder) == [], "the resumed run cleared what the killed saves left"
+    _check_final_folder(folder, batches)
     expected = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
     ended = torch.load(tmp_path / "final" / "final.pt", weights_only=True)
     assert all(torch.equal(expected[k], ended[k]) for k in expected), f"{mode}: {survived} kills, then not bit for bit"

@@ -24,6 +24,7 @@ METRIC = "metrics/eval/Scripted"
 #: logged at the end of epochs 1..8: the best of the first six is epoch 4 (0.9), then 6 (0.8); epoch 8 beats all
 SCRIPT = [0.1, 0.5, 0.3, 0.9, 0.2, 0.8, 0.4, 0.95]
 POINTER = "run/latest-rank0.pt.symlink"
+BEST = "run/best-rank0.pt.symlink"
 
 
 class ScriptedMetric(Callback):
@@ -65,20 +66,36 @@ def test_the_store_keeps_the_recent_and_the_best_and_a_restart_ranks_from_the_st
     _on_a_new_machine(tmp_path, "machine-a")
     _fit(s3_bucket, 6, save_keep_best=1, save_remote_num_checkpoints_to_keep=2)
     objects = bucket_objects(s3_env, s3_bucket)
-    assert sorted(objects) == ["run/ep4.pt", "run/ep5.pt", "run/ep6.pt", POINTER]  # best 0.9, and the 2 newest
+    assert sorted(objects) == [BEST, "run/ep4.pt", "run/ep5.pt", "run/ep6.pt", POINTER]  # best 0.9, the 2 newest
     assert objects[POINTER] == b"run/ep6.pt"
+    assert objects[BEST] == b"run/ep4.pt"
     assert sorted(p.name for p in Path("run").glob("ep*.pt")) == [f"ep{e}.pt" for e in range(1, 7)], "disk: all"
 
     _on_a_new_machine(tmp_path, "machine-b")  # epochs 4..6 are known only from the store
     _fit(s3_bucket, 8, autoresume=True, save_keep_best=2, save_remote_num_checkpoints_to_keep=1)
     objects = bucket_objects(s3_env, s3_bucket)
     # the two best are epoch 8 (0.95) and epoch 4 (0.9, recorded in the first run's object): epoch 6 (0.8) goes
-    assert sorted(objects) == ["run/ep4.pt", "run/ep8.pt", POINTER]
+    assert sorted(objects) == [BEST, "run/ep4.pt", "run/ep8.pt", POINTER]
     assert objects[POINTER] == b"run/ep8.pt"
+    assert objects[BEST] == b"run/ep8.pt"
     assert not [r for r in caplog.records if "store retention" in r.getMessage()], "no prune was skipped"
     assert not list(tmp_path.rglob("cairn-retention-*")), "the downloaded records leave nothing behind"
 
 
 def test_without_remote_retention_the_store_keeps_everything(s3_env: str, s3_bucket: str) -> None:
     _fit(s3_bucket, 3, save_keep_best=1, save_num_checkpoints_to_keep=1)
-    assert sorted(bucket_objects(s3_env, s3_bucket)) == ["run/ep1.pt", "run/ep2.pt", "run/ep3.pt", POINTER]
+    assert sorted(bucket_objects(s3_env, s3_bucket)) == [BEST, "run/ep1.pt", "run/ep2.pt", "run/ep3.pt", POINTER]
+
+
+def test_a_restart_that_trains_nothing_applies_its_rules_in_the_store(
+    s3_env: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    _on_a_new_machine(tmp_path, "machine-a")
+    _fit(s3_bucket, 6, save_keep_best=1, save_remote_num_checkpoints_to_keep=2)
+    assert sorted(bucket_objects(s3_env, s3_bucket)) == [BEST, "run/ep4.pt", "run/ep5.pt", "run/ep6.pt", POINTER]
+
+    _on_a_new_machine(tmp_path, "machine-b")  # the end is reached already: nothing is trained or uploaded
+    _fit(s3_bucket, 6, autoresume=True, save_keep_best=1, save_remote_num_checkpoints_to_keep=1)
+    objects = bucket_objects(s3_env, s3_bucket)
+    assert sorted(objects) == [BEST, "run/ep4.pt", "run/ep6.pt", POINTER], "epoch 5 left the store's newest 1"
+    assert (objects[POINTER], objects[BEST]) == (b"run/ep6.pt", b"run/ep4.pt")

@@ -89,6 +89,16 @@ def test_a_restart_with_another_keep_best_ranks_from_the_files(tmp_path: Path):
     assert _link(tmp_path, "best-rank0.pt") == _name(8)
 
 
+def test_a_restart_that_trains_nothing_still_applies_its_own_rules(tmp_path: Path):
+    _run(tmp_path, 6, save_keep_best=3, save_num_checkpoints_to_keep=1)
+    assert _files(tmp_path) == [_name(e) for e in (2, 4, 6)]
+    # the run's end was reached already: nothing is trained or saved, yet keep_best=1 now lets epoch 2 go
+    _run(tmp_path, 6, save_keep_best=1, save_num_checkpoints_to_keep=1, autoresume=True)
+    assert _files(tmp_path) == [_name(4), _name(6)]
+    assert _link(tmp_path, "best-rank0.pt") == _name(4)
+    assert _link(tmp_path, "latest-rank0.pt") == _name(6)
+
+
 def test_the_forced_final_save_never_evicts_the_best(tmp_path: Path):
     # saved at epochs 2 and 4 by the interval, and at 5 because the run ends there; keep=1 would have kept only 5
     _run(tmp_path, 5, save_keep_best=1, save_num_checkpoints_to_keep=1, save_interval="2ep")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
+import shutil
 import signal
 import sys
 
@@ -69,6 +71,50 @@ class Announce(Callback):
                 os._exit(3)
 
 
+SCRIPTED_METRIC = "metrics/eval/Scripted"
+
+
+def scripted_value(batch: int) -> float:
+    """The scripted metric at ``batch``: pseudo-random, yet a function of the batch number alone, so a resumed run
+    logs what an uninterrupted one would, and the best checkpoints lie scattered (not simply the newest)."""
+    return random.Random(batch).random()
+
+
+class ScriptedMetric(Callback):
+    """Logs :func:`scripted_value` under ``SCRIPTED_METRIC`` at every batch end, before that batch's checkpoint
+    (which records it for ``save_best_metric``)."""
+
+    def batch_end(self, state, logger) -> None:
+        logger.log_metrics({SCRIPTED_METRIC: scripted_value(state.timestamp.batch)})
+
+
+class KillInsideFolderDelete(Callback):
+    """From the first batch on, rank 0's first deletion of a sharded checkpoint folder (a folder holding ``cairn.pt``)
+    dies half done: ``cairn.pt`` removed, the shards left, then SIGKILL. ``shutil.rmtree`` deletes in directory order,
+    so a kill inside a prune can leave just this; a random kill rarely lands there. The path goes to
+    ``--out/killed-inside-delete`` first, so the test knows the kill came."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def batch_start(self, state, logger) -> None:
+        if int(os.environ.get("RANK", 0)) == 0 and not hasattr(shutil.rmtree, "kills_inside"):
+            shutil.rmtree = self._wrap(shutil.rmtree)
+
+    def _wrap(self, rmtree):  # noqa: ANN001, ANN202 - shutil.rmtree's own signature
+        def kill_inside(path, *args, **kwargs):  # noqa: ANN001, ANN202
+            metadata = os.path.join(path, "cairn.pt")
+            if os.path.isfile(metadata):
+                with open(os.path.join(self.out, "killed-inside-delete"), "w") as file:
+                    file.write(f"{path}\n")
+                os.remove(metadata)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return rmtree(path, *args, **kwargs)
+
+        kill_inside.kills_inside = True
+        return kill_inside
+
+
 class TripleClassifier(Classifier):
     def forward(self, batch):
         return self.module(batch[0])
@@ -93,6 +139,9 @@ def main() -> None:
     parser.add_argument("--sharded", action="store_true", help="with --fsdp: sharded checkpoint folders")
     parser.add_argument("--keep", type=int, default=-1, help="save_num_checkpoints_to_keep")
     parser.add_argument("--async-save", action="store_true", help="save_async=True")
+    parser.add_argument("--keep-best", type=int, default=0, help="save_keep_best, ranked by the scripted metric")
+    parser.add_argument("--keep-every", help="save_keep_every, a time string")
+    parser.add_argument("--kill-inside-delete", action="store_true", help="KillInsideFolderDelete (rank 0 dies)")
     parser.add_argument("--announce", action="store_true", help="print BATCH n, wait for a stdin line")
     parser.add_argument("--preempt-at", type=int, help="SIGTERM rank 1 at this batch (save_on_preemption=True)")
     parser.add_argument(
@@ -123,13 +172,18 @@ def main() -> None:
         progress_bar=False,
         callbacks=[SeenSamples(os.path.join(args.out, f"samples-rank{rank}.txt"))]
         + ([SignalRankOne(args.preempt_at)] if args.preempt_at else [])
+        + ([ScriptedMetric()] if args.keep_best else [])
         + ([Announce()] if args.announce else [])
+        + ([KillInsideFolderDelete(args.out)] if args.kill_inside_delete else [])
         + watch,
         save_on_preemption=args.preempt_at is not None,
         save_folder=args.save_folder,
         save_interval=args.save_interval,
         autoresume=args.autoresume,
         save_num_checkpoints_to_keep=args.keep,
+        save_keep_best=args.keep_best,
+        save_best_metric=SCRIPTED_METRIC if args.keep_best else None,
+        save_keep_every=args.keep_every,
         save_async=args.async_save,
         load_path=args.load_path,
         loggers=[RemoteUploaderDownloader(args.uploader, use_procs=False)] if args.uploader else None,

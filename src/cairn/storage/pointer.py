@@ -1,10 +1,11 @@
-"""A store's ``latest`` pointer: the small object ``<latest name>.symlink`` whose content is the name of the
-checkpoint object it stands for (stores have no links).
+"""A store's pointers: the small objects ``<latest name>.symlink`` and ``<best name>.symlink`` whose content is
+the name of the checkpoint object each stands for (stores have no links).
 
-Everything about it lives here so that the saver that names it, the transfers that move it, autoresume and
-``cairn ckpt`` that follow it, and the listing that marks its target all agree: how its default name is formed,
-how a name is told to be one, how it is read (never trusted: a listing or another run may have put anything
-there), how it is written, and why it only ever moves forward.
+Everything about them lives here so that the saver that names them, the transfers that move ``latest``, autoresume
+and ``cairn ckpt`` that follow it, and the listing that marks their targets all agree: how a default name is
+formed, how a name is told to be one (the ``.symlink`` suffix, which no checkpoint name takes), how one is read
+(never trusted: a listing or another run may have put anything there), how it is written, and why ``latest`` only
+ever moves forward while ``best`` (:func:`point_at`) may name an older checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "is_pointer",
     "latest_name_of",
     "move_pointer_forward",
+    "point_at",
     "pointer_beside",
     "pointer_of",
     "read_pointer",
@@ -45,7 +47,8 @@ Upload = Callable[[ObjectStore, str, str], None]
 
 
 def pointer_beside(checkpoint_name: str, latest_filename: str) -> str:
-    """The pointer's default name: ``latest_filename`` in the folder of ``checkpoint_name``, plus ``.symlink``.
+    """A pointer's default name: ``latest_filename`` (or the ``best`` link's file name) in the folder of
+    ``checkpoint_name``, plus ``.symlink``.
 
     Works on filled names and on their format strings alike, so that the saver's clash check at construction
     sees the very name its saves will write.
@@ -59,7 +62,7 @@ def pointer_of(latest_name: str) -> str:
 
 
 def is_pointer(name: str) -> bool:
-    """Whether ``name`` is a latest pointer's name."""
+    """Whether ``name`` is a pointer's name (``latest`` or ``best``): never a checkpoint's."""
     return name.endswith(POINTER_SUFFIX)
 
 
@@ -69,12 +72,12 @@ def latest_name_of(pointer: str) -> str:
 
 
 def read_pointer(store: ObjectStore, pointer: str) -> str | None:
-    """The object name a ``latest`` pointer names, or None when the store has no pointer yet."""
+    """The object name a pointer (``latest`` or ``best``) names, or None when the store has no pointer yet."""
     with tempfile.TemporaryDirectory(prefix="cairn-pointer-") as folder:
         local = os.path.join(folder, "pointer")
         try:
             if store.get_object_size(pointer) > POINTER_LIMIT:
-                raise CheckpointCorruptError(f"{store.get_uri(pointer)} is too large to be a latest pointer")
+                raise CheckpointCorruptError(f"{store.get_uri(pointer)} is too large to be a pointer")
             store.download_object(pointer, local)
         except ObjectNotFoundError:
             return None
@@ -94,6 +97,32 @@ def write_pointer(store: ObjectStore, pointer: str, target: str, upload: Upload)
         upload(store, file.name, pointer)
     finally:
         os.remove(file.name)
+
+
+def point_at(store: ObjectStore, pointer: str, target: str) -> bool:
+    """Point ``pointer`` at ``target`` now, on the calling thread, unless it names it already; return whether it
+    was written.
+
+    For the ``best`` pointer, which may move back in time (an older checkpoint can be the best); the caller
+    passes only a checkpoint verified in the store. Written as :func:`write_pointer` writes ``latest``: one whole
+    object replacing the one before (a reader sees the old name or the new, never a mix), then verified; the
+    store's own retries apply. A pointer that holds no object name is replaced (said in the log).
+    """
+    try:
+        current = read_pointer(store, pointer)
+    except CheckpointCorruptError as err:
+        log.warning("replacing the store's pointer %s: %s", store.get_uri(pointer), err)
+        current = None
+    if current == target:
+        return False
+    write_pointer(store, pointer, target, _upload_and_verify)
+    log.info("the store's pointer %s now names %s", store.get_uri(pointer), printable(target))
+    return True
+
+
+def _upload_and_verify(store: ObjectStore, filename: str, name: str) -> None:
+    store.upload_object(name, filename, overwrite=True)
+    store.verify_upload(name, filename)
 
 
 def move_pointer_forward(

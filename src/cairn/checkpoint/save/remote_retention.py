@@ -40,12 +40,13 @@ from cairn.checkpoint.save.retention import (
     CheckpointRecord,
     RetentionCandidate,
     RetentionRules,
+    best_ranking,
     deletable,
     read_record,
 )
 from cairn.errors import CheckpointCorruptError, ObjectStoreError
 from cairn.names import DAMAGED_MARKER, METADATA_FILE, POINTER_SUFFIX, TEMP_MARKER
-from cairn.storage.pointer import read_pointer
+from cairn.storage.pointer import point_at, read_pointer
 from cairn.utils.text import printable
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ __all__ = [
     "StoreScope",
     "apply_store_retention",
     "list_store_checkpoints",
+    "move_store_best",
     "prune_store",
 ]
 
@@ -258,13 +260,15 @@ def _delete_checkpoint(store: ObjectStore, name: str) -> bool:
 @dataclass(frozen=True)
 class StoreScope:
     """Where one uploader keeps the run's checkpoints, fixed when a save is taken (the names need the run's state):
-    its ``transfers``, the ``pattern`` of the run's names in its store, the ``prefix`` to list them under, and the
-    store name of the run's ``latest`` pointer (None without one)."""
+    its ``transfers``, the ``pattern`` of the run's names in its store, the ``prefix`` to list them under, the
+    store name of the run's ``latest`` pointer (None without one), and that of its ``best`` pointer (None unless
+    ``keep_best`` and ``best_filename`` ask for one)."""
 
     transfers: Transfers
     pattern: re.Pattern[str]
     prefix: str
     pointer: str | None
+    best_pointer: str | None = None
 
 
 class StoreRecords:
@@ -307,29 +311,107 @@ def apply_store_retention(
 
     ``own`` holds, by store name, the records of the checkpoints this saver uploaded and saw verified (they are
     also the ``verified`` names :func:`prune_store` needs); the records of the others are read from the store
-    (:class:`StoreRecords`), only when a rule needs them (``best`` or ``every``). The ``latest`` pointer's target
-    counts as a link (never deleted); a folder left incomplete is a leftover and doomed, unless in ``protect``
-    (uploads in flight). Store failures raise: the caller logs them.
+    (:class:`StoreRecords`), only when a rule needs them (``best`` or ``every``). With a ``best`` pointer in
+    ``scope``, it is moved first to the best of this ranking (:func:`move_store_best`), so that the old best is
+    doomed only once the pointer has left it. The pointers' targets count as links (never deleted); a folder left
+    incomplete is a leftover and doomed, unless in ``protect`` (uploads in flight). Store failures raise: the
+    caller logs them.
     """
     transfers, store = scope.transfers, scope.transfers.store
     listed = list_store_checkpoints(transfers, scope.pattern, scope.prefix)
     needs_records = rules.best > 0 or rules.every is not None
-    candidates = []
-    for checkpoint in (c for c in listed if c.complete):
-        record = own.get(checkpoint.name)
-        if record is None:
-            record = records.record(store, checkpoint) if needs_records else CheckpointRecord({}, {})
-        progress = dict(record.progress) or _counts_in_name(scope.pattern, checkpoint.name)
-        value = None if metric is None else record.metrics.get(metric)
-        candidates.append(RetentionCandidate(checkpoint.name, checkpoint.progress, progress, value))
-    pointers = [] if scope.pointer is None else [scope.pointer]
-    links = dict(zip(["latest"], _pointer_targets(store, pointers), strict=False))
+    candidates = _candidates(scope, listed, metric=metric, own=own, records=records, needs_records=needs_records)
+    if scope.best_pointer is not None:
+        move_store_best(scope, _verified(candidates, own, protect), rules.mode)
+    pointers = [pointer for pointer in (scope.pointer, scope.best_pointer) if pointer is not None]
+    links = {
+        label: target
+        for label, pointer in (("latest", scope.pointer), ("best", scope.best_pointer))
+        if pointer is not None and (target := _pointer_target(store, pointer)) is not None
+    }
     doomed = deletable(candidates, rules, links) + [c.name for c in listed if not c.complete]
     if not doomed:
         return []
-    return prune_store(
-        transfers, doomed, pattern=scope.pattern, verified=own.keys(), pointers=pointers, protect=protect
-    )
+    # the latest pointer moves only once its target is verified, so what it names counts as verified (an earlier
+    # run's upload, when this run has uploaded nothing yet)
+    verified = {*own, *([links["latest"]] if "latest" in links else [])}
+    return prune_store(transfers, doomed, pattern=scope.pattern, verified=verified, pointers=pointers, protect=protect)
+
+
+def point_best_in_store(
+    scope: StoreScope,
+    *,
+    mode: str,
+    metric: str | None,
+    own: Mapping[str, CheckpointRecord],
+    records: StoreRecords,
+) -> str | None:
+    """Without store retention: move ``scope``'s ``best`` pointer to the best of the checkpoints this saver saw
+    verified in the store (``own``, by store name) and the one the pointer names now (an earlier run's best, whose
+    record is read from the store once); return what the pointer names after. The store is not listed whole: it
+    keeps everything, and ranking every earlier checkpoint would download each of them."""
+    pointer = scope.best_pointer
+    if pointer is None:
+        return None
+    current = _pointer_target(scope.transfers.store, pointer)
+    ours = [name for name in own if _is_ours(name, scope.pattern)]
+    checkpoints = [StoreCheckpoint(name, _progress(scope.pattern, name), False, True) for name in ours]
+    if current is not None and current not in own and _is_ours(current, scope.pattern):
+        listed = list_store_checkpoints(scope.transfers, scope.pattern, current)
+        checkpoints += [c for c in listed if c.name == current and c.complete]  # gone or incomplete: not ranked
+    candidates = _candidates(scope, checkpoints, metric=metric, own=own, records=records, needs_records=True)
+    return move_store_best(scope, candidates, mode)
+
+
+def move_store_best(scope: StoreScope, candidates: list[RetentionCandidate], mode: str) -> str | None:
+    """Point ``scope``'s ``best`` pointer at the best of ``candidates`` (checkpoints verified in the store, ranked
+    by the value each recorded; it may move back in time, unlike ``latest``); return what it names after. Left as
+    it is while none of them recorded a value."""
+    pointer = scope.best_pointer
+    if pointer is None:
+        return None
+    ranking = best_ranking(candidates, mode)
+    if not ranking:
+        return _pointer_target(scope.transfers.store, pointer)
+    point_at(scope.transfers.store, pointer, ranking[0].name)
+    return ranking[0].name
+
+
+def _candidates(
+    scope: StoreScope,
+    checkpoints: Iterable[StoreCheckpoint],
+    *,
+    metric: str | None,
+    own: Mapping[str, CheckpointRecord],
+    records: StoreRecords,
+    needs_records: bool,
+) -> list[RetentionCandidate]:
+    """The complete ``checkpoints`` as the rules see them: the record of each from ``own`` (this saver's uploads),
+    else (only when ``needs_records``) read from the store once."""
+    candidates = []
+    for checkpoint in (c for c in checkpoints if c.complete):
+        record = own.get(checkpoint.name)
+        if record is None:
+            record = records.record(scope.transfers.store, checkpoint) if needs_records else CheckpointRecord({}, {})
+        progress = dict(record.progress) or _counts_in_name(scope.pattern, checkpoint.name)
+        value = None if metric is None else record.metrics.get(metric)
+        candidates.append(RetentionCandidate(checkpoint.name, checkpoint.progress, progress, value))
+    return candidates
+
+
+def _verified(
+    candidates: list[RetentionCandidate], own: Mapping[str, CheckpointRecord], protect: Collection[str]
+) -> list[RetentionCandidate]:
+    """The candidates the ``best`` pointer may name: this saver's verified uploads, and the complete checkpoints of
+    earlier runs; never one whose upload is in flight (its object may be listed before it is verified)."""
+    in_flight = {name.rstrip("/") for name in protect}
+    return [c for c in candidates if c.name in own or c.name not in in_flight]
+
+
+def _pointer_target(store: ObjectStore, pointer: str) -> str | None:
+    """What ``pointer`` names now, without a trailing ``/`` (None: no pointer yet)."""
+    target = read_pointer(store, pointer)
+    return None if target is None else target.rstrip("/")
 
 
 def _counts_in_name(pattern: re.Pattern[str], name: str) -> dict[str, int]:

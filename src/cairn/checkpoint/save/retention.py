@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from cairn.atomic import temporary_path
 from cairn.checkpoint.folder import named_entries
 from cairn.checkpoint.naming.templates import progress_of
 from cairn.core.time import Time, TimeUnit
@@ -335,8 +336,20 @@ def prune(
         if os.path.abspath(path) in kept:
             continue
         try:
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            _remove_checkpoint(path)
             removed.append(path)
         except OSError as err:
             log.warning("could not remove old checkpoint %s (%s); it will be retried at the next save", path, err)
     return removed
+
+
+def _remove_checkpoint(path: str) -> None:
+    """Delete a checkpoint file, or a sharded folder renamed aside first: a kill inside the deletion then leaves a
+    temporary, which the next run clears, never a half-deleted folder under a checkpoint's name (which the next
+    run's saver would refuse to start beside, and no prune would take)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        aside = temporary_path(path)
+        os.rename(path, aside)
+        shutil.rmtree(aside)
+    else:
+        os.remove(path)

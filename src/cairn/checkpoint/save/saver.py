@@ -24,7 +24,12 @@ from cairn.checkpoint.save.background import BackgroundSaves
 from cairn.checkpoint.save.commit import atomic_symlink, remove_stale_temporaries
 from cairn.checkpoint.save.content import recording_metrics
 from cairn.checkpoint.save.policy import is_last_checkpoint_event, save_policy
-from cairn.checkpoint.save.remote_retention import StoreRecords, StoreScope, apply_store_retention
+from cairn.checkpoint.save.remote_retention import (
+    StoreRecords,
+    StoreScope,
+    apply_store_retention,
+    point_best_in_store,
+)
 from cairn.checkpoint.save.remote_shards import FolderUpload, ShardedUploads
 from cairn.checkpoint.save.retention import (
     BEST_MODES,
@@ -85,7 +90,9 @@ class CheckpointSaver(Callback):
     ``keep_best`` best by ``best_metric`` (a logged metric whose value at save time each checkpoint records in its
     metadata; ``best_mode`` ``"max"`` or ``"min"``), every one on a ``keep_every`` boundary (``"10ep"``), and any
     that the ``latest`` or ``best`` link names. ``best_filename`` is a link to the best one (only with
-    ``keep_best``; ``None``: no link). ``remote_num_checkpoints_to_keep`` is the store's count of recent ones
+    ``keep_best``; ``None``: no link); where checkpoints are uploaded, rank 0 also keeps the store's ``best``
+    pointer (:meth:`remote_best_pointer`) at the best checkpoint verified there, moving it after each verified
+    upload, back in time if need be. ``remote_num_checkpoints_to_keep`` is the store's count of recent ones
     (``-1``: the store keeps everything); with it, rank 0 applies the same rules in each uploader's store once
     uploads are verified there (:attr:`remote_retention`; the metric values of an earlier run's checkpoints are
     downloaded from the store once).
@@ -140,6 +147,7 @@ class CheckpointSaver(Callback):
         )
         self.keep_best, self.best_metric, self.best_mode, self.best_filename, self.keep_every = retention[:5]
         self.remote_num_checkpoints_to_keep: int = retention[5]
+        _refuse_best_pointer_that_clashes(self)
         self._records = RecordCache()  # what each checkpoint file records, read once per file
         self._prune_lock = threading.Lock()  # the background save prunes, and so does the training thread
         self._uploaded: set[str] = set()  # local files every upload of which succeeded (num_checkpoints_to_keep=0)
@@ -251,8 +259,19 @@ class CheckpointSaver(Callback):
         cf.wait(uploads)
         self._wait_for_store_pointers()
         self._forget_uploaded()
-        if uploads and get_rank() == 0:
+        if get_rank() != 0:
+            return
+        if self._last_target is None and state.resumed_from is not None:
+            self._apply_rules_without_a_save(state, logger)
+        elif uploads:
             self._prune()  # the checkpoints kept while their uploads were in flight may go now
+
+    def _apply_rules_without_a_save(self, state: State, logger: Logger) -> None:
+        """A restart that trained nothing (its end was reached already) saved nothing, yet its rules may differ
+        from the last run's (another ``keep_best``, say): they are applied to what is on disk and in the store."""
+        self._last_target = self._target(state, logger)
+        self._prune()
+        self._prune_store()
 
     def close(self, state: State, logger: Logger) -> None:
         try:
@@ -300,6 +319,7 @@ class CheckpointSaver(Callback):
         latest = None if self.latest_filename is None else format_name(self.latest_filename, state, rank=0)
         best = None if not self._links_best else format_name(self.best_filename, state, rank=0)  # type: ignore[arg-type]
         remote_name, remote_pointer = self.remote_names(state)
+        best_pointer = self.remote_best_pointer(state)
         return _Target(
             folder=folder,
             path=os.path.join(folder, format_name(self.filename, state, rank=0)),
@@ -309,12 +329,15 @@ class CheckpointSaver(Callback):
             remote_name=remote_name,
             remote_pointer=remote_pointer,
             sharded=state.sharded_checkpoints,
-            store_scopes=self._store_scopes(state, logger, remote_pointer),
+            store_scopes=self._store_scopes(state, logger, remote_pointer, best_pointer),
         )
 
-    def _store_scopes(self, state: State, logger: Logger | None, pointer: str | None) -> tuple[StoreScope, ...]:
-        """Where each uploader keeps this run's checkpoints, as store retention needs it (none without rules)."""
-        if self.remote_retention is None or logger is None or not logger.uploads_files:
+    def _store_scopes(
+        self, state: State, logger: Logger | None, pointer: str | None, best_pointer: str | None
+    ) -> tuple[StoreScope, ...]:
+        """Where each uploader keeps this run's checkpoints, as store retention and the ``best`` pointer need it
+        (none without rules and without a best pointer, or when nothing uploads)."""
+        if (self.remote_retention is None and best_pointer is None) or logger is None or not logger.uploads_files:
             return ()
         scopes = []
         for transfers in transfers_among(logger.destinations):
@@ -322,7 +345,8 @@ class CheckpointSaver(Callback):
             pattern = name_pattern(template, state, rank=0)
             prefix = listing_prefix(template, pattern, state)
             remote_pointer = None if pointer is None else transfers.remote_name(pointer)
-            scopes.append(StoreScope(transfers, pattern, prefix, remote_pointer))
+            remote_best = None if best_pointer is None else transfers.remote_name(best_pointer)
+            scopes.append(StoreScope(transfers, pattern, prefix, remote_pointer, remote_best))
         return tuple(scopes)
 
     def _take(self, state: State, logger: Logger | None, target: _Target) -> Callable[[], None]:
@@ -492,6 +516,15 @@ class CheckpointSaver(Callback):
             return name, None
         return name, pointer_beside(name, format_name(self.latest_filename, state, rank=0))
 
+    def remote_best_pointer(self, state: State) -> str | None:
+        """The store's ``best`` pointer (``<best name>.symlink`` beside the checkpoint's name in the store, as the
+        ``latest`` pointer is named from ``latest_filename``), or None without a ``best`` link. Autoresume never
+        follows it: it follows ``latest`` only."""
+        if not self._links_best:
+            return None
+        name = format_name(self.remote_template(), state, rank=0)
+        return pointer_beside(name, format_name(self.best_filename, state, rank=0))  # type: ignore[arg-type]
+
     def _forget_uploaded(self) -> None:
         """Forget finished uploads, remembering the failed ones (their files are kept, as their errors say); with
         ``num_checkpoints_to_keep=0``, delete the local copies whose every upload succeeded."""
@@ -522,11 +555,16 @@ class CheckpointSaver(Callback):
             scope.transfers.wait()
 
     def _prune_store(self) -> None:
-        """Apply :attr:`remote_retention` in each uploader's store (rank 0, once uploads settled): delete what no
-        rule and no pointer keeps, never a checkpoint whose upload is in flight, and only once a newer checkpoint
-        is verified there. A failure is logged, never raised: training goes on, and the next prune tries again."""
+        """Apply :attr:`remote_retention` in each uploader's store (rank 0, once uploads settled): move the ``best``
+        pointer first, then delete what no rule and no pointer keeps, never a checkpoint whose upload is in flight,
+        and only once a newer checkpoint is verified there. Without store retention, only the ``best`` pointer
+        moves (:meth:`_point_best_in_stores`). A failure is logged, never raised: training goes on, and the next
+        prune tries again."""
         rules, target = self.remote_retention, self._last_target
-        if rules is None or target is None or not target.store_scopes:
+        if target is None or not target.store_scopes:
+            return
+        if rules is None:
+            self._point_best_in_stores(target)
             return
         with self._uploading_lock:
             in_flight = {self._remote_of[path] for future, path in self._uploading if path in self._remote_of}
@@ -548,6 +586,23 @@ class CheckpointSaver(Callback):
             gone = set(deleted)
             for name in [name for name in own if name_in_store(name) in gone]:
                 self._verified_in_store.pop(name, None)
+
+    def _point_best_in_stores(self, target: _Target) -> None:
+        """Without store retention: move each store's ``best`` pointer to the best checkpoint verified there (this
+        saver's verified uploads, and the one the pointer names already). A failure is logged, never raised."""
+        own = dict(self._verified_in_store)
+        for scope in target.store_scopes:
+            name_in_store = scope.transfers.remote_name
+            try:
+                point_best_in_store(
+                    scope,
+                    mode=self.best_mode,
+                    metric=self.best_metric,
+                    own={name_in_store(name): record for name, record in own.items()},
+                    records=self._store_records,
+                )
+            except Exception as err:  # noqa: BLE001 - the pointer never stops training; the next upload tries again
+                log.warning("the best pointer in %s did not move this time: %s", scope.transfers.bucket_uri, err)
 
 
 def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:
@@ -573,6 +628,26 @@ def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:
             f"save_latest_filename + {POINTER_SUFFIX!r}) can both name {clash!r}, and the pointer would replace that "
             "checkpoint in the store; pass a latest_remote_file_name no checkpoint name can take"
         )
+
+
+def _refuse_best_pointer_that_clashes(saver: CheckpointSaver) -> None:
+    """The store's ``best`` pointer must never take a checkpoint's name nor the ``latest`` pointer's: each move
+    would replace that object (with ``latest``, autoresume would then follow the best, not the newest)."""
+    if saver.keep_best == 0 or saver.best_filename is None:
+        return
+    remote = saver.remote_template()
+    latest_pointer = saver.latest_remote_file_name
+    if latest_pointer is None and saver.latest_filename is not None:
+        latest_pointer = pointer_beside(remote, saver.latest_filename)
+    best = pointer_beside(remote, saver.best_filename)
+    for other, what in ((remote, "save_remote_file_name"), (latest_pointer, "the latest pointer")):
+        clash = None if other is None else template_clash(other, best, nested=False)
+        if clash is not None:
+            raise ValueError(
+                f"{what} {other!r} and the best pointer {best!r} (save_best_filename + {POINTER_SUFFIX!r} beside "
+                f"the remote file name) can both name {clash!r}, and the pointer would replace it in the store; "
+                "give save_best_filename (best_filename) a name nothing else can take, or pass None"
+            )
 
 
 def _in_the_way(folder: str, pattern: re.Pattern[str], *, overwrite: bool, sharded: bool) -> str | None:
