@@ -5,6 +5,7 @@ survives. The metric follows a script, so the objects that must remain are known
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from cairn import Trainer
+from cairn.cli.main import main as cairn_main
 from cairn.core.callback import Callback
 from cairn.core.logger import Logger
 from cairn.core.state import State
@@ -82,9 +84,16 @@ def test_the_store_keeps_the_recent_and_the_best_and_a_restart_ranks_from_the_st
     assert not list(tmp_path.rglob("cairn-retention-*")), "the downloaded records leave nothing behind"
 
 
-def test_without_remote_retention_the_store_keeps_everything(s3_env: str, s3_bucket: str) -> None:
+def test_without_remote_retention_the_store_keeps_everything(
+    s3_env: str, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     _fit(s3_bucket, 3, save_keep_best=1, save_num_checkpoints_to_keep=1)
     assert sorted(bucket_objects(s3_env, s3_bucket)) == [BEST, "run/ep1.pt", "run/ep2.pt", "run/ep3.pt", POINTER]
+
+    # a store's listing reads no recorded value: what only best could keep is "?", never a verdict ("-")
+    assert cairn_main(["ckpt", "ls", f"s3://{s3_bucket}/run/", "--keep", "1", "--keep-best", "1", "--json"]) == 0
+    kept = {c["name"]: c["kept_by"] for c in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert kept == {"ep3.pt": ["latest", "recent 1/1"], "ep2.pt": ["best"], "ep1.pt": ["?"]}
 
 
 def test_a_restart_that_trains_nothing_applies_its_rules_in_the_store(

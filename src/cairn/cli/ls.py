@@ -36,7 +36,8 @@ CREATED is when the run wrote it (local only); KIND is full, weights-only, shard
 When the checkpoints recorded a metric (the saver's best_metric), a column shows its value
 (local only; --metric picks one when they recorded several). With any of --keep, --keep-best,
 --keep-every, KEPT BY shows why retention under those rules keeps each checkpoint: latest or
-best (a link names it), best 1/2, every 3ep, recent 1/1; "-" means a save would delete it.
+best (a link names it), best 1/2, every 3ep, recent 1/1; "-" means a save would delete it; "?" (a store's
+checkpoint, with --keep-best) means its recorded value is not read by a listing, so it cannot be told.
 
 --json prints one object: {"target", "checkpoints": [{"name", "location", "kind", "size_bytes",
 "created_at", "epoch", "batch", "latest": [...], "metrics": {...}, "kept_by": [...] or null}, ...]

@@ -197,7 +197,11 @@ def retention_reasons(listing: Listing, rules: RetentionRules, *, metric: str | 
     :func:`~cairn.checkpoint.save.retention.reasons_to_keep`; an empty tuple: a save under these rules would delete
     it. ``metric`` is the recorded metric the best are ranked by. A link or pointer whose name starts with ``best``
     counts as the ``best`` link, any other as ``latest``. All the listed checkpoints are ranked together, as one
-    saver's would be: list one saver's folder."""
+    saver's would be: list one saver's folder.
+
+    A store's listing downloads nothing, so the values its checkpoints recorded are unknown there: with a ``best``
+    rule, one that nothing else keeps gets ``?`` (the saver, which reads the values, may keep it), never a
+    verdict the listing cannot back."""
     candidates = [
         RetentionCandidate(
             name=entry.location,
@@ -208,7 +212,21 @@ def retention_reasons(listing: Listing, rules: RetentionRules, *, metric: str | 
         for entry in listing.entries
     ]
     reasons = reasons_to_keep(candidates, rules)
-    return {entry.location: (*_link_labels(entry.latest), *reasons[entry.location]) for entry in listing.entries}
+    found = {entry.location: (*_link_labels(entry.latest), *reasons[entry.location]) for entry in listing.entries}
+    if rules.best > 0:
+        for entry in listing.entries:
+            if not found[entry.location] and _value_unknown_here(entry):
+                found[entry.location] = (UNKNOWN,)
+    return found
+
+
+#: why a store's checkpoint may be kept, when the listing cannot tell: its recorded value is not read there
+UNKNOWN = "?"
+
+
+def _value_unknown_here(entry: ListedCheckpoint) -> bool:
+    """A checkpoint in a store: its metadata (so its recorded values) is not read by a listing."""
+    return not entry.metrics and "://" in entry.location
 
 
 def _link_labels(links: Iterable[str]) -> list[str]:
