@@ -8,6 +8,7 @@ bit for bit, and one plain process loads the two ranks' folder from its URI.
 from __future__ import annotations
 
 import os
+import random
 import signal
 from pathlib import Path
 
@@ -118,6 +119,40 @@ def test_with_none_kept_locally_each_folder_goes_once_the_store_holds_all_of_it(
     assert folders == [f"run/ep0-ba{batch}-rank0.pt" for batch in range(1, 5)]
     assert all(f"{folder}/__1_0.distcp" in objects for folder in folders)
     assert not [name for name in os.listdir(tmp_path / "run") if name.startswith("ep")], "no local folder is left"
+
+
+def test_store_retention_deletes_whole_folders_and_keeps_the_best_and_the_newest(
+    tmp_path: Path, s3_env: str, s3_bucket: str
+) -> None:
+    """Two ranks' folders, the store keeping the 2 newest and the best by the script's value (the dist script logs
+    ``random.Random(batch).random()``): every other folder leaves the store whole, no object of it behind."""
+    uri = f"s3://{s3_bucket}/run"
+    rules = ("--remote-keep", "2", "--keep-best", "1")
+    torchrun(
+        tmp_path / "out",
+        "--fsdp",
+        "--sharded",
+        "--save-folder",
+        uri,
+        "--save-interval",
+        "1ba",
+        *rules,
+        "--max-duration",
+        "6ba",
+    )
+
+    best = max(range(1, 7), key=lambda batch: random.Random(batch).random())
+    kept = sorted({best, 5, 6})
+    objects = bucket_objects(s3_env, s3_bucket)
+    assert _whole_folders(objects) == [f"run/ep0-ba{batch}-rank0.pt" for batch in kept]
+    assert not [
+        name
+        for name in objects
+        if "/" in name.removeprefix("run/")
+        and not any(name.startswith(f"run/ep0-ba{batch}-rank0.pt/") for batch in kept)
+    ], "no object of a deleted folder is left"
+    assert objects["run/latest-rank0.pt.symlink"] == b"run/ep0-ba6-rank0.pt"
+    assert objects["run/best-rank0.pt.symlink"] == f"run/ep0-ba{best}-rank0.pt".encode()
 
 
 def test_a_users_uploader_takes_sharded_folders_too(tmp_path: Path, s3_env: str, s3_bucket: str) -> None:

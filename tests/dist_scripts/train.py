@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--async-save", action="store_true", help="save_async=True")
     parser.add_argument("--keep-best", type=int, default=0, help="save_keep_best, ranked by the scripted metric")
     parser.add_argument("--keep-every", help="save_keep_every, a time string")
+    parser.add_argument("--remote-keep", type=int, default=-1, help="save_remote_num_checkpoints_to_keep")
     parser.add_argument("--kill-inside-delete", action="store_true", help="KillInsideFolderDelete (rank 0 dies)")
     parser.add_argument("--announce", action="store_true", help="print BATCH n, wait for a stdin line")
     parser.add_argument("--preempt-at", type=int, help="SIGTERM rank 1 at this batch (save_on_preemption=True)")
@@ -184,6 +185,7 @@ def main() -> None:
         save_keep_best=args.keep_best,
         save_best_metric=SCRIPTED_METRIC if args.keep_best else None,
         save_keep_every=args.keep_every,
+        save_remote_num_checkpoints_to_keep=args.remote_keep,
         save_async=args.async_save,
         load_path=args.load_path,
         loggers=[RemoteUploaderDownloader(args.uploader, use_procs=False)] if args.uploader else None,
