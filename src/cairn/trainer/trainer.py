@@ -17,7 +17,8 @@ from torchmetrics import Metric
 from cairn.checkpoint.keys import check_ignore_keys
 from cairn.checkpoint.naming.checks import bidi_controls, check_names, control_characters
 from cairn.checkpoint.resume import check_autoresume_names, restore, saving_from_arguments
-from cairn.checkpoint.save.saver import CheckpointSaver, check_retention_arguments
+from cairn.checkpoint.save.retention_arguments import check_retention_arguments
+from cairn.checkpoint.save.saver import CheckpointSaver
 from cairn.core.callback import Algorithm, Callback
 from cairn.core.engine import Engine
 from cairn.core.event import Event

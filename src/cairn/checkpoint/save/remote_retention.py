@@ -30,7 +30,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -57,6 +57,7 @@ __all__ = [
     "MetricOf",
     "StoreCheckpoint",
     "StoreRecords",
+    "StoreRetention",
     "StoreScope",
     "apply_store_retention",
     "list_store_checkpoints",
@@ -419,3 +420,52 @@ def _counts_in_name(pattern: re.Pattern[str], name: str) -> dict[str, int]:
     match = pattern.fullmatch(name)
     numbers = {} if match is None else match.groupdict()
     return {key: int(number) for key, number in numbers.items() if key in PROGRESS_KEYS and number}
+
+
+class StoreRetention:
+    """One saver's rules applied in its stores, and what it knows there: the records of its own uploads once each
+    is verified (by remote file name, as the saver names it), and what earlier runs' checkpoints recorded (read
+    from the store once, :class:`StoreRecords`). Rank 0 calls :meth:`apply` after uploads settle; a failure is
+    logged, never raised: training goes on, and the next call tries again."""
+
+    def __init__(self, rules: RetentionRules | None, *, metric: str | None, mode: str) -> None:
+        self._rules, self._metric, self._mode = rules, metric, mode
+        self._verified: dict[str, CheckpointRecord] = {}
+        self._records = StoreRecords()
+
+    def note_verified(self, name: str, record: CheckpointRecord) -> None:
+        """The saver's upload of ``name`` (its remote file name) is verified in every store; it recorded ``record``."""
+        self._verified[name] = record
+
+    def apply(self, scopes: Sequence[StoreScope], *, in_flight: Collection[str]) -> None:
+        """In each scope's store: with rules (``remote_num_checkpoints_to_keep``), move the ``best`` pointer and
+        delete what no rule and no pointer keeps, never an upload ``in_flight`` (remote file names), and only once
+        a newer checkpoint is verified there; without, move only the ``best`` pointer (:func:`point_best_in_store`)."""
+        own = dict(self._verified)
+        for scope in scopes:
+            in_store = scope.transfers.remote_name
+            verified = {in_store(name): record for name, record in own.items()}
+            if self._rules is None:
+                self._point_best(scope, verified)
+                continue
+            try:
+                deleted = apply_store_retention(
+                    scope,
+                    self._rules,
+                    metric=self._metric,
+                    own=verified,
+                    records=self._records,
+                    protect={in_store(name) for name in in_flight},
+                )
+            except Exception as err:  # noqa: BLE001 - retention never stops training; the next prune tries again
+                log.warning("store retention skipped in %s this time: %s", scope.transfers.bucket_uri, err)
+                continue
+            gone = set(deleted)
+            for name in [name for name in own if in_store(name) in gone]:
+                self._verified.pop(name, None)
+
+    def _point_best(self, scope: StoreScope, verified: Mapping[str, CheckpointRecord]) -> None:
+        try:
+            point_best_in_store(scope, mode=self._mode, metric=self._metric, own=verified, records=self._records)
+        except Exception as err:  # noqa: BLE001 - the pointer never stops training; the next upload tries again
+            log.warning("the best pointer in %s did not move this time: %s", scope.transfers.bucket_uri, err)

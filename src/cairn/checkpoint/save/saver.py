@@ -24,25 +24,18 @@ from cairn.checkpoint.save.background import BackgroundSaves
 from cairn.checkpoint.save.commit import atomic_symlink, remove_stale_temporaries
 from cairn.checkpoint.save.content import recording_metrics
 from cairn.checkpoint.save.policy import is_last_checkpoint_event, save_policy
-from cairn.checkpoint.save.remote_retention import (
-    StoreRecords,
-    StoreScope,
-    apply_store_retention,
-    point_best_in_store,
-)
+from cairn.checkpoint.save.remote_retention import StoreRetention, StoreScope
 from cairn.checkpoint.save.remote_shards import FolderUpload, ShardedUploads
 from cairn.checkpoint.save.retention import (
-    BEST_MODES,
-    CheckpointRecord,
     RecordCache,
     RetentionCandidate,
     RetentionRules,
     best_ranking,
     candidates_in,
-    check_keep_every,
     link_target,
     prune,
 )
+from cairn.checkpoint.save.retention_arguments import check_retention_arguments, refuse_best_pointer_that_clashes
 from cairn.checkpoint.save.store_names import guard_store_names, listing_prefix
 from cairn.checkpoint.save.writers import SingleFileWriter, Writer, make_writer
 from cairn.core.callback import Callback
@@ -56,7 +49,7 @@ from cairn.storage.pointer import pointer_beside
 from cairn.utils.arguments import check_flag
 from cairn.utils.dist import barrier, broadcast_object, get_rank, share_rank_zero_failure
 
-__all__ = ["CheckpointSaver", "check_retention_arguments", "save_checkpoint"]
+__all__ = ["CheckpointSaver", "save_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +140,15 @@ class CheckpointSaver(Callback):
         )
         self.keep_best, self.best_metric, self.best_mode, self.best_filename, self.keep_every = retention[:5]
         self.remote_num_checkpoints_to_keep: int = retention[5]
-        _refuse_best_pointer_that_clashes(self)
+        latest_pointer = self.latest_remote_file_name
+        if latest_pointer is None and self.latest_filename is not None:
+            latest_pointer = pointer_beside(self.remote_template(), self.latest_filename)
+        refuse_best_pointer_that_clashes(
+            keep_best=self.keep_best,
+            best_filename=self.best_filename,
+            remote_template=self.remote_template(),
+            latest_pointer=latest_pointer,
+        )
         self._records = RecordCache()  # what each checkpoint file records, read once per file
         self._prune_lock = threading.Lock()  # the background save prunes, and so does the training thread
         self._uploaded: set[str] = set()  # local files every upload of which succeeded (num_checkpoints_to_keep=0)
@@ -162,8 +163,7 @@ class CheckpointSaver(Callback):
         self._uploading_lock = threading.Lock()  # the background save appends, the training thread prunes
         self._last_target: _Target | None = None  # the newest save's, pruned again once its uploads are done
         self._remote_of: dict[str, str] = {}  # local checkpoint -> its remote file name, while it uploads
-        self._verified_in_store: dict[str, CheckpointRecord] = {}  # remote file name -> record, once all verified
-        self._store_records = StoreRecords()  # what an earlier run's checkpoints in the store recorded
+        self._store_retention = StoreRetention(self.remote_retention, metric=self.best_metric, mode=self.best_mode)
         self.async_save = check_flag(async_save, argument="async_save")
         self._background = BackgroundSaves()
         self._writer: Writer | None = None  # built at the first save, when the state says which format
@@ -539,7 +539,7 @@ class CheckpointSaver(Callback):
         if get_rank() != 0 or not finished:
             return  # rank 0 alone prunes
         for path, name in remote.items():  # read now: a local prune may delete the file
-            self._verified_in_store[name] = self._records.record(path)
+            self._store_retention.note_verified(name, self._records.record(path))
         if self.num_checkpoints_to_keep == 0:
             self._prune()
         self._prune_store()
@@ -555,54 +555,14 @@ class CheckpointSaver(Callback):
             scope.transfers.wait()
 
     def _prune_store(self) -> None:
-        """Apply :attr:`remote_retention` in each uploader's store (rank 0, once uploads settled): move the ``best``
-        pointer first, then delete what no rule and no pointer keeps, never a checkpoint whose upload is in flight,
-        and only once a newer checkpoint is verified there. Without store retention, only the ``best`` pointer
-        moves (:meth:`_point_best_in_stores`). A failure is logged, never raised: training goes on, and the next
-        prune tries again."""
-        rules, target = self.remote_retention, self._last_target
+        """Apply the rules in each uploader's store (rank 0, once uploads settled): :class:`StoreRetention` moves
+        the ``best`` pointer and deletes what no rule and no pointer keeps, never an upload in flight."""
+        target = self._last_target
         if target is None or not target.store_scopes:
-            return
-        if rules is None:
-            self._point_best_in_stores(target)
             return
         with self._uploading_lock:
             in_flight = {self._remote_of[path] for future, path in self._uploading if path in self._remote_of}
-        own = dict(self._verified_in_store)
-        for scope in target.store_scopes:
-            name_in_store = scope.transfers.remote_name
-            try:
-                deleted = apply_store_retention(
-                    scope,
-                    rules,
-                    metric=self.best_metric,
-                    own={name_in_store(name): record for name, record in own.items()},
-                    records=self._store_records,
-                    protect={name_in_store(name) for name in in_flight},
-                )
-            except Exception as err:  # noqa: BLE001 - retention never stops training; the next prune tries again
-                log.warning("store retention skipped in %s this time: %s", scope.transfers.bucket_uri, err)
-                continue
-            gone = set(deleted)
-            for name in [name for name in own if name_in_store(name) in gone]:
-                self._verified_in_store.pop(name, None)
-
-    def _point_best_in_stores(self, target: _Target) -> None:
-        """Without store retention: move each store's ``best`` pointer to the best checkpoint verified there (this
-        saver's verified uploads, and the one the pointer names already). A failure is logged, never raised."""
-        own = dict(self._verified_in_store)
-        for scope in target.store_scopes:
-            name_in_store = scope.transfers.remote_name
-            try:
-                point_best_in_store(
-                    scope,
-                    mode=self.best_mode,
-                    metric=self.best_metric,
-                    own={name_in_store(name): record for name, record in own.items()},
-                    records=self._store_records,
-                )
-            except Exception as err:  # noqa: BLE001 - the pointer never stops training; the next upload tries again
-                log.warning("the best pointer in %s did not move this time: %s", scope.transfers.bucket_uri, err)
+        self._store_retention.apply(target.store_scopes, in_flight=in_flight)
 
 
 def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:
@@ -628,26 +588,6 @@ def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:
             f"save_latest_filename + {POINTER_SUFFIX!r}) can both name {clash!r}, and the pointer would replace that "
             "checkpoint in the store; pass a latest_remote_file_name no checkpoint name can take"
         )
-
-
-def _refuse_best_pointer_that_clashes(saver: CheckpointSaver) -> None:
-    """The store's ``best`` pointer must never take a checkpoint's name nor the ``latest`` pointer's: each move
-    would replace that object (with ``latest``, autoresume would then follow the best, not the newest)."""
-    if saver.keep_best == 0 or saver.best_filename is None:
-        return
-    remote = saver.remote_template()
-    latest_pointer = saver.latest_remote_file_name
-    if latest_pointer is None and saver.latest_filename is not None:
-        latest_pointer = pointer_beside(remote, saver.latest_filename)
-    best = pointer_beside(remote, saver.best_filename)
-    for other, what in ((remote, "save_remote_file_name"), (latest_pointer, "the latest pointer")):
-        clash = None if other is None else template_clash(other, best, nested=False)
-        if clash is not None:
-            raise ValueError(
-                f"{what} {other!r} and the best pointer {best!r} (save_best_filename + {POINTER_SUFFIX!r} beside "
-                f"the remote file name) can both name {clash!r}, and the pointer would replace it in the store; "
-                "give save_best_filename (best_filename) a name nothing else can take, or pass None"
-            )
 
 
 def _in_the_way(folder: str, pattern: re.Pattern[str], *, overwrite: bool, sharded: bool) -> str | None:
@@ -704,84 +644,6 @@ def _unlink_links_to(removed: Sequence[str]) -> None:
             if entry.is_symlink() and link_target(entry.path) in gone:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
-
-
-def check_retention_arguments(
-    *,
-    keep_best: object,
-    best_metric: object,
-    best_mode: object,
-    best_filename: object,
-    keep_every: object,
-    remote_num_checkpoints_to_keep: object,
-    filename: str,
-    latest_filename: str | None,
-    prefix: str = "",
-) -> tuple[int, str | None, str, str | None, Time[Any] | None, int]:
-    """The retention arguments, each refused now (one sentence naming it, under ``prefix``: ``"save_"`` in the
-    Trainer) when it could never work, and returned checked: ``keep_best, best_metric, best_mode, best_filename,
-    keep_every, remote_num_checkpoints_to_keep``."""
-    checked_best = _checked_best(keep_best, best_metric, best_mode, prefix=prefix)
-    link = _checked_best_filename(best_filename, checked_best[0], filename, latest_filename, prefix=prefix)
-    every = None if keep_every is None else check_keep_every(keep_every, argument=f"{prefix}keep_every")
-    remote = _checked_count(
-        remote_num_checkpoints_to_keep,
-        argument=f"{prefix}remote_num_checkpoints_to_keep",
-        meaning="the store keeps all",
-    )
-    return (*checked_best, link, every, remote)
-
-
-def _checked_count(value: object, *, argument: str, meaning: str) -> int:
-    """A count of checkpoints to keep: an int of -1 (``meaning``) or more."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{argument}={value!r}: use an int (-1: {meaning})")
-    if value < -1:
-        raise ValueError(f"{argument}={value}: use -1 ({meaning}), 0, or more")
-    return value
-
-
-def _checked_best(
-    keep_best: object, best_metric: object, best_mode: object, *, prefix: str
-) -> tuple[int, str | None, str]:
-    """``keep_best``, ``best_metric`` and ``best_mode``, refused now when they could never rank anything."""
-    if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
-        raise ValueError(f"{prefix}keep_best={keep_best!r}: use an int, 0 (keep no best ones) or more")
-    if best_metric is not None and (not isinstance(best_metric, str) or not best_metric.strip()):
-        raise ValueError(
-            f"{prefix}best_metric={best_metric!r}: give the name of a logged metric, such as "
-            "'metrics/eval/MulticlassAccuracy'"
-        )
-    if keep_best > 0 and best_metric is None:
-        raise ValueError(
-            f"{prefix}keep_best={keep_best} ranks checkpoints by a metric, and {prefix}best_metric is None; pass the "
-            f"name of a logged metric, such as {prefix}best_metric='metrics/eval/MulticlassAccuracy'"
-        )
-    if best_mode not in BEST_MODES:
-        raise ValueError(f"{prefix}best_mode={best_mode!r}: use 'max' (higher is better) or 'min' (lower is better)")
-    return keep_best, best_metric, str(best_mode)
-
-
-def _checked_best_filename(
-    best_filename: object, keep_best: int, filename: str, latest_filename: str | None, *, prefix: str
-) -> str | None:
-    """The ``best`` link's name template, checked as ``latest_filename`` is; it must never take the name of a
-    checkpoint or of the ``latest`` link, or each move would replace one of them (checked only when the link is
-    made: with ``keep_best=0`` the default name must not refuse a saver that worked before)."""
-    if best_filename is None:
-        return None
-    checked = check_local_name(best_filename, argument=f"{prefix}best_filename")  # type: ignore[arg-type]
-    if keep_best == 0:
-        return checked
-    for other, argument in ((filename, "filename"), (latest_filename, "latest_filename")):
-        clash = None if other is None else template_clash(other, checked)
-        if clash is not None:
-            raise ValueError(
-                f"{prefix}best_filename={checked!r} and {prefix}{argument}={other!r} can both name {clash!r}, and the "
-                "best link would replace it; give the link a name nothing else can take (such as "
-                f"'best-rank{{rank}}.pt'), or pass {prefix}best_filename=None"
-            )
-    return checked
 
 
 def save_checkpoint(
