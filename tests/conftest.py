@@ -135,6 +135,17 @@ def s3_run_trainer(max_duration: str = "3ep", init_seed: int = 0, **kwargs: Any)
 
 
 # Object-store servers on 127.0.0.1, started by fixtures (each module documents its server).
+class ScriptedMetric(Callback):
+    """Logs ``values[epoch - 1]`` under the metric ``name`` at each epoch's end, as an evaluation would, before that
+    epoch's checkpoint (which records it for ``save_best_metric``): retention's tests script what is best."""
+
+    def __init__(self, name: str, values: list[float]) -> None:
+        self.name, self.values = name, values
+
+    def epoch_end(self, state: State, logger: Logger) -> None:
+        logger.log_metrics({self.name: self.values[state.timestamp.epoch - 1]})
+
+
 @pytest.fixture
 def sharded_folder(tmp_path: Path) -> Path:
     """A small trained checkpoint written as a sharded folder (one process, as ``cairn ckpt convert`` writes it)."""

@@ -16,11 +16,9 @@ import pytest
 from cairn import Trainer
 from cairn.checkpoint.save.saver import CheckpointSaver
 from cairn.checkpoint.save.store_names import store_checkpoints
-from cairn.core.callback import Callback
-from cairn.core.logger import Logger, transfers_among
-from cairn.core.state import State
+from cairn.core.logger import transfers_among
 from cairn.models import Classifier
-from conftest import TinyNet, make_loader
+from conftest import ScriptedMetric, TinyNet, make_loader
 from store_servers.moto import bucket_objects
 
 METRIC = "metrics/eval/Scripted"
@@ -30,13 +28,6 @@ LATEST = "run/latest-rank0.pt.symlink"
 BEST = "run/best-rank0.pt.symlink"
 
 
-class ScriptedMetric(Callback):
-    """Logs ``SCRIPT[epoch - 1]`` under :data:`METRIC` at each epoch's end, before the epoch's checkpoint."""
-
-    def epoch_end(self, state: State, logger: Logger) -> None:
-        logger.log_metrics({METRIC: SCRIPT[state.timestamp.epoch - 1]})
-
-
 def _trainer(bucket: str, epochs: int, **kwargs: Any) -> Trainer:
     return Trainer(
         model=Classifier(TinyNet()),
@@ -44,7 +35,7 @@ def _trainer(bucket: str, epochs: int, **kwargs: Any) -> Trainer:
         max_duration=f"{epochs}ep",
         progress_bar=False,
         run_name="r",
-        callbacks=[ScriptedMetric()],
+        callbacks=[ScriptedMetric(METRIC, SCRIPT)],
         save_folder=f"s3://{bucket}/run",
         save_filename="ep{epoch}.pt",
         save_interval="1ep",

@@ -15,11 +15,8 @@ import pytest
 
 from cairn import Trainer
 from cairn.cli.main import main as cairn_main
-from cairn.core.callback import Callback
-from cairn.core.logger import Logger
-from cairn.core.state import State
 from cairn.models import Classifier
-from conftest import TinyNet, make_loader
+from conftest import ScriptedMetric, TinyNet, make_loader
 from store_servers.moto import bucket_objects
 
 METRIC = "metrics/eval/Scripted"
@@ -29,13 +26,6 @@ POINTER = "run/latest-rank0.pt.symlink"
 BEST = "run/best-rank0.pt.symlink"
 
 
-class ScriptedMetric(Callback):
-    """Logs ``SCRIPT[epoch - 1]`` under :data:`METRIC` at each epoch's end, before the epoch's checkpoint."""
-
-    def epoch_end(self, state: State, logger: Logger) -> None:
-        logger.log_metrics({METRIC: SCRIPT[state.timestamp.epoch - 1]})
-
-
 def _fit(bucket: str, epochs: int, **kwargs: Any) -> None:
     trainer = Trainer(
         model=Classifier(TinyNet()),
@@ -43,7 +33,7 @@ def _fit(bucket: str, epochs: int, **kwargs: Any) -> None:
         max_duration=f"{epochs}ep",
         progress_bar=False,
         run_name="r",
-        callbacks=[ScriptedMetric()],
+        callbacks=[ScriptedMetric(METRIC, SCRIPT)],
         save_folder=f"s3://{bucket}/run",
         save_filename="ep{epoch}.pt",
         save_interval="1ep",

@@ -14,12 +14,11 @@ import torch
 
 from cairn import Trainer
 from cairn.callbacks import CheckpointSaver
-from cairn.core.callback import Callback
 from cairn.core.logger import Logger
 from cairn.core.state import State
 from cairn.loggers import InMemoryLogger
 from cairn.models import Classifier
-from conftest import TinyNet, make_loader
+from conftest import ScriptedMetric, TinyNet, make_loader
 from conftest import build_trainer as build
 from conftest import refused_at_construction as refused
 
@@ -28,19 +27,12 @@ METRIC = "metrics/eval/Scripted"
 SCRIPT = [0.1, 0.5, 0.3, 0.9, 0.2, 0.8, 0.4, 0.95, 0.6, 0.7, 0.3, 0.85]
 
 
-class ScriptedMetric(Callback):
-    """Logs ``SCRIPT[epoch - 1]`` under :data:`METRIC` at the end of each epoch, as an evaluation would."""
-
-    def epoch_end(self, state: State, logger: Logger) -> None:
-        logger.log_metrics({METRIC: SCRIPT[state.timestamp.epoch - 1]})
-
-
 def _run(tmp_path: Path, epochs: int, **kwargs: Any) -> Trainer:
     trainer = build(
         tmp_path,
         max_duration=f"{epochs}ep",
         train_dataloader=make_loader(16),  # two batches an epoch
-        callbacks=[ScriptedMetric()],
+        callbacks=[ScriptedMetric(METRIC, SCRIPT)],
         save_best_metric=METRIC,
         **kwargs,
     )
@@ -116,7 +108,7 @@ def test_a_checkpoint_saved_before_the_metric_exists_ranks_last(tmp_path: Path):
         tmp_path,
         max_duration="4ep",
         train_dataloader=make_loader(16),
-        callbacks=[LateMetric()],
+        callbacks=[LateMetric(METRIC, SCRIPT)],
         save_best_metric=METRIC,
         save_keep_best=2,
         save_num_checkpoints_to_keep=1,
@@ -235,7 +227,7 @@ def test_keep_zero_deletes_uploaded_copies_but_the_best(s3_env: str, s3_bucket: 
         train_dataloader=make_loader(16),
         max_duration="3ep",
         progress_bar=False,
-        callbacks=[ScriptedMetric()],
+        callbacks=[ScriptedMetric(METRIC, SCRIPT)],
         save_folder=f"s3://{s3_bucket}/checkpoints",
         save_filename="ep{epoch}.pt",
         save_num_checkpoints_to_keep=0,
