@@ -140,14 +140,11 @@ class CheckpointSaver(Callback):
         )
         self.keep_best, self.best_metric, self.best_mode, self.best_filename, self.keep_every = retention[:5]
         self.remote_num_checkpoints_to_keep: int = retention[5]
-        latest_pointer = self.latest_remote_file_name
-        if latest_pointer is None and self.latest_filename is not None:
-            latest_pointer = pointer_beside(self.remote_template(), self.latest_filename)
         refuse_best_pointer_that_clashes(
             keep_best=self.keep_best,
             best_filename=self.best_filename,
             remote_template=self.remote_template(),
-            latest_pointer=latest_pointer,
+            latest_pointer=self.latest_pointer_template(),
         )
         self._records = RecordCache()  # what each checkpoint file records, read once per file
         self._prune_lock = threading.Lock()  # the background save prunes, and so does the training thread
@@ -506,6 +503,15 @@ class CheckpointSaver(Callback):
         """The format string of a checkpoint's name in the store."""
         return self.remote_file_name or f"{{run_name}}/checkpoints/{self.filename}"
 
+    def latest_pointer_template(self) -> str | None:
+        """The format string of the store's ``latest`` pointer's name: ``latest_remote_file_name``, else
+        ``latest_filename`` beside the checkpoint's remote name (``.symlink`` added); None without a pointer."""
+        if self.latest_remote_file_name is not None:
+            return self.latest_remote_file_name
+        if self.latest_filename is None:
+            return None
+        return pointer_beside(self.remote_template(), self.latest_filename)
+
     def remote_names(self, state: State) -> tuple[str, str | None]:
         """The checkpoint's name in the store, and its latest pointer's (``<latest name>.symlink``)."""
         template = self.remote_template()
@@ -578,9 +584,7 @@ def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:
                 "{epoch} or {batch}), or pass save_latest_filename=None"
             )
     remote = saver.remote_template()
-    pointer = saver.latest_remote_file_name
-    if pointer is None and saver.latest_filename is not None:
-        pointer = pointer_beside(remote, saver.latest_filename)
+    pointer = saver.latest_pointer_template()
     clash = None if pointer is None else template_clash(remote, pointer, nested=False)
     if clash is not None:
         raise ValueError(
