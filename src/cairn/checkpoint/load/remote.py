@@ -76,7 +76,7 @@ def opened_remote_checkpoint(
     with downloaded(store, name, progress=progress, whole_folder=not shards_on_demand) as local:
         opened: str | RemoteShards = local
         try:
-            if os.path.isdir(local) and not os.listdir(local):  # only the shard files a plan reads are fetched
+            if shards_on_demand and os.path.isdir(local):  # a sharded folder: only the files a plan reads are fetched
                 checkpoint, opened = _open_remote_shards(store, name, local, progress=progress)
             else:
                 checkpoint = read_checkpoint(local)
