@@ -7,6 +7,7 @@ command line) can use it without closing an import circle.
 from __future__ import annotations
 
 __all__ = [
+    "CHUNK_FOLDER",
     "DAMAGED_MARKER",
     "EPOCH_START_GENERATORS",
     "EPOCH_START_RNG",
@@ -29,6 +30,9 @@ TEMP_MARKER = ".cairn-tmp-"
 
 #: A store's latest pointer is the object ``<latest name>.symlink``, holding the name of the object it stands for.
 POINTER_SUFFIX = ".symlink"
+
+#: Where an incremental saver keeps its chunks, in its folder: each one file named by the hash of its bytes.
+CHUNK_FOLDER = ".cairn-chunks"
 
 #: Autoresume keeps a damaged checkpoint beside it as ``<name>.damaged-<UTC time>-<token>``.
 DAMAGED_MARKER = ".damaged-"

@@ -20,6 +20,7 @@ __all__ = [
     "file_digest",
     "is_sharded",
     "is_weights_only",
+    "raw_bytes",
 ]
 
 
@@ -101,7 +102,7 @@ def _encoding(root: Any) -> Iterator[bytes | memoryview]:
 def _leaf(value: Any) -> Iterator[bytes | memoryview]:
     if isinstance(value, torch.Tensor):
         yield f"|tensor|{value.dtype}|{tuple(value.shape)}|".encode()
-        yield _raw_bytes(value)
+        yield raw_bytes(value)
     elif isinstance(value, (set, frozenset)):
         yield f"|{type(value).__name__}|{len(value)}|{'|'.join(sorted(map(_member_digest, value)))}|".encode()
     else:
@@ -133,7 +134,8 @@ def _holds_a_set(key: Any) -> bool:
     return False
 
 
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's bytes in memory order, without a copy where it is already packed."""
     tensor = tensor.detach()
     if not tensor.numel():
         return memoryview(b"")

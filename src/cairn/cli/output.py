@@ -7,13 +7,12 @@ unset (or empty), so piped output (``cairn ckpt ls runs | grep``) and logs stay 
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from cairn.utils.text import printable
+from cairn.utils.text import human_size, printable
 
 __all__ = ["Style", "fail", "human_size", "local_time", "printable", "table"]
 
@@ -44,18 +43,6 @@ def fail(command: str, error: BaseException | str, *, code: int = 1) -> int:
     message = printable(" ".join(str(error).split()))  # an error's own line breaks would split the one line
     print(f"cairn ckpt {command}: {message}", file=sys.stderr)
     return code
-
-
-def human_size(size: int | None) -> str:
-    """``38 KiB``, ``1.4 GiB``: binary units, like ``du -h`` and ``ls -lh``, with three significant figures."""
-    if size is None:
-        return "-"
-    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-    exponent = min(int(math.log(size, 1024)) if size > 0 else 0, len(units) - 1)
-    value = size / 1024**exponent
-    if exponent == 0:
-        return f"{size} B"
-    return f"{value:.3g} {units[exponent]}" if value < 1000 else f"{value:.0f} {units[exponent]}"
 
 
 def local_time(seconds: float | None) -> str:

@@ -59,6 +59,7 @@ _FLAGS = (  # the yes/no arguments, checked in this order
     "save_overwrite",
     "save_weights_only",
     "save_async",
+    "save_incremental",
     "load_weights_only",
     "load_strict_model_weights",
     "load_progress_bar",
@@ -112,6 +113,7 @@ class Trainer:
         save_best_filename: str | None = "best-rank{rank}.pt",
         save_keep_every: str | Time[Any] | None = None,
         save_remote_num_checkpoints_to_keep: int = -1,
+        save_incremental: bool = False,
         # loading and resuming (docs/checkpointing.md, "Loading and resuming")
         load_path: str | None = None,
         load_object_store: ObjectStore | RemoteUploaderDownloader | None = None,
@@ -537,6 +539,7 @@ def _saving_keywords(args: SimpleNamespace) -> dict[str, Any]:
         "best_filename": args.save_best_filename,
         "keep_every": args.save_keep_every,
         "remote_num_checkpoints_to_keep": args.save_remote_num_checkpoints_to_keep,
+        "incremental": args.save_incremental,
     }
 
 

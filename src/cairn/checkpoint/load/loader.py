@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cairn.checkpoint.format import FORMAT_VERSION, content_hash, drop_keys, is_sharded, is_weights_only
+from cairn.checkpoint.incremental.files import ChunkSource, assemble
+from cairn.checkpoint.incremental.manifest import is_manifest
 from cairn.checkpoint.load.archive import check_archive, check_old_style_file, error_reason, needs_code
 from cairn.checkpoint.load.compatibility import check_compatible
 from cairn.checkpoint.load.sharded import load_shards
@@ -43,18 +45,22 @@ __all__ = ["apply_checkpoint", "load_checkpoint", "read_checkpoint"]
 log = logging.getLogger(__name__)
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """Load and verify the checkpoint at ``path`` (a file, or a sharded folder) without running any code from it."""
+def read_checkpoint(path: str, *, chunks: ChunkSource | None = None) -> dict[str, Any]:
+    """Load and verify the checkpoint at ``path`` (a file, or a sharded folder) without running any code from it.
+
+    An incremental checkpoint (a manifest) comes back whole: its chunks are read from the chunk folder it names
+    beside it, or from ``chunks`` (a store's, for a manifest downloaded alone), each checked against its key.
+    """
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"no checkpoint at {path!r}: check the path (and the working directory)")
     if is_sharded_folder(path):
         return _read_sharded_folder(path)
     if os.path.isdir(path):
         raise CheckpointCorruptError(f"{path!r} is a folder but not a sharded checkpoint (it has no {METADATA_FILE})")
-    return _read_file(path)
+    return _read_file(path, chunks=chunks)
 
 
-def _read_file(path: str) -> dict[str, Any]:
+def _read_file(path: str, *, chunks: ChunkSource | None = None) -> dict[str, Any]:
     is_archive = check_archive(path)  # the archive's records and its pickle, checked without running it
     if not is_archive:
         check_old_style_file(path)
@@ -62,8 +68,10 @@ def _read_file(path: str) -> dict[str, Any]:
     checkpoint = _torch_load_safely(path, is_archive=is_archive)
     _check_structure(checkpoint, path)
     _check_format_version(checkpoint["state"]["metadata"], path)  # before the hash: a newer format may hash otherwise
-    _check_hash(checkpoint, path)
+    _check_hash(checkpoint, path)  # a manifest's covers its chunks' keys: each chunk is checked as it is read
     _check_world_size(checkpoint["state"]["metadata"], path)
+    if is_manifest(checkpoint):
+        checkpoint = assemble(checkpoint, path, chunks)
     return checkpoint
 
 

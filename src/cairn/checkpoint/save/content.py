@@ -26,7 +26,7 @@ from cairn.utils.dist import all_gather_object, get_world_size
 from cairn.utils.reproducibility import rng_state
 from cairn.version import __version__
 
-__all__ = ["build_checkpoint", "collect_checkpoint", "parameter_names", "recording_metrics", "seal"]
+__all__ = ["build_checkpoint", "collect_checkpoint", "on_cpu", "parameter_names", "recording_metrics", "seal"]
 
 #: the metric values the saver records in the checkpoints built inside :func:`recording_metrics`
 _RECORDED_METRICS: contextvars.ContextVar[Mapping[str, float] | None] = contextvars.ContextVar(
@@ -56,7 +56,7 @@ def build_checkpoint(
     leaves the model and optimizers out: they are written as shards beside this file.
     """
     checkpoint = collect_checkpoint(state, weights_only=weights_only, ignore_keys=ignore_keys, sharded=sharded)
-    return seal(_on_cpu(checkpoint))
+    return seal(on_cpu(checkpoint))
 
 
 def collect_checkpoint(
@@ -104,7 +104,7 @@ def seal(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
-def _on_cpu(node: Any) -> Any:
+def on_cpu(node: Any) -> Any:
     """Files hold CPU tensors, so a checkpoint from a GPU run opens on any machine with plain ``torch.load``."""
     return map_tensors(node, _as_saved)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cairn.checkpoint.folder import list_checkpoints, named_entries
+from cairn.checkpoint.incremental.garbage import References, collect_garbage
 from cairn.checkpoint.keys import check_ignore_keys
 from cairn.checkpoint.naming.checks import check_local_name, check_names, check_not_a_file
 from cairn.checkpoint.naming.clash import template_clash
@@ -116,6 +117,7 @@ class CheckpointSaver(Callback):
         best_filename: str | None = "best-rank{rank}.pt",
         keep_every: str | Time[Any] | None = None,
         remote_num_checkpoints_to_keep: int = -1,
+        incremental: bool = False,
     ) -> None:
         self.folder, self.filename, self.latest_filename, self.remote_file_name, self.latest_remote_file_name = (
             check_names(folder, filename, latest_filename, remote_file_name, latest_remote_file_name)
@@ -162,6 +164,8 @@ class CheckpointSaver(Callback):
         self._remote_of: dict[str, str] = {}  # local checkpoint -> its remote file name, while it uploads
         self._store_retention = StoreRetention(self.remote_retention, metric=self.best_metric, mode=self.best_mode)
         self.async_save = check_flag(async_save, argument="async_save")
+        self.incremental = check_flag(incremental, argument="incremental")
+        self._chunk_references = References()  # which chunks each manifest in the folder names, read once per file
         self._background = BackgroundSaves()
         self._writer: Writer | None = None  # built at the first save, when the state says which format
         self._sharded_uploads = ShardedUploads()
@@ -223,6 +227,8 @@ class CheckpointSaver(Callback):
         folder = format_name(self.folder, state, rank=0)
         if get_rank() == 0:
             remove_stale_temporaries(folder)
+            if self.incremental:
+                collect_garbage(folder, self._chunk_references)  # chunks of saves killed before their manifest
         refuse_existing = not (self.overwrite or state.resumed_from is not None)
         pointer = self.remote_names(state)[1]
         guard_store_names(logger, state, self.remote_template(), pointer, refuse_existing=refuse_existing)
@@ -352,7 +358,7 @@ class CheckpointSaver(Callback):
         write and publish, start this rank's uploads of a sharded folder, and on rank 0 move ``latest``, upload a
         single file and prune."""
         with recording_metrics(self._metric_to_record(logger)):  # into the metadata the writer builds now
-            write = self._start_write(state, target.path)
+            write = self._start_write(state, target)
         upload = self._register_sharded_upload(logger, target)
 
         def finish() -> None:
@@ -369,9 +375,9 @@ class CheckpointSaver(Callback):
 
         return finish
 
-    def _start_write(self, state: State, path: str) -> Callable[[], None]:
+    def _start_write(self, state: State, target: _Target) -> Callable[[], None]:
         """The training thread's part of a save (every rank); the returned function writes and publishes."""
-        return self._writer_for(state).start(state, path)
+        return self._writer_for(state).start(state, target.path, folder=target.folder)
 
     def _metric_to_record(self, logger: Logger | None) -> dict[str, float]:
         """``{best_metric: value}`` as last logged, or nothing (no metric asked for, or none logged yet: the
@@ -398,6 +404,7 @@ class CheckpointSaver(Callback):
                 weights_only=self.weights_only,
                 ignore_keys=self.ignore_keys,
                 overwrite=self.overwrite,
+                incremental=self.incremental,
             )
         return self._writer
 
@@ -473,6 +480,8 @@ class CheckpointSaver(Callback):
             with self._uploading_lock:
                 self._uploaded -= set(removed)
             _unlink_links_to(removed)
+            if removed and self.incremental:
+                collect_garbage(target.folder, self._chunk_references)  # the chunks only those manifests named
 
     def _protected(self, target: _Target, candidates: list[RetentionCandidate]) -> set[str]:
         """What no rule may delete now: the checkpoint just written and those whose upload is in flight or failed;

@@ -17,12 +17,14 @@ published (every rank may then upload its shards at once) and when it fails, it 
 from __future__ import annotations
 
 import copy
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from cairn.checkpoint.incremental.files import write_incremental
 from cairn.checkpoint.save.commit import write_checkpoint
-from cairn.checkpoint.save.content import build_checkpoint, collect_checkpoint, seal
+from cairn.checkpoint.save.content import build_checkpoint, collect_checkpoint, on_cpu, seal
 from cairn.checkpoint.save.sharded import AsyncShardWrites, complete_folder, temporary_shard_folder, write_shards
 from cairn.checkpoint.save.snapshot import SnapshotBuffers
 from cairn.utils.dist import get_rank, on_rank_zero
@@ -32,7 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncShardedWriter",
+    "AsyncIncrementalWriter",
     "AsyncSingleFileWriter",
+    "IncrementalWriter",
     "ShardedWriter",
     "SingleFileWriter",
     "Writer",
@@ -54,25 +58,34 @@ class Writer(ABC):
         self.overwrite = overwrite
 
     @abstractmethod
-    def start(self, state: State, path: str) -> Finish:
-        """Take what must be taken on the training thread (every rank calls it); the returned function writes."""
+    def start(self, state: State, path: str, *, folder: str | None = None) -> Finish:
+        """Take what must be taken on the training thread (every rank calls it); the returned function writes.
+        ``folder`` is the saver's folder (an incremental writer keeps its chunks there; else the path's own)."""
 
     def close(self) -> None:  # noqa: B027 - not abstract: a synchronous writer keeps nothing between saves
         """Release what the writer keeps between saves (host buffers, DCP's stager); no save may be in flight."""
 
 
 def make_writer(
-    *, sharded: bool, asynchronous: bool, weights_only: bool, ignore_keys: Sequence[str], overwrite: bool
+    *,
+    sharded: bool,
+    asynchronous: bool,
+    weights_only: bool,
+    ignore_keys: Sequence[str],
+    overwrite: bool,
+    incremental: bool = False,
 ) -> Writer:
-    """The writer of one saver: the format is the state's (``sharded``), the timing the saver's (``asynchronous``)."""
-    kind = _WRITERS[sharded, asynchronous]
+    """The writer of one saver: the format is the state's (``sharded``) and the saver's (``incremental``: a manifest
+    and chunks; a sharded folder stays whole, see :class:`IncrementalWriter`), the timing the saver's
+    (``asynchronous``)."""
+    kind = _INCREMENTAL[asynchronous] if incremental and not sharded else _WRITERS[sharded, asynchronous]
     return kind(weights_only=weights_only, ignore_keys=ignore_keys, overwrite=overwrite)
 
 
 class SingleFileWriter(Writer):
     """One file, written by rank 0 now; every rank raises if it failed (else the others would wait forever)."""
 
-    def start(self, state: State, path: str) -> Finish:
+    def start(self, state: State, path: str, *, folder: str | None = None) -> Finish:
         checkpoint = build_checkpoint(state, weights_only=self.weights_only, ignore_keys=self.ignore_keys)
         overwrite = self.overwrite
 
@@ -91,7 +104,7 @@ class AsyncSingleFileWriter(Writer):
         super().__init__(weights_only=weights_only, ignore_keys=ignore_keys, overwrite=overwrite)
         self._snapshot = SnapshotBuffers()
 
-    def start(self, state: State, path: str) -> Finish:
+    def start(self, state: State, path: str, *, folder: str | None = None) -> Finish:
         checkpoint = collect_checkpoint(state, weights_only=self.weights_only, ignore_keys=self.ignore_keys)
         if get_rank() != 0:
             return _nothing  # rank 0 alone writes; the others only took part in the collectives above
@@ -109,7 +122,7 @@ class ShardedWriter(Writer):
 
     sharded = True
 
-    def start(self, state: State, path: str) -> Finish:
+    def start(self, state: State, path: str, *, folder: str | None = None) -> Finish:
         temporary = temporary_shard_folder(path)
         write_shards(state, temporary, path, weights_only=self.weights_only)
         rest = self._rest(state)
@@ -137,7 +150,7 @@ class AsyncShardedWriter(ShardedWriter):
         super().__init__(weights_only=weights_only, ignore_keys=ignore_keys, overwrite=overwrite)
         self._shards: AsyncShardWrites | None = None  # its gloo group is made at the first save, on every rank
 
-    def start(self, state: State, path: str) -> Finish:
+    def start(self, state: State, path: str, *, folder: str | None = None) -> Finish:
         if self._shards is None:
             self._shards = AsyncShardWrites()
         temporary = temporary_shard_folder(path)
@@ -161,10 +174,49 @@ class AsyncShardedWriter(ShardedWriter):
             self._shards = None
 
 
+class IncrementalWriter(Writer):
+    """A manifest and the chunks the saver's folder lacks, written by rank 0 now (:mod:`cairn.checkpoint.incremental`).
+
+    A sharded folder stays whole (``make_writer``): DCP writes each rank's shards itself, in parallel, and a folder
+    of an unchanged model would need a reader of its own to share chunks with the one before; see
+    docs/checkpointing.md, "Incremental checkpoints"."""
+
+    def start(self, state: State, path: str, *, folder: str | None = None) -> Finish:
+        checkpoint = on_cpu(collect_checkpoint(state, weights_only=self.weights_only, ignore_keys=self.ignore_keys))
+        root = os.path.dirname(path) if folder is None else folder
+        overwrite = self.overwrite
+
+        def finish() -> None:
+            on_rank_zero(
+                lambda: write_incremental(checkpoint, path, root=root, overwrite=overwrite),
+                f"write the checkpoint {path!r}",
+            )
+
+        return finish
+
+
+class AsyncIncrementalWriter(AsyncSingleFileWriter):
+    """The manifest and new chunks, written by rank 0 in the background from a snapshot in reused host buffers."""
+
+    def start(self, state: State, path: str, *, folder: str | None = None) -> Finish:
+        checkpoint = collect_checkpoint(state, weights_only=self.weights_only, ignore_keys=self.ignore_keys)
+        if get_rank() != 0:
+            return _nothing
+        snapshot = self._snapshot.take(checkpoint)
+        root = os.path.dirname(path) if folder is None else folder
+        overwrite = self.overwrite
+
+        def finish() -> None:
+            write_incremental(snapshot, path, root=root, overwrite=overwrite)
+
+        return finish
+
+
 def _nothing() -> None:
     """The background part of a save on a rank that does not write."""
 
 
+_INCREMENTAL: dict[bool, type[Writer]] = {False: IncrementalWriter, True: AsyncIncrementalWriter}  # asynchronous
 _WRITERS: dict[tuple[bool, bool], type[Writer]] = {  # (sharded, asynchronous)
     (False, False): SingleFileWriter,
     (False, True): AsyncSingleFileWriter,

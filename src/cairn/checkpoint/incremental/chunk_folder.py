@@ -1,0 +1,178 @@
+"""A folder of chunks on disk: each chunk one file named by the XXH3-128 of its bytes, written once.
+
+Writing: a chunk the folder lacks goes to a temporary name, is fsynced and renamed into place; the folder is fsynced
+once after a save's chunks, before its manifest is written. A chunk already there (same name, same size) is not
+written again: that is the whole saving. A file of the right name but the wrong size (damage) is replaced.
+
+Reading: every chunk is checked against its key and size as it is read, into the tensor's own memory.
+
+Locking: a save holds the folder's lock shared, from its first chunk until its manifest is published; garbage
+collection (:mod:`~cairn.checkpoint.incremental.garbage`) takes it exclusively, and only if no save holds it. So a
+chunk a save has just written, or found and relied on, is never collected before the manifest naming it is
+visible, whichever process (or saver) the save belongs to. ``flock`` locks are local to one machine: savers
+sharing a folder over a network filesystem are not protected from each other's collection (docs/checkpointing.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Iterable, Iterator
+
+from cairn.atomic import fsync_path, remove_quietly, temporary_path, write_failed
+from cairn.checkpoint.incremental.manifest import ChunkRef, Piece, chunk_key
+from cairn.errors import CheckpointCorruptError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; collection there never runs while a save is in flight in this process only
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["ChunkFolder", "Written"]
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+
+
+class Written:
+    """What one save put into the chunk folder: chunks written, and the bytes of them (the rest were there)."""
+
+    def __init__(self) -> None:
+        self.chunks = 0
+        self.bytes = 0
+        self.reused = 0
+        self.reused_bytes = 0
+
+
+class ChunkFolder:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def chunk_path(self, key: str) -> str:
+        return os.path.join(self.path, key)
+
+    def has(self, ref: ChunkRef) -> bool:
+        try:
+            return os.stat(self.chunk_path(ref.key)).st_size == ref.size
+        except OSError:
+            return False
+
+    def keys(self) -> dict[str, int]:
+        """Every chunk in the folder, with its size (temporaries and the lock file are not chunks)."""
+        found = {}
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return {}
+        for entry in entries:
+            if len(entry.name) == 32 and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    found[entry.name] = entry.stat(follow_symlinks=False).st_size
+        return found
+
+    def write_missing(self, pieces: Iterable[Piece]) -> Written:
+        """Store every piece the folder lacks; fsync the folder once if anything was written. Caller holds
+        :meth:`saving`."""
+        written = Written()
+        seen: set[str] = set()
+        os.makedirs(self.path, exist_ok=True)
+        for piece in pieces:
+            if piece.key in seen:
+                continue
+            seen.add(piece.key)
+            if self.has(ChunkRef(piece.key, len(piece.data))):
+                written.reused += 1
+                written.reused_bytes += len(piece.data)
+                continue
+            self._write(piece)
+            written.chunks += 1
+            written.bytes += len(piece.data)
+        if written.chunks:
+            fsync_path(self.path)  # the renames survive a power cut before the manifest names them
+        return written
+
+    def _write(self, piece: Piece) -> None:
+        target = self.chunk_path(piece.key)
+        temporary = temporary_path(target)
+        try:
+            with open(temporary, "wb") as file:
+                file.write(piece.data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, target)
+        except OSError as err:
+            remove_quietly(temporary)
+            raise write_failed(target, self.path, err) from err
+        except BaseException:
+            remove_quietly(temporary)
+            raise
+
+    def read_into(self, ref: ChunkRef, out: memoryview, source: str) -> None:
+        """Read the chunk ``ref`` into ``out`` (exactly its size) and check it against its key."""
+        path = self.chunk_path(ref.key)
+        try:
+            with open(path, "rb", buffering=0) as file:
+                if os.fstat(file.fileno()).st_size != ref.size:
+                    raise _bad_chunk(source, ref, self.path, "has another size than the manifest records")
+                read = file.readinto(out)
+        except FileNotFoundError:
+            raise _bad_chunk(source, ref, self.path, "is missing") from None
+        except IsADirectoryError:
+            raise _bad_chunk(source, ref, self.path, "is a folder") from None
+        if read != ref.size:
+            raise _bad_chunk(source, ref, self.path, "was cut short while it was read")
+        if chunk_key(out) != ref.key:
+            raise _bad_chunk(source, ref, self.path, "does not match its key (its bytes changed after it was written)")
+
+    def remove(self, keys: Iterable[str]) -> int:
+        removed = 0
+        for key in keys:
+            try:
+                os.unlink(self.chunk_path(key))
+                removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Held shared from a save's first chunk until its manifest is published: collection waits for it."""
+        with self._lock(exclusive=False, wait=True):
+            yield
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[bool]:
+        """Held exclusively while garbage is collected; yields False (and holds nothing) while a save holds it."""
+        with self._lock(exclusive=True, wait=False) as held:
+            yield held
+
+    @contextlib.contextmanager
+    def _lock(self, *, exclusive: bool, wait: bool) -> Iterator[bool]:
+        if fcntl is None:
+            yield True
+            return
+        os.makedirs(self.path, exist_ok=True)
+        descriptor = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
+            try:
+                fcntl.flock(descriptor, mode)
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                yield False
+                return
+            yield True
+        finally:
+            os.close(descriptor)  # closing releases the lock
+
+
+def _bad_chunk(source: str, ref: ChunkRef, folder: str, why: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"{source!r} is incomplete: its chunk {ref.key} in {folder!r} {why}. The chunk folder was damaged or pruned "
+        "by hand, or the checkpoint was copied without it (copy one with 'cairn ckpt convert --to single-file'); "
+        "load an earlier checkpoint"
+    )
