@@ -19,6 +19,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 from collections.abc import Iterable, Iterator
 
 from cairn.atomic import fsync_path, remove_quietly, temporary_path, write_failed
@@ -35,6 +36,8 @@ __all__ = ["ChunkFolder", "Written"]
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NON_BLOCKING = getattr(os, "O_NONBLOCK", 0)
 
 
 class Written:
@@ -111,17 +114,24 @@ class ChunkFolder:
             raise
 
     def read_into(self, ref: ChunkRef, out: memoryview, source: str) -> None:
-        """Read the chunk ``ref`` into ``out`` (exactly its size) and check it against its key."""
+        """Read the chunk ``ref`` into ``out`` (exactly its size) and check it against its key. Only a regular
+        file is read: a link is not followed, and a FIFO put in a chunk's place is refused rather than waited on."""
         path = self.chunk_path(ref.key)
         try:
-            with open(path, "rb", buffering=0) as file:
-                if os.fstat(file.fileno()).st_size != ref.size:
-                    raise _bad_chunk(source, ref, self.path, "has another size than the manifest records")
-                read = file.readinto(out)
+            descriptor = os.open(path, os.O_RDONLY | _NO_FOLLOW | _NON_BLOCKING)
         except FileNotFoundError:
             raise _bad_chunk(source, ref, self.path, "is missing") from None
-        except IsADirectoryError:
-            raise _bad_chunk(source, ref, self.path, "is a folder") from None
+        except OSError as err:
+            why = f"cannot be opened as a plain file ({err.strerror})"
+            raise _bad_chunk(source, ref, self.path, why) from None
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != ref.size:
+            os.close(descriptor)
+            plain = stat.S_ISREG(info.st_mode)
+            why = "has another size than the manifest records" if plain else "is not a plain file"
+            raise _bad_chunk(source, ref, self.path, why)
+        with open(descriptor, "rb", buffering=0) as file:
+            read = file.readinto(out)
         if read != ref.size:
             raise _bad_chunk(source, ref, self.path, "was cut short while it was read")
         if chunk_key(out) != ref.key:

@@ -29,7 +29,15 @@ from cairn.checkpoint.incremental.manifest import chunked_tensors, is_manifest, 
 from cairn.names import CHUNK_FOLDER, DAMAGED_MARKER, SHARD_INDEX_FILE
 from cairn.utils.text import human_size
 
-__all__ = ["ChunkUse", "References", "collect_garbage", "manifests_under"]
+__all__ = [
+    "ChunkUse",
+    "References",
+    "UnreadableManifest",
+    "collect_garbage",
+    "manifests_under",
+    "read_chunk_use",
+    "referenced_chunks",
+]
 
 log = logging.getLogger(__name__)
 
