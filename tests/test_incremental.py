@@ -148,6 +148,15 @@ def test_a_run_resumed_from_an_incremental_checkpoint_ends_bit_for_bit(tmp_path:
     assert all(torch.equal(got[k], v) for k, v in expected.items())
 
 
+def test_a_manifest_in_a_subfolder_loads_through_the_latest_link_beside_the_chunks(tmp_path: Path) -> None:
+    _trainer(tmp_path, "2ba", save_filename="{run_name}/ba{batch}.pt", run_name="r").fit()
+    assert (tmp_path / "r" / "ba2.pt").exists() and (tmp_path / CHUNKS).is_dir()
+    assert torch.load(tmp_path / "r" / "ba2.pt", weights_only=True)["chunks"]["folder"] == "../.cairn-chunks"
+    assert read_checkpoint(str(tmp_path / "latest-rank0.pt"))["state"]["timestamp"]["batch"] == 2
+    resumed = _trainer(tmp_path, "3ba", save_filename="{run_name}/ba{batch}.pt", run_name="r", autoresume=True)
+    assert resumed.state.timestamp.batch == 2
+
+
 def test_a_weights_only_incremental_checkpoint_loads_as_weights(tmp_path: Path) -> None:
     _trainer(tmp_path, "1ba", save_weights_only=True).fit()
     (manifest,) = _manifests(tmp_path)

@@ -68,10 +68,11 @@ def write_incremental(checkpoint: dict[str, Any], path: str, *, root: str, overw
 
 def assemble(manifest: dict[str, Any], path: str, chunks: ChunkSource | None = None) -> dict[str, Any]:
     """The whole checkpoint a verified manifest at ``path`` stands for, every chunk checked as it is read (from
-    ``chunks``, else the chunk folder the manifest names beside ``path``)."""
+    ``chunks``, else the chunk folder the manifest names beside the file ``path`` leads to: a ``latest`` link may
+    sit in another folder than its manifest)."""
     tensors = chunked_tensors(manifest, path)
     _refuse_more_than_memory(assembled_bytes(tensors), path)
-    source = chunks if chunks is not None else ChunkFolder(manifest_chunk_folder(manifest, path))
+    source = chunks if chunks is not None else ChunkFolder(manifest_chunk_folder(manifest, os.path.realpath(path)))
     filled = {}
     for tensor in tensors:
         filled[tensor.index] = value = torch.empty(tensor.shape, dtype=tensor.dtype)
@@ -80,7 +81,7 @@ def assemble(manifest: dict[str, Any], path: str, chunks: ChunkSource | None = N
         for ref in tensor.chunks:
             source.read_into(ref, view[offset : offset + ref.size], path)
             offset += ref.size
-    return without_chunks(manifest, filled, path)
+    return without_chunks(manifest, tensors, filled, path)
 
 
 def _refuse_more_than_memory(total: int, path: str) -> None:

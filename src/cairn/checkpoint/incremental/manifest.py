@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import posixpath
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,11 +182,13 @@ def assembled_bytes(tensors: list[ChunkedTensor]) -> int:
     return sum(tensor.nbytes for tensor in tensors)
 
 
-def without_chunks(manifest: dict[str, Any], tensors: dict[int, torch.Tensor], source: str) -> dict[str, Any]:
-    """The checkpoint the manifest stands for: each marker replaced by its tensor (``tensors`` by index), the
-    ``chunks`` entry and the ``incremental`` flag gone. A marker at a path the manifest does not record for it,
-    or a recorded tensor whose marker is missing, is damage."""
-    expected = {entry_path for entry_path in _paths(manifest, source)}
+def without_chunks(
+    manifest: dict[str, Any], recorded: list[ChunkedTensor], tensors: dict[int, torch.Tensor], source: str
+) -> dict[str, Any]:
+    """The checkpoint the manifest stands for: each marker replaced by its tensor (``tensors`` by index, as
+    ``recorded`` lists them), the ``chunks`` entry and the ``incremental`` flag gone. A marker at a path the
+    manifest does not record for it, or a recorded tensor whose marker is missing, is damage."""
+    expected = {(tensor.index, tensor.path) for tensor in recorded}
     placed: set[int] = set()
 
     def restore(path: str, leaf: Any) -> Any:
@@ -206,11 +207,6 @@ def without_chunks(manifest: dict[str, Any], tensors: dict[int, torch.Tensor], s
     metadata = body["state"]["metadata"]
     body["state"]["metadata"] = {key: value for key, value in metadata.items() if key != "incremental"}
     return body
-
-
-def _paths(manifest: dict[str, Any], source: str) -> Iterator[tuple[int, str]]:
-    for tensor in chunked_tensors(manifest, source):
-        yield tensor.index, tensor.path
 
 
 def _marker_index(leaf: str) -> int | None:

@@ -17,6 +17,7 @@ published (every rank may then upload its shards at once) and when it fails, it 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -42,6 +43,8 @@ __all__ = [
     "Writer",
     "make_writer",
 ]
+
+log = logging.getLogger(__name__)
 
 Finish = Callable[[], None]
 
@@ -78,6 +81,8 @@ def make_writer(
     """The writer of one saver: the format is the state's (``sharded``) and the saver's (``incremental``: a manifest
     and chunks; a sharded folder stays whole, see :class:`IncrementalWriter`), the timing the saver's
     (``asynchronous``)."""
+    if incremental and sharded:
+        log.info("incremental=True: this run's checkpoints are sharded folders, which are written whole")
     kind = _INCREMENTAL[asynchronous] if incremental and not sharded else _WRITERS[sharded, asynchronous]
     return kind(weights_only=weights_only, ignore_keys=ignore_keys, overwrite=overwrite)
 
