@@ -234,6 +234,17 @@ def test_collection_keeps_every_chunk_while_a_possible_manifest_cannot_be_read(t
     assert orphan.exists() and "copy.pt" in caplog.text and "could not be read" in caplog.text
 
 
+def test_a_zip_of_something_else_in_the_folder_does_not_hold_collection_back(tmp_path: Path) -> None:
+    import zipfile
+
+    _trainer(tmp_path, "1ba").fit()
+    with zipfile.ZipFile(tmp_path / "dataset.zip", "w") as archive:
+        archive.writestr("train.csv", "x,y\n1,2\n")
+    orphan = tmp_path / CHUNKS / ("12" * 16)
+    orphan.write_bytes(b"x")
+    assert collect_garbage(str(tmp_path)) == 1 and not orphan.exists()
+
+
 # -- hostile manifests -----------------------------------------------------------------------------------------------
 
 

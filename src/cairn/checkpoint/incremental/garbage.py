@@ -18,6 +18,7 @@ import logging
 import os
 import stat
 import threading
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -86,6 +87,9 @@ def read_chunk_use(path: str) -> ChunkUse:
         if file.read(4) != _ZIP_MAGIC:
             return _NONE  # not a torch archive: no manifest (torch.save has written archives since 1.6)
     try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
+                return _NONE  # a zip of something else (a dataset beside the checkpoints)
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not is_manifest(loaded):
             return _NONE
