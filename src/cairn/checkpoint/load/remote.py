@@ -23,7 +23,9 @@ from typing import Any
 
 from cairn.atomic import NAME_MAX
 from cairn.checkpoint.format import file_digest
+from cairn.checkpoint.incremental.manifest import ChunkRef, chunk_key
 from cairn.checkpoint.load.loader import read_checkpoint
+from cairn.checkpoint.save.remote_chunks import store_chunk_folder
 from cairn.errors import CheckpointCorruptError, CheckpointNotFoundError, ObjectNotFoundError
 from cairn.names import METADATA_FILE, SHARD_INDEX_FILE
 from cairn.storage.base import ObjectStore
@@ -32,6 +34,7 @@ from cairn.utils.dist import get_rank
 from cairn.utils.text import printable
 
 __all__ = [
+    "RemoteChunks",
     "RemoteShards",
     "download_sharded_folder",
     "downloaded",
@@ -79,7 +82,7 @@ def opened_remote_checkpoint(
             if shards_on_demand and os.path.isdir(local):  # a sharded folder: only the files a plan reads are fetched
                 checkpoint, opened = _open_remote_shards(store, name, local, progress=progress)
             else:
-                checkpoint = read_checkpoint(local)
+                checkpoint = read_checkpoint(local, chunks=RemoteChunks(store, name))
         except CheckpointCorruptError:
             if keep_damaged is not None:
                 keep_damaged(local)
@@ -285,6 +288,51 @@ class RemoteShards:
         if not stat.S_ISREG(info.st_mode) or info.st_size != self._sizes[shard]:
             return False
         return file_digest(local) == self._digests[shard]
+
+
+class RemoteChunks:
+    """Where a manifest downloaded from a store finds its chunks: the store's chunk folder, resolved from the
+    manifest's name in the store (``manifest_name``) and the folder the manifest records
+    (:func:`~cairn.checkpoint.save.remote_chunks.store_chunk_folder`). A :class:`ChunkSource` for
+    :func:`~cairn.checkpoint.read_checkpoint`: each chunk is downloaded into a private temporary file, checked
+    against its size and key, read into the tensor's memory and deleted. Chunks are fetched one at a time, as they
+    are read, so a load needs no disk beyond the largest chunk."""
+
+    def __init__(self, store: ObjectStore, manifest_name: str) -> None:
+        self.store, self.manifest_name = store, manifest_name
+        self._folder: str | None = None
+
+    def folder(self, manifest_path: str) -> str:
+        """The chunk folder in the store (a name), read once from the verified manifest at ``manifest_path``."""
+        if self._folder is None:
+            import torch
+
+            loaded = torch.load(manifest_path, map_location="cpu", weights_only=True, mmap=True)
+            self._folder = store_chunk_folder(self.manifest_name, loaded["chunks"].get("folder"))
+        return self._folder
+
+    def read_into(self, ref: ChunkRef, out: memoryview, source: str) -> None:
+        name = f"{self.folder(source)}/{ref.key}"
+        uri = self.store.get_uri(name)
+        with tempfile.TemporaryDirectory(prefix="cairn-chunk-") as private:
+            local = os.path.join(private, ref.key)
+            try:
+                download_with_progress(self.store, name, local, overwrite=False, progress=False)
+            except ObjectNotFoundError:
+                raise self._bad_chunk(ref, uri, "is missing from the store") from None
+            with open(local, "rb", buffering=0) as file:
+                if os.fstat(file.fileno()).st_size != ref.size:
+                    raise self._bad_chunk(ref, uri, "has another size than the manifest records")
+                read = file.readinto(out)
+        if read != ref.size or chunk_key(out) != ref.key:
+            raise self._bad_chunk(ref, uri, "does not match its key (its bytes changed after it was uploaded)")
+
+    def _bad_chunk(self, ref: ChunkRef, uri: str, why: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(
+            f"{self.store.get_uri(self.manifest_name)} is incomplete: its chunk {ref.key} ({uri}) {why}. The "
+            "store's chunk folder was damaged or pruned by hand; load an earlier checkpoint (autoresume falls back "
+            "to one by itself)"
+        )
 
 
 def _shard_names(recorded: Any, uri: str) -> list[str]:

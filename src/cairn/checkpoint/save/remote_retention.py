@@ -25,6 +25,7 @@ complete folder (its ``cairn.pt`` in a listing) is made here again.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cairn.checkpoint.naming.templates import PROGRESS_ORDER
+from cairn.checkpoint.save.remote_chunks import StoreChunks
 from cairn.checkpoint.save.retention import (
     PROGRESS_KEYS,
     CheckpointRecord,
@@ -136,6 +138,7 @@ def prune_store(
     verified: Collection[str],
     pointers: Collection[str] = (),
     protect: Collection[str] = (),
+    before_delete: Callable[[str], object] | None = None,
 ) -> list[str]:
     """Delete the checkpoints named in ``doomed`` from ``transfers``' store; return the names deleted whole.
 
@@ -151,7 +154,9 @@ def prune_store(
     - ``pointers``: the store's pointer objects (``latest``, ``best``; e.g. ``transfers.remote_name(pointer)``).
       Each is read now, and the checkpoint it names is never deleted; a pointer that cannot be read (the store
       failed, or it holds no name) stops the prune, since what it protects is unknown;
-    - ``protect``: checkpoints never to delete whatever else holds (uploads in flight, for instance).
+    - ``protect``: checkpoints never to delete whatever else holds (uploads in flight, for instance);
+    - ``before_delete``: called with each name just before it is deleted (an incremental saver reads which chunks
+      a manifest names while it is still there); if it raises, the prune stops there, as after a failed delete.
 
     The caller moves a pointer away from a checkpoint before dooming it. Deletes run here, on the calling thread,
     one object at a time; failures are logged (with the object's URI) and the rest waits for the next prune.
@@ -173,6 +178,8 @@ def prune_store(
         if newest_staying is None or not _progress(pattern, name) < newest_staying:
             log.info("%s stays in the store until a newer checkpoint is verified there", store.get_uri(name))
             continue
+        if before_delete is not None and not _prepared(before_delete, store, name):
+            break
         if not _delete_checkpoint(store, name):
             break
         deleted.append(name)
@@ -219,6 +226,20 @@ def _pointer_targets(store: ObjectStore, pointers: Collection[str]) -> list[str]
 def _named_by_any(name: str, targets: set[str]) -> bool:
     """Whether a pointer names ``name``, or an object inside it (a folder's ``cairn.pt``)."""
     return any(target == name or target.startswith(f"{name}/") for target in targets)
+
+
+def _prepared(before_delete: Callable[[str], object], store: ObjectStore, name: str) -> bool:
+    """Run ``before_delete`` for ``name``; False (logged) when it failed, and ``name`` then stays."""
+    try:
+        before_delete(name)
+    except Exception as err:  # noqa: BLE001 - retention never stops training; the next prune tries again
+        log.warning(
+            "%s stays in the store this time: which chunks it names could not be read (%s)",
+            printable(store.get_uri(name)),
+            err,
+        )
+        return False
+    return True
 
 
 def _delete_checkpoint(store: ObjectStore, name: str) -> bool:
@@ -307,8 +328,10 @@ def apply_store_retention(
     own: Mapping[str, CheckpointRecord],
     records: StoreRecords,
     protect: Collection[str] = (),
+    before_delete: Callable[[str], object] | None = None,
 ) -> list[str]:
-    """Apply ``rules`` to the run's checkpoints in ``scope``'s store; return the store names deleted.
+    """Apply ``rules`` to the run's checkpoints in ``scope``'s store; return the store names deleted
+    (``before_delete`` as :func:`prune_store` takes it).
 
     ``own`` holds, by store name, the records of the checkpoints this saver uploaded and saw verified (they are
     also the ``verified`` names :func:`prune_store` needs); the records of the others are read from the store
@@ -336,7 +359,15 @@ def apply_store_retention(
     # the latest pointer moves only once its target is verified, so what it names counts as verified (an earlier
     # run's upload, when this run has uploaded nothing yet)
     verified = {*own, *([links["latest"]] if "latest" in links else [])}
-    return prune_store(transfers, doomed, pattern=scope.pattern, verified=verified, pointers=pointers, protect=protect)
+    return prune_store(
+        transfers,
+        doomed,
+        pattern=scope.pattern,
+        verified=verified,
+        pointers=pointers,
+        protect=protect,
+        before_delete=before_delete,
+    )
 
 
 def point_best_in_store(
@@ -428,8 +459,11 @@ class StoreRetention:
     from the store once, :class:`StoreRecords`). Rank 0 calls :meth:`apply` after uploads settle; a failure is
     logged, never raised: training goes on, and the next call tries again."""
 
-    def __init__(self, rules: RetentionRules | None, *, metric: str | None, mode: str) -> None:
+    def __init__(
+        self, rules: RetentionRules | None, *, metric: str | None, mode: str, chunks: StoreChunks | None = None
+    ) -> None:
         self._rules, self._metric, self._mode = rules, metric, mode
+        self._chunks = chunks  # an incremental saver's: the chunks only deleted manifests named go after them
         self._verified: dict[str, CheckpointRecord] = {}
         self._records = StoreRecords()
 
@@ -448,6 +482,7 @@ class StoreRetention:
             if self._rules is None:
                 self._point_best(scope, verified)
                 continue
+            chunks = self._chunks
             try:
                 deleted = apply_store_retention(
                     scope,
@@ -456,6 +491,7 @@ class StoreRetention:
                     own=verified,
                     records=self._records,
                     protect={in_store(name) for name in in_flight},
+                    before_delete=None if chunks is None else functools.partial(chunks.remember, scope.transfers),
                 )
             except Exception as err:  # noqa: BLE001 - retention never stops training; the next prune tries again
                 log.warning("store retention skipped in %s this time: %s", scope.transfers.bucket_uri, err)
@@ -463,6 +499,8 @@ class StoreRetention:
             gone = set(deleted)
             for name in [name for name in own if in_store(name) in gone]:
                 self._verified.pop(name, None)
+            if chunks is not None and deleted:
+                chunks.collect(scope.transfers, deleted)  # after the manifests: a kill between leaves only garbage
 
     def _point_best(self, scope: StoreScope, verified: Mapping[str, CheckpointRecord]) -> None:
         try:

@@ -25,6 +25,7 @@ from cairn.checkpoint.save.background import BackgroundSaves
 from cairn.checkpoint.save.commit import atomic_symlink, remove_stale_temporaries
 from cairn.checkpoint.save.content import recording_metrics
 from cairn.checkpoint.save.policy import is_last_checkpoint_event, save_policy
+from cairn.checkpoint.save.remote_chunks import StoreChunks
 from cairn.checkpoint.save.remote_retention import StoreRetention, StoreScope
 from cairn.checkpoint.save.remote_shards import FolderUpload, ShardedUploads
 from cairn.checkpoint.save.retention import (
@@ -42,7 +43,7 @@ from cairn.checkpoint.save.writers import SingleFileWriter, Writer, make_writer
 from cairn.core.callback import Callback
 from cairn.core.event import Event
 from cairn.core.interval import IntervalLike
-from cairn.core.logger import Logger, transfers_among
+from cairn.core.logger import Logger, LoggerDestination, transfers_among
 from cairn.core.state import State
 from cairn.core.time import Time
 from cairn.names import POINTER_SUFFIX
@@ -162,9 +163,12 @@ class CheckpointSaver(Callback):
         self._uploading_lock = threading.Lock()  # the background save appends, the training thread prunes
         self._last_target: _Target | None = None  # the newest save's, pruned again once its uploads are done
         self._remote_of: dict[str, str] = {}  # local checkpoint -> its remote file name, while it uploads
-        self._store_retention = StoreRetention(self.remote_retention, metric=self.best_metric, mode=self.best_mode)
         self.async_save = check_flag(async_save, argument="async_save")
         self.incremental = check_flag(incremental, argument="incremental")
+        self._store_chunks = StoreChunks() if self.incremental else None  # what each store's chunk folder holds
+        self._store_retention = StoreRetention(
+            self.remote_retention, metric=self.best_metric, mode=self.best_mode, chunks=self._store_chunks
+        )
         self._chunk_references = References()  # which chunks each manifest in the folder names, read once per file
         self._background = BackgroundSaves()
         self._writer: Writer | None = None  # built at the first save, when the state says which format
@@ -446,15 +450,46 @@ class CheckpointSaver(Callback):
         if target.latest_link is not None:
             atomic_symlink(target.latest_link, target.path)
         if logger is not None and logger.uploads_files and not target.sharded:  # a folder: every rank uploads
-            futures = logger.upload_file(
-                target.remote_name, target.path, overwrite=self.overwrite, pointer_name=target.remote_pointer
-            )
+            futures = self._upload(logger, target)
             with self._uploading_lock:
                 self._uploading.extend((future, target.path) for future in futures)
                 self._upload_failed.discard(target.path)  # the file whose upload failed was just replaced
                 self._remote_of[target.path] = target.remote_name
         self._last_target = target
         self._prune()
+
+    def _upload(self, logger: Logger, target: _Target) -> list[Future[str]]:
+        """Hand the new file to every uploader; one future per upload. A manifest (an incremental save) goes to each
+        store only after the chunks that store lacks (:mod:`~cairn.checkpoint.save.remote_chunks`): its future
+        completes when the manifest is verified there, and fails if any of its chunks failed."""
+        use = self._chunk_references.of(target.path) if self._store_chunks is not None else None
+        if use is None or use.folder is None:
+            return logger.upload_file(
+                target.remote_name, target.path, overwrite=self.overwrite, pointer_name=target.remote_pointer
+            )
+        relative = os.path.relpath(use.folder, os.path.realpath(os.path.dirname(target.path) or ".")).replace(
+            os.sep, "/"
+        )
+        stores = transfers_among(logger.destinations)
+        if len(stores) < sum(type(d).upload_file is not LoggerDestination.upload_file for d in logger.destinations):
+            log.warning(
+                "an uploader without an object store's transfers gets no incremental checkpoint %s: its chunks could "
+                "not go with it",
+                target.path,
+            )
+        return [
+            self._store_chunks.upload(  # type: ignore[union-attr]
+                transfers,
+                target.remote_name,
+                target.path,
+                local_chunks=use.folder,
+                relative=relative,
+                chunks=use.chunks,
+                overwrite=self.overwrite,
+                pointer_name=target.remote_pointer,
+            )
+            for transfers in stores
+        ]
 
     def _prune(self) -> None:
         """Apply the retention rules after the newest save (rank 0), from the files on disk: move the ``best``
