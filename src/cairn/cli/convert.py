@@ -21,8 +21,11 @@ EXAMPLES = """examples:
   cairn ckpt convert ep3.pt --to safetensors model.safetensors
                                          the model's tensors for other tools (pip install 'cairn[safetensors]')
   cairn ckpt convert s3://bucket/run/ep3.pt --to weights-only ep3-weights.pt
+  cairn ckpt convert runs/first/ep3.pt --to single-file ep3-whole.pt
+                                         an incremental checkpoint as one self-contained file (no chunk folder)
 
-OUT must not exist. The source is read safely and verified first; OUT appears complete or not at all.
+OUT must not exist. The source is read safely and verified first (an incremental checkpoint's every chunk against
+its key); OUT appears complete or not at all.
 """
 
 
@@ -46,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         check_output(args.out, args.target)  # before a download, not after
-        with local_copy(args.source, progress=args.progress) as (path, _label):
-            print(printable(convert(path, args.target, args.out)))
+        with local_copy(args.source, progress=args.progress) as copy:
+            print(printable(convert(copy.path, args.target, args.out, chunks=copy.chunks)))
     except (CairnError, OSError, ValueError) as err:
         return fail("convert", err)
     return 0

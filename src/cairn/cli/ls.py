@@ -31,8 +31,12 @@ EXAMPLES = """examples:
                                               why each would be kept under these rules
 
 columns: * marks the checkpoint a latest link or pointer names (links are shown after its name);
-CREATED is when the run wrote it (local only); KIND is full, weights-only, sharded, unreadable
-(a damaged file: run cairn ckpt verify on it), or ? in a store (run cairn ckpt show on it).
+CREATED is when the run wrote it (local only); SIZE is its bytes on disk; KIND is full, weights-only,
+sharded, unreadable (a damaged file: run cairn ckpt verify on it), or ? in a store (run cairn ckpt show
+on it), with ", inc" for an incremental checkpoint (a manifest whose large tensors are chunks in the
+folder's .cairn-chunks). When one is listed, OWN and SHARED show each checkpoint's own bytes (what
+deleting it frees: the file, and for an incremental one the chunks no other checkpoint names) and its
+shared bytes (chunks other checkpoints name too); a full checkpoint's own bytes are its size.
 When the checkpoints recorded a metric (the saver's best_metric), a column shows its value
 (local only; --metric picks one when they recorded several). With any of --keep, --keep-best,
 --keep-every, KEPT BY shows why retention under those rules keeps each checkpoint: latest or
@@ -40,8 +44,9 @@ best (a link names it), best 1/2, every 3ep, recent 1/1; "-" means a save would 
 checkpoint, with --keep-best) means its recorded value is not read by a listing, so it cannot be told.
 
 --json prints one object: {"target", "checkpoints": [{"name", "location", "kind", "size_bytes",
-"created_at", "epoch", "batch", "latest": [...], "metrics": {...}, "kept_by": [...] or null}, ...]
-newest first, "notes": [...]}; unknown values are null; kept_by is null without rule options.
+"incremental", "own_bytes", "shared_bytes", "created_at", "epoch", "batch", "latest": [...],
+"metrics": {...}, "kept_by": [...] or null}, ...] newest first, "notes": [...]}; unknown values are
+null (in a store: incremental, own_bytes, shared_bytes); kept_by is null without rule options.
 """
 
 
@@ -85,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if not listing.entries:
         print(f"cairn ckpt ls: no checkpoints in {printable(args.target)}", file=sys.stderr)
         return 0
-    columns = _Columns(metric, kept)
+    columns = _Columns(metric, kept, sharing=any(entry.incremental for entry in listing.entries))
     style = Style.for_stream(sys.stdout)
     header = columns.header()
     plain = [header, *(columns.cells(entry) for entry in listing.entries)]
@@ -124,27 +129,32 @@ def _metric(args: argparse.Namespace, listing: Listing) -> tuple[str | None, str
 class _Columns:
     """The table's columns: the fixed ones, then the metric's value and the reasons to keep when asked for."""
 
-    def __init__(self, metric: str | None, kept: dict[str, tuple[str, ...]] | None) -> None:
+    def __init__(self, metric: str | None, kept: dict[str, tuple[str, ...]] | None, *, sharing: bool) -> None:
         self.metric = metric
         self.kept = kept
+        self.sharing = sharing  #: OWN and SHARED columns: shown when an incremental checkpoint is listed
 
     def header(self) -> list[str]:
+        sizes = ["OWN", "SHARED"] if self.sharing else []
         extra = [self.metric.rsplit("/", 1)[-1].upper()] if self.metric else []
         extra += ["KEPT BY"] if self.kept is not None else []
-        return ["", "CREATED", "SIZE", "EPOCH", "BATCH", *extra, "KIND", "NAME"]
+        return ["", "CREATED", "SIZE", *sizes, "EPOCH", "BATCH", *extra, "KIND", "NAME"]
 
     def right(self) -> tuple[int, ...]:
-        return (2, 3, 4, 5) if self.metric else (2, 3, 4)
+        numbers = 3 + (2 if self.sharing else 0) + (1 if self.metric else 0)
+        return tuple(range(2, 2 + numbers))
 
     def cells(self, entry: ListedCheckpoint) -> list[str]:
         base = _cells(entry)
+        if self.sharing:
+            base[3:3] = [_bytes(entry.own), _bytes(entry.shared)]
         extra = []
         if self.metric:
             value = entry.metrics.get(self.metric)
             extra.append("-" if value is None else f"{value:.6g}")
         if self.kept is not None:
             extra.append(", ".join(self.kept.get(entry.location, ())) or "-")
-        return [*base[:5], *extra, *base[5:]]
+        return [*base[:-2], *extra, *base[-2:]]
 
     def painted(self, entry: ListedCheckpoint, style: Style) -> list[str]:
         cells = self.cells(entry)
@@ -171,6 +181,9 @@ def listing_json(target: str, listing: Listing, kept: dict[str, tuple[str, ...]]
                 "location": entry.location,
                 "kind": entry.kind,
                 "size_bytes": entry.size,
+                "incremental": entry.incremental,
+                "own_bytes": entry.own,
+                "shared_bytes": entry.shared,
                 "created_at": entry.created_at,
                 "epoch": entry.epoch,
                 "batch": entry.batch,
@@ -194,8 +207,10 @@ def _cells(entry: ListedCheckpoint) -> list[str]:
         human_size(entry.size),
         "-" if entry.epoch is None else str(entry.epoch),
         "-" if entry.batch is None else str(entry.batch),
-        entry.kind,
+        entry.kind + (", inc" if entry.incremental else ""),
         name,
     ]
 
 
+def _bytes(count: int | None) -> str:
+    return "?" if count is None else human_size(count)

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
-from cairn.checkpoint.tools.listing import CheckpointSummary, model_tensor_sizes, summarize
+from cairn.checkpoint.tools.listing import (
+    CheckpointSummary,
+    ChunkSharing,
+    chunk_sharing,
+    model_tensor_sizes,
+    summarize,
+)
 from cairn.cli.output import Style, fail, human_size, local_time, printable, table
-from cairn.cli.sources import opened
+from cairn.cli.sources import Opened, opened
 from cairn.errors import CairnError
+from cairn.storage.uri import is_uri
 
 __all__ = ["add_parser", "run"]
 
@@ -23,6 +31,9 @@ EXAMPLES = """examples:
                                               one JSON object, for scripts
 
 The checkpoint is read safely and its content hash checked: show fails (exit 1) on a damaged file, with the reason.
+An incremental checkpoint's chunks are each read and checked against their key; show says how many there are, and
+its own bytes (the manifest and the chunks no other checkpoint names: what deleting it frees) and its shared bytes
+(chunks other checkpoints of its chunk folder name too; unknown for one in a store).
 """
 
 
@@ -44,9 +55,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         with opened(args.target, progress=args.progress) as source:
             sizes = model_tensor_sizes(source.path) if source.checkpoint["state"]["metadata"].get("sharded") else None
-            summary = summarize(source.checkpoint, source=source.label, size=source.size, tensor_sizes=sizes)
+            sharing, notes = _sharing(args.target, source)
+            summary = summarize(
+                source.checkpoint,
+                source=source.label,
+                size=source.size,
+                tensor_sizes=sizes,
+                incremental=sharing,
+                chunks_checked=len(source.chunks.checked) if source.chunks else 0,
+            )
     except (CairnError, ValueError, OSError) as err:
         return fail("show", err)
+    for note in notes:
+        print(f"cairn ckpt show: {printable(note)}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary.to_json(), indent=2, default=repr))  # ASCII only: an escape comes out as \u001b
     else:
@@ -54,12 +75,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sharing(target: str, source: Opened) -> tuple[ChunkSharing | None, list[str]]:
+    """An incremental checkpoint's chunks and how many other checkpoints share; ``None`` for any other. Sharing is
+    told from the other manifests of a local chunk folder; in a store it is unknown (every manifest there would have
+    to be downloaded)."""
+    if source.chunks is None:
+        return None, []
+    if not is_uri(target):
+        found, notes = chunk_sharing([source.path])
+        if source.path in found:
+            return dataclasses.replace(found[source.path], folder=source.chunks.folder), notes  # as the user named it
+    checked = source.chunks.checked
+    return ChunkSharing(source.chunks.folder, source.size, len(checked), sum(checked.values()), None, None), []
+
+
 def _report(summary: CheckpointSummary, style: Style) -> list[str]:
     """Every value from the checkpoint is shown through :func:`printable`: a run name or an optimizer's key holding
     terminal escapes is shown escaped, not obeyed."""
     facts = [
-        ("kind", summary.kind + (" (weights only)" if summary.weights_only and summary.kind == "sharded" else "")),
-        ("size", human_size(summary.size)),
+        ("kind", _kind(summary)),
+        ("size", _size(summary)),
+        *([("chunks", _chunks(summary.incremental))] if summary.incremental else []),
         ("created", local_time(summary.created_at)),
         ("run name", printable(summary.run_name or "-")),
         ("timestamp", printable(_timestamp(summary.timestamp))),
@@ -77,6 +113,31 @@ def _report(summary: CheckpointSummary, style: Style) -> list[str]:
     lines = [style(title, "bold")]
     lines += [f"  {key:<{width}}  {value}" for key, value in facts]
     return [*lines, "", *_modules(summary, style)]
+
+
+def _kind(summary: CheckpointSummary) -> str:
+    kind = summary.kind + (" (weights only)" if summary.weights_only and summary.kind == "sharded" else "")
+    return kind + (", incremental" if summary.incremental else "")
+
+
+def _size(summary: CheckpointSummary) -> str:
+    """The size on disk; for an incremental checkpoint, the manifest's, then its own and its shared bytes."""
+    sharing = summary.incremental
+    if sharing is None:
+        return human_size(summary.size)
+    if sharing.shared_bytes is None:
+        return f"{human_size(sharing.manifest_bytes)} manifest + {human_size(sharing.chunk_bytes)} of chunks"
+    return (
+        f"{human_size(sharing.manifest_bytes)} manifest; own {human_size(sharing.own_bytes)}, "
+        f"shared {human_size(sharing.shared_bytes)}"
+    )
+
+
+def _chunks(sharing: ChunkSharing) -> str:
+    text = f"{_count(sharing.chunks, 'chunk')} ({human_size(sharing.chunk_bytes)}) in {printable(sharing.folder)}"
+    if sharing.shared_chunks is None:
+        return text + "; shared with other checkpoints: unknown in a store"
+    return text + f"; {sharing.shared_chunks} of them also named by other checkpoints"
 
 
 def _timestamp(timestamp: dict[str, object]) -> str:
@@ -106,7 +167,10 @@ def _versions(versions: dict[str, object]) -> str:
 
 
 def _hash_scope(summary: CheckpointSummary) -> str:
-    """A sharded folder's hash covers its cairn.pt, which records a digest of each shard file (all checked)."""
+    """A sharded folder's hash covers its cairn.pt, which records a digest of each shard file (all checked); a
+    manifest's covers each chunk's key, and each chunk was checked against its key."""
+    if summary.incremental is not None:
+        return f" (the manifest; each of its {_count(summary.chunks_checked, 'chunk')} checked against its key)"
     if summary.kind != "sharded":
         return ""
     return f" (cairn.pt, and {_count(summary.shard_files, 'shard file')} by digest)"

@@ -23,7 +23,9 @@ EXAMPLES = """examples:
   cairn ckpt verify s3://bucket/run/          every .pt/.pth/.ckpt object under a prefix
 
 Each checkpoint is read without running code from it, its structure checked, and its content hash recomputed;
-a sharded folder's shard index is checked against its shard files. Prints OK or FAILED (with the reason) per
+a sharded folder's shard index is checked against its shard files; every chunk of an incremental checkpoint is
+read from its chunk folder (a store's, for a URI) and checked against its key, and the OK line says how many. A
+missing or damaged chunk fails the checkpoint, naming the chunk. Prints OK or FAILED (with the reason) per
 checkpoint. Exit status: 0 when all are intact, 1 when any failed (or a folder held none).
 """
 
@@ -45,6 +47,7 @@ def add_parser(commands: argparse._SubParsersAction, parent: argparse.ArgumentPa
 def run(args: argparse.Namespace) -> int:
     style = Style.for_stream(sys.stdout)
     results: list[bool] = []
+    chunks: list[int] = []
     for target in args.targets:
         try:
             checkpoints = _expand(target, recursive=args.recursive)
@@ -52,9 +55,13 @@ def run(args: argparse.Namespace) -> int:
             _report(style, target, err)
             results.append(False)
             continue
-        results += [_verify(checkpoint, style, progress=args.progress) for checkpoint in checkpoints]
+        for checkpoint in checkpoints:
+            checked = _verify(checkpoint, style, progress=args.progress)
+            results.append(checked is not None)
+            chunks.append(checked or 0)
     if len(results) > 1:
-        print(f"cairn ckpt verify: {results.count(True)} of {len(results)} intact", file=sys.stderr)
+        with_chunks = f" ({sum(chunks)} chunks checked)" if sum(chunks) else ""
+        print(f"cairn ckpt verify: {results.count(True)} of {len(results)} intact{with_chunks}", file=sys.stderr)
     return 0 if all(results) else 1
 
 
@@ -78,17 +85,20 @@ def _expand(target: str, *, recursive: bool) -> list[str]:
     return [entry.location for entry in entries]
 
 
-def _verify(target: str, style: Style, *, progress: bool) -> bool:
-    """Check one checkpoint. Whatever goes wrong with it (a damaged file, an object whose download keeps breaking
-    off) is its own FAILED line: the checkpoints after it in a folder or prefix are still checked."""
+def _verify(target: str, style: Style, *, progress: bool) -> int | None:
+    """Check one checkpoint; the number of chunks checked (0 for anything but an incremental checkpoint), or
+    ``None`` when it failed. Whatever goes wrong with it (a damaged file, a missing chunk, an object whose download
+    keeps breaking off) is its own FAILED line: the checkpoints after it in a folder or prefix are still checked."""
     try:
         with opened(target, progress=progress) as source:
             label, digest = source.label, source.checkpoint["state"]["metadata"]["content_hash"]
+            checked = None if source.chunks is None else len(source.chunks.checked)
     except Exception as err:  # noqa: BLE001 - reported as this checkpoint's failure, see above
         _report(style, target, err)
-        return False
-    print(f"{style('OK', 'green')}      {printable(label)}  {digest}")
-    return True
+        return None
+    chunks = "" if checked is None else f"  incremental: {checked} chunk{'' if checked == 1 else 's'} checked"
+    print(f"{style('OK', 'green')}      {printable(label)}  {digest}{chunks}")
+    return checked or 0
 
 
 def _report(style: Style, target: str, error: BaseException) -> None:

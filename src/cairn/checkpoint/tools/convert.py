@@ -4,6 +4,10 @@ Forms: ``single-file`` (everything in one file), ``weights-only`` (the model and
 DCP shards, :mod:`~cairn.checkpoint.save.sharded`), and ``safetensors`` (the model's tensors for other tools, with
 ``pip install 'cairn[safetensors]'``). Every output is written through
 :func:`~cairn.checkpoint.save.commit.atomic_write`.
+
+An incremental checkpoint (a manifest and its chunks) is read whole, every chunk checked against its key, so any
+form can be written from it; ``single-file`` makes a self-contained copy: an ordinary checkpoint, with no chunk
+folder needed anywhere and a content hash over all of its data.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from cairn.atomic import atomic_write
 from cairn.checkpoint.format import content_hash, is_sharded
+from cairn.checkpoint.incremental.files import ChunkSource
 from cairn.checkpoint.load.loader import read_checkpoint
 from cairn.checkpoint.load.sharded import read_whole_shards
 from cairn.checkpoint.save.commit import write_checkpoint
@@ -28,8 +33,9 @@ __all__ = ["FORMATS", "check_output", "convert"]
 FORMATS = ("single-file", "weights-only", "sharded", "safetensors")
 
 
-def convert(source: str, target_format: str, out: str) -> str:
-    """Write ``source`` (a file or a sharded folder) as ``target_format`` to ``out``; the source is not changed.
+def convert(source: str, target_format: str, out: str, *, chunks: ChunkSource | None = None) -> str:
+    """Write ``source`` (a file, a manifest or a sharded folder) as ``target_format`` to ``out``; the source is not
+    changed. A manifest's chunks come from ``chunks``, else from the chunk folder it names beside it.
 
     ``out`` must not exist; folders above it that do not exist are created, and removed again if the conversion
     fails, so that a failure leaves nothing behind. Returns the path written (``out`` without a trailing slash).
@@ -37,7 +43,7 @@ def convert(source: str, target_format: str, out: str) -> str:
     if target_format not in FORMATS:
         raise ValueError(f"--to {target_format!r}: use one of {', '.join(FORMATS)}")
     out = check_output(out, target_format)
-    checkpoint = read_checkpoint(source)  # verified, safe
+    checkpoint = read_checkpoint(source, chunks=chunks)  # verified, safe; a manifest comes back whole
     created = _missing_folders(os.path.dirname(out))
     try:
         _write(source, checkpoint, target_format, out)

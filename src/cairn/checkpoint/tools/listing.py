@@ -9,6 +9,11 @@ its small pickled structure is read (tensors stay on disk) and its hash is *not*
 milliseconds per checkpoint whatever its size; ``cairn ckpt verify`` is the command that checks. A listed object in
 a store is not downloaded at all: its size comes from the store's listing (one request per page of names, none per
 object) and its epoch and batch from its name.
+
+An incremental checkpoint (a manifest whose large tensors are chunks in the saver's chunk folder) is listed with
+its *own* bytes (the manifest, and the chunks no other manifest of that chunk folder names: what deleting it
+would free) and its *shared* bytes (chunks other manifests name too): :func:`chunk_sharing`. A full checkpoint's
+own bytes are its size. In a store these stay unknown: telling them needs every manifest there.
 """
 
 from __future__ import annotations
@@ -27,21 +32,26 @@ import torch
 from cairn.atomic import is_temporary
 from cairn.checkpoint.folder import folder_entries
 from cairn.checkpoint.format import is_sharded, is_weights_only
+from cairn.checkpoint.incremental.garbage import References, UnreadableManifest, manifests_under
+from cairn.checkpoint.incremental.manifest import is_manifest
 from cairn.checkpoint.load.archive import check_archive
 from cairn.checkpoint.save.retention import PROGRESS_KEYS, RetentionCandidate, RetentionRules, reasons_to_keep
 from cairn.checkpoint.shards import is_sharded_folder
 from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
-from cairn.names import METADATA_FILE
+from cairn.names import CHUNK_FOLDER, METADATA_FILE
 from cairn.storage.base import ObjectStore
 from cairn.storage.pointer import is_pointer, latest_name_of, read_pointer
+from cairn.utils.text import human_size
 
 __all__ = [
     "CheckpointSummary",
+    "ChunkSharing",
     "Listing",
     "ListedCheckpoint",
     "ModuleSize",
     "checkpoint_files",
     "checkpoint_kind",
+    "chunk_sharing",
     "list_checkpoints_at",
     "list_local_checkpoints",
     "list_remote_checkpoints",
@@ -82,6 +92,12 @@ class ListedCheckpoint:
     metrics: Mapping[str, float] = field(default_factory=dict, compare=False)
     #: the progress counts it records (epoch, batch, batch_in_epoch, ...), or those its name holds in a store
     counts: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+    #: a manifest whose tensors are in a chunk folder; ``None`` when not known (a store's, an unreadable file)
+    incremental: bool | None = field(default=None, compare=False)
+    #: bytes only this checkpoint holds: its size, or a manifest's size plus the chunks no other manifest names
+    own: int | None = field(default=None, compare=False)
+    #: a manifest's chunks that other manifests name too (0 for a full checkpoint); ``None`` when not known
+    shared: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -117,7 +133,8 @@ def list_local_checkpoints(folder: str, *, recursive: bool = False) -> Listing:
     """
     if os.path.isfile(folder) or is_sharded_folder(folder):
         entry = _local_entry(os.path.basename(folder.rstrip(os.sep)), folder)
-        return Listing([entry] if entry else [], [])
+        entries, notes = _with_sharing([entry] if entry else [])
+        return Listing(entries, notes)
     if not os.path.isdir(folder):
         raise CheckpointNotFoundError(f"no folder or checkpoint at {folder!r}: check the path")
     candidates, links = _scan(folder, recursive=recursive)
@@ -126,7 +143,8 @@ def list_local_checkpoints(folder: str, *, recursive: bool = False) -> Listing:
     for link in links:
         latest.setdefault(os.path.realpath(link), []).append(_relative(link, folder))
     entries = [_with_latest(e, latest.get(os.path.realpath(e.location), [])) for e in entries]
-    return Listing(_newest_first(entries), [])
+    entries, notes = _with_sharing(entries)
+    return Listing(_newest_first(entries), notes)
 
 
 def _scan(folder: str, *, recursive: bool) -> tuple[list[str], list[str]]:
@@ -135,6 +153,8 @@ def _scan(folder: str, *, recursive: bool) -> tuple[list[str], list[str]]:
     candidates: list[str] = []
     links: list[str] = []
     for entry in folder_entries(folder, recursive=recursive, on_error=_raise):
+        if _in_chunk_folder(entry.path, folder):
+            continue  # chunks are parts of checkpoints, never checkpoints themselves
         if entry.kind == "link":
             links.append(entry.path)
         elif entry.kind in ("file", "sharded"):
@@ -144,6 +164,10 @@ def _scan(folder: str, *, recursive: bool) -> tuple[list[str], list[str]]:
 
 def _raise(error: OSError) -> None:
     raise error
+
+
+def _in_chunk_folder(path: str, folder: str) -> bool:
+    return CHUNK_FOLDER in _relative(path, folder).split("/")
 
 
 def _relative(path: str, folder: str) -> str:
@@ -177,6 +201,9 @@ def _local_entry(name: str, path: str) -> ListedCheckpoint | None:
         progress=progress,
         metrics=_recorded_metrics(state["metadata"].get("metrics")),
         counts={key: counts[key] for key in PROGRESS_KEYS if _count(counts.get(key), None) is not None},
+        incremental=is_manifest(checkpoint),
+        own=None if is_manifest(checkpoint) else size,
+        shared=None if is_manifest(checkpoint) else 0,
     )
 
 
@@ -285,9 +312,13 @@ def list_remote_checkpoints(store: ObjectStore, prefix: str, *, recursive: bool 
     holding ``cairn.pt``, listed as one checkpoint of kind ``sharded`` with the size of all its files). ``kind`` is
     otherwise ``?``, ``created_at`` is ``None``, and epoch and batch come from the name (``ep3``, ``ba24``) where it
     has them. A latest pointer (``<name>.symlink``) marks the object it names; temporary names are skipped.
+    Incremental checkpoints' chunks (objects in a ``.cairn-chunks`` folder) are not checkpoints: a note says how
+    many there are and their bytes; which checkpoint owns which is not known without downloading every manifest.
     """
     folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     sizes = dict(store.list_objects_with_sizes(folder))  # the listing's own sizes: no request per object
+    chunk_notes = _chunk_folder_notes(store, sizes, folder, recursive=recursive)
+    sizes = {name: size for name, size in sizes.items() if not _is_chunk_object(name)}
     names = sorted(sizes)
     if not names and prefix and not prefix.endswith("/"):
         return _single_object(store, prefix)
@@ -312,7 +343,32 @@ def list_remote_checkpoints(store: ObjectStore, prefix: str, *, recursive: bool 
         _remote_entry(store, name, name[len(folder) :], tuple(latest.get(name, ())), size, "sharded")
         for name, size in folders.items()
     ]
-    return Listing(_newest_first(entries), notes)
+    return Listing(_newest_first(entries), [*notes, *chunk_notes])
+
+
+def _is_chunk_object(name: str) -> bool:
+    return CHUNK_FOLDER in name.split("/")[:-1]
+
+
+def _chunk_folder_notes(store: ObjectStore, sizes: Mapping[str, int], folder: str, *, recursive: bool) -> list[str]:
+    """One note per chunk folder in ``folder`` (with ``recursive``, under it): how many chunks it holds, and their
+    bytes."""
+    found: dict[str, list[int]] = {}
+    for name, size in sizes.items():
+        if _is_chunk_object(name) and not is_temporary(name) and not posixpath.basename(name).startswith("."):
+            parts = name.split("/")
+            last = max(i for i, part in enumerate(parts[:-1]) if part == CHUNK_FOLDER)
+            chunk_folder = "/".join(parts[: last + 1])
+            if not recursive and chunk_folder != folder + CHUNK_FOLDER:
+                continue
+            totals = found.setdefault(chunk_folder, [0, 0])
+            totals[0] += 1
+            totals[1] += size
+    return [
+        f"{store.get_uri(chunk_folder)}/ holds {count} chunk(s), {human_size(total)}, of incremental checkpoints; "
+        "a store listing does not read manifests, so their own and shared bytes are unknown here"
+        for chunk_folder, (count, total) in sorted(found.items())
+    ]
 
 
 def _remote_sharded_folders(sizes: Mapping[str, int], folder: str, *, recursive: bool) -> dict[str, int]:
@@ -408,6 +464,111 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# -- incremental checkpoints: own and shared bytes ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkSharing:
+    """An incremental checkpoint's chunks, and how many of them other manifests of its chunk folder name too.
+
+    Its *own* bytes are what deleting it would free (the manifest, and the chunks nobody else names); its
+    *shared* bytes stay on disk for the others. Chunks are counted once each, however often the manifest names one.
+    """
+
+    folder: str  #: the chunk folder (resolved), or a store's URI for it
+    manifest_bytes: int
+    chunks: int  #: distinct chunks the manifest names
+    chunk_bytes: int
+    shared_chunks: int | None  #: ``None``: not known (a manifest in a store)
+    shared_bytes: int | None
+
+    @property
+    def own_bytes(self) -> int | None:
+        if self.shared_bytes is None:
+            return None
+        return self.manifest_bytes + self.chunk_bytes - self.shared_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "chunk_folder": self.folder,
+            "chunks": self.chunks,
+            "chunk_bytes": self.chunk_bytes,
+            "manifest_bytes": self.manifest_bytes,
+            "own_bytes": self.own_bytes,
+            "shared_bytes": self.shared_bytes,
+            "shared_chunks": self.shared_chunks,
+        }
+
+
+def chunk_sharing(paths: Iterable[str]) -> tuple[dict[str, ChunkSharing], list[str]]:
+    """For each of ``paths`` that is a manifest: its :class:`ChunkSharing`, from every manifest under the folder
+    that holds its chunk folder (each read once, unverified, as :func:`peek_checkpoint` reads). Also notes about
+    files there that could not be read: chunks only they might name count as own.
+
+    Other paths (full checkpoints, files that cannot be read) are left out of the answer, and so are manifests
+    whose chunk folder is not there: their chunks are all missing (``cairn ckpt verify`` says so), and the folder
+    above it, which a damaged or hostile manifest may place anywhere up to ``/``, is not walked."""
+    references = References()
+    uses: dict[str, tuple[str, dict[str, int]]] = {}
+    for path in paths:
+        try:
+            use = references.of(path)
+        except (UnreadableManifest, OSError):
+            continue
+        if use.folder is not None and os.path.isdir(use.folder):
+            uses[path] = (use.folder, use.chunks)
+    named_by_folder: dict[str, dict[str, set[str]]] = {}
+    notes: list[str] = []
+    found = {}
+    for path, (folder, chunks) in uses.items():
+        if folder not in named_by_folder:
+            named_by_folder[folder] = _manifests_naming(folder, references, notes)
+        mine = os.path.realpath(path)
+        elsewhere = set().union(*(keys for other, keys in named_by_folder[folder].items() if other != mine))
+        shared = {key: size for key, size in chunks.items() if key in elsewhere}
+        found[path] = ChunkSharing(
+            folder=folder,
+            manifest_bytes=os.path.getsize(path),
+            chunks=len(chunks),
+            chunk_bytes=sum(chunks.values()),
+            shared_chunks=len(shared),
+            shared_bytes=sum(shared.values()),
+        )
+    return found, notes
+
+
+def _manifests_naming(folder: str, references: References, notes: list[str]) -> dict[str, set[str]]:
+    """Every manifest under the saver folder holding the chunk folder ``folder`` that keeps its chunks there (by
+    resolved path), with the keys it names; a file there that cannot be read is noted and passed over."""
+    named = {}
+    for path in manifests_under(os.path.dirname(folder)):
+        try:
+            use = references.of(path)
+        except UnreadableManifest:
+            notes.append(f"{path} could not be read: chunks that only it might name are counted as own bytes")
+            continue
+        except OSError:
+            continue  # deleted while we walked
+        if use.folder == folder:
+            named[os.path.realpath(path)] = set(use.chunks)
+    return named
+
+
+def _with_sharing(entries: list[ListedCheckpoint]) -> tuple[list[ListedCheckpoint], list[str]]:
+    """The listed manifests with their own and shared bytes filled in (left unknown where they cannot be told)."""
+    manifests = [entry.location for entry in entries if entry.incremental]
+    if not manifests:
+        return entries, []
+    sharing, notes = chunk_sharing(manifests)
+    filled = []
+    for entry in entries:
+        known = sharing.get(entry.location) if entry.incremental else None
+        if known is not None:
+            entry = dataclasses.replace(entry, own=known.own_bytes, shared=known.shared_bytes)
+        filled.append(entry)
+    return filled, notes
+
+
 # -- one checkpoint -----------------------------------------------------------------------------------------------
 
 
@@ -445,6 +606,9 @@ class CheckpointSummary:
     rng_ranks: int
     content_hash: str
     shard_files: int = 0  #: a sharded folder: files vouched for by digests in its ``cairn.pt`` (the index included)
+    #: an incremental checkpoint: its chunks, and how many of them other checkpoints share
+    incremental: ChunkSharing | None = None
+    chunks_checked: int = 0  #: an incremental checkpoint: chunks read and checked against their keys
 
     @property
     def parameters(self) -> int:
@@ -471,7 +635,13 @@ class CheckpointSummary:
             "optimizers": self.optimizers,
             "schedulers": self.schedulers,
             "rng": {"present": self.rng_ranks > 0, "ranks": self.rng_ranks},
-            "hash": {"value": self.content_hash, "status": "ok", "shard_files": self.shard_files},
+            "incremental": None if self.incremental is None else self.incremental.to_json(),
+            "hash": {
+                "value": self.content_hash,
+                "status": "ok",
+                "shard_files": self.shard_files,
+                "chunks": self.chunks_checked,
+            },
         }
 
 
@@ -481,12 +651,16 @@ def summarize(
     source: str,
     size: int | None = None,
     tensor_sizes: Mapping[str, tuple[int, int]] | None = None,
+    incremental: ChunkSharing | None = None,
+    chunks_checked: int = 0,
 ) -> CheckpointSummary:
     """Describe a checkpoint that :func:`~cairn.checkpoint.read_checkpoint` returned (so its hash was verified).
 
     ``tensor_sizes`` (name -> elements, bytes) describes the model when its tensors are elsewhere: a sharded
     folder's are in its shards (:func:`model_tensor_sizes` reads them from the shard index). Optimizer names of a
     sharded folder come from ``parameter_names`` in its metadata, since their state is in the shards too.
+    ``incremental`` describes a manifest's chunks (:func:`chunk_sharing`), ``chunks_checked`` how many the read
+    checked against their keys.
     """
     state = checkpoint["state"]
     metadata = state["metadata"]
@@ -514,6 +688,8 @@ def summarize(
         rng_ranks=len(checkpoint.get("rng") or []),
         content_hash=metadata["content_hash"],
         shard_files=len(metadata.get("shards") or {}) if is_sharded(dict(checkpoint)) else 0,
+        incremental=incremental,
+        chunks_checked=chunks_checked,
     )
 
 
