@@ -23,7 +23,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The full SIGKILL campaign: 50 kills per mode (sync/async, single file/sharded); about 25 minutes on 2 cores.
+# The full SIGKILL campaign: 50 kills per mode (sync/async, each of single file/sharded/incremental); about 35 minutes
+# on 2 cores (the two incremental modes take 6 to 9 of them).
 campaign: $(STAMP)
 	CAIRN_KILLS=$${CAIRN_KILLS:-50} $(PY) -m pytest -s tests/test_kill_campaign.py $(PYTEST_ARGS)
 

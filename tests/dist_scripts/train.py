@@ -115,6 +115,74 @@ class KillInsideFolderDelete(Callback):
         return kill_inside
 
 
+class KillInsideChunkCollect(Callback):
+    """From the first batch on, rank 0's first garbage collection that finds chunks to remove dies half done: one
+    chunk removed, the rest left, then SIGKILL (the manifests that named them were deleted just before). A random
+    kill rarely lands there. ``ChunkFolder.remove`` is wrapped from here, so no test hook lives in the library; the
+    chunk folder goes to ``--out/killed-inside-collect`` first, so the test knows the kill came."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def batch_start(self, state, logger) -> None:
+        from cairn.checkpoint.incremental.chunk_folder import ChunkFolder
+
+        if int(os.environ.get("RANK", 0)) == 0 and not hasattr(ChunkFolder.remove, "kills_inside"):
+            ChunkFolder.remove = self._wrap(ChunkFolder.remove)
+
+    def _wrap(self, remove):  # noqa: ANN001, ANN202 - ChunkFolder.remove's own signature
+        def kill_inside(folder, keys):  # noqa: ANN001, ANN202
+            keys = list(keys)
+            if keys:
+                remove(folder, keys[:1])
+                with open(os.path.join(self.out, "killed-inside-collect"), "w") as file:
+                    file.write(f"{folder.path} removed {keys[0]}, left {len(keys) - 1}\n")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return remove(folder, keys)
+
+        kill_inside.kills_inside = True
+        return kill_inside
+
+
+class KillBeforeManifest(Callback):
+    """Rank 0's second incremental save dies after its chunks are written and fsynced, as its manifest is about to
+    be written (the chunk folder's lock held shared): it leaves chunks no manifest names. ``write_checkpoint`` is
+    wrapped where the incremental writer looks it up, from here; the manifest's path goes to
+    ``--out/killed-before-manifest`` first."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.manifests = 0
+
+    def batch_start(self, state, logger) -> None:
+        from cairn.checkpoint.incremental import files
+
+        if int(os.environ.get("RANK", 0)) == 0 and not hasattr(files.write_checkpoint, "kills_before"):
+            files.write_checkpoint = self._wrap(files.write_checkpoint)
+
+    def _wrap(self, write):  # noqa: ANN001, ANN202 - write_checkpoint's own signature
+        def kill_before(checkpoint, path, *args, **kwargs):  # noqa: ANN001, ANN202
+            self.manifests += 1
+            if self.manifests == 2:
+                with open(os.path.join(self.out, "killed-before-manifest"), "w") as file:
+                    file.write(f"{path}\n")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return write(checkpoint, path, *args, **kwargs)
+
+        kill_before.kills_before = True
+        return kill_before
+
+
+class WideNet(TinyNet):
+    """The tiny MLP made wide enough (hidden 8192) that its weights and AdamW moments are chunked (each at least
+    cairn's 64 KiB inline limit), plus a frozen 1 MiB parameter that every checkpoint shares, one chunk stored
+    once: what an incremental save's manifests, retention and garbage collection act on."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__(hidden=8192, dropout=dropout)
+        self.frozen = torch.nn.Parameter(torch.arange(1 << 18, dtype=torch.float32), requires_grad=False)
+
+
 class TripleClassifier(Classifier):
     def forward(self, batch):
         return self.module(batch[0])
@@ -143,6 +211,14 @@ def main() -> None:
     parser.add_argument("--keep-every", help="save_keep_every, a time string")
     parser.add_argument("--remote-keep", type=int, default=-1, help="save_remote_num_checkpoints_to_keep")
     parser.add_argument("--kill-inside-delete", action="store_true", help="KillInsideFolderDelete (rank 0 dies)")
+    parser.add_argument("--incremental", action="store_true", help="save_incremental=True")
+    parser.add_argument("--wide", action="store_true", help="WideNet: tensors large enough to be chunked")
+    parser.add_argument(
+        "--kill-inside-collect", action="store_true", help="KillInsideChunkCollect (rank 0 dies removing chunks)"
+    )
+    parser.add_argument(
+        "--kill-before-manifest", action="store_true", help="KillBeforeManifest (rank 0 dies before its 2nd manifest)"
+    )
     parser.add_argument("--announce", action="store_true", help="print BATCH n, wait for a stdin line")
     parser.add_argument("--preempt-at", type=int, help="SIGTERM rank 1 at this batch (save_on_preemption=True)")
     parser.add_argument(
@@ -156,7 +232,7 @@ def main() -> None:
         cairn_log.addHandler(logging.FileHandler(os.path.join(args.out, f"log-rank{rank}.txt")))
         cairn_log.setLevel(logging.INFO)
     torch.manual_seed(0)
-    model = TripleClassifier(TinyNet(dropout=0.3), num_classes=3)
+    model = TripleClassifier(WideNet(dropout=0.3) if args.wide else TinyNet(dropout=0.3), num_classes=3)
     if args.await_shards_at:
         from store_watch import AwaitShards  # beside this script
 
@@ -176,6 +252,8 @@ def main() -> None:
         + ([ScriptedMetric()] if args.keep_best else [])
         + ([Announce()] if args.announce else [])
         + ([KillInsideFolderDelete(args.out)] if args.kill_inside_delete else [])
+        + ([KillInsideChunkCollect(args.out)] if args.kill_inside_collect else [])
+        + ([KillBeforeManifest(args.out)] if args.kill_before_manifest else [])
         + watch,
         save_on_preemption=args.preempt_at is not None,
         save_folder=args.save_folder,
@@ -187,6 +265,7 @@ def main() -> None:
         save_keep_every=args.keep_every,
         save_remote_num_checkpoints_to_keep=args.remote_keep,
         save_async=args.async_save,
+        save_incremental=args.incremental,
         load_path=args.load_path,
         loggers=[RemoteUploaderDownloader(args.uploader, use_procs=False)] if args.uploader else None,
         parallelism_config={"fsdp": {"state_dict_type": "sharded" if args.sharded else "full"}} if args.fsdp else None,
