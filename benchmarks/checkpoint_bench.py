@@ -5,6 +5,10 @@
     python benchmarks/checkpoint_bench.py --no-peers      # cairn and the plain-torch floor only
     make bench                                            # the first line, after setting up .venv
 
+The incremental rows (issue 18) save a fine-tune with a frozen body and a 1%-trained head after each step, the
+main state with every chunk new, and keep 10 incremental checkpoints of the fine-tune to measure their disk use
+(docs/performance.md, "Incremental checkpoints"; the chunk size is measured by ``benchmarks/chunk_size.py``).
+
 Every figure is the median of ``--runs`` runs. Reads start from the disk, not from memory: the file is fsynced and
 its pages dropped from the page cache first. "extra RSS" is the peak resident memory during the operation minus
 what the process held when it began, counting anonymous memory only (``RssAnon``): pages of a memory-mapped file
@@ -37,12 +41,15 @@ sys.path.insert(0, str(HERE))
 from workload import (  # noqa: E402
     WIDTH,
     Measurement,
+    build_finetune,
     build_model,
     evict_from_page_cache,
+    finetune_optimizer,
     fsync_path,
     measure,
     peak_rss,
     state_bytes,
+    take_one_step,
 )
 
 import cairn  # noqa: E402
@@ -50,6 +57,7 @@ from cairn import Trainer  # noqa: E402
 from cairn.callbacks import CheckpointSaver  # noqa: E402
 from cairn.checkpoint import read_checkpoint  # noqa: E402
 from cairn.models import Model  # noqa: E402
+from cairn.names import CHUNK_FOLDER  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20
@@ -78,13 +86,22 @@ def _loader(device: torch.device) -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(64, WIDTH, generator=torch.Generator().manual_seed(0))), batch_size=2)
 
 
-def _trainer(size_gib: float, device: torch.device, max_duration: str, **kwargs: Any) -> Trainer:
-    net = build_model(size_gib)
+def _trainer(
+    size_gib: float, device: torch.device, max_duration: str, *, finetune: bool = False, **kwargs: Any
+) -> Trainer:
+    """The bench's model and AdamW after ``max_duration``; with ``finetune``, the frozen-body fine-tune of the same
+    checkpoint size (AdamW on its head only, ``workload.build_finetune``)."""
+    if finetune:
+        net, head = build_finetune(size_gib)
+        optimizer = finetune_optimizer(head)
+    else:
+        net = build_model(size_gib)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     return Trainer(
         model=Regression(net),
         train_dataloader=_loader(device),
         max_duration=max_duration,
-        optimizers=torch.optim.AdamW(net.parameters(), lr=1e-3),
+        optimizers=optimizer,
         device=device.type,
         progress_bar=False,
         seed=0,
@@ -134,6 +151,7 @@ class Row:
     kind: str  # "write" or "read": which disk figure it is held against
     result: Measurement
     note: str = ""
+    nbytes: int | None = None  # the state this row saved, when not the bench's main one
 
 
 def _table(rows: list[Row], nbytes: int, cairn_save: float, cairn_resume: float) -> str:
@@ -145,14 +163,16 @@ def _table(rows: list[Row], nbytes: int, cairn_save: float, cairn_resume: float)
     for row in rows:
         seconds, extra = row.result.median_s, row.result.median_extra_rss
         versus_cairn = seconds / (cairn_resume if row.kind == "read" else cairn_save)
+        size = row.nbytes or nbytes
         lines.append(
-            f"{row.name:34} {seconds:9.3f} {min(row.result.seconds):7.3f} {nbytes / seconds / GIB:7.2f} "
+            f"{row.name:34} {seconds:9.3f} {min(row.result.seconds):7.3f} {size / seconds / GIB:7.2f} "
             f"{disk[row.kind] / seconds:7.2f}x "
-            f"{versus_cairn:8.2f}x {extra / MIB:8.0f}Mi {100 * extra / nbytes:7.1f}%"
+            f"{versus_cairn:8.2f}x {extra / MIB:8.0f}Mi {100 * extra / size:7.1f}%"
             + (f"  {row.note}" if row.note else "")
         )
     lines.append("vs disk: the disk's time over this one's (1.00x = as fast as a plain fsynced write or read).")
     lines.append("vs cairn: this one's time over cairn's sync save (writes) or cairn's resume (reads); >1 = slower.")
+    lines.append("GiB/s and % state of the fine-tune rows are of the fine-tune's state (a frozen body, 1% trained).")
     return "\n".join(lines)
 
 
@@ -215,8 +235,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             lambda: evict_from_page_cache(cairn_file),
         ),
     ]
+    incremental = _Incremental(args, device, scratch, state)
+    contenders += incremental.contenders()
     rows = _round_robin(contenders, runs)
     rows[3].note = f"background write done after {sorted(async_totals)[len(async_totals) // 2]:.2f}s"
+    incremental.annotate(rows)
     rows.append(Row("cairn resume to first step", "read", _resume_to_first_step(args, device, cairn_file, runs)))
 
     peers = {} if args.no_peers else _run_peers(args, scratch)
@@ -230,14 +253,145 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(_machine())
     print(_table(rows, nbytes, cairn_save, cairn_resume))
     print()
-    print(_targets(rows, nbytes))
+    kept = incremental.kept_disk_use(args, device)
+    print(f"\n{kept.summary()}")
+    print()
+    print(_targets(rows, nbytes, incremental, kept))
+    incremental.close()
     shutil.rmtree(scratch, ignore_errors=True)
     return {
         "machine": _machine(),
         "state_bytes": nbytes,
         "rows": {row.name: row.result.as_dict() for row in rows},
         "async_total_seconds": async_totals,
+        "incremental": {
+            "finetune_state_bytes": incremental.finetune_bytes,
+            "finetune_changed_bytes": incremental.changed_bytes,
+            "finetune_written_bytes": incremental.written,
+            "kept_disk_bytes": kept.used,
+            "full_disk_bytes": kept.full,
+        },
     }
+
+
+# -- incremental checkpoints (issue 18) ---------------------------------------------------------------------------
+
+_FULL_FT = "cairn save (sync), fine-tune"
+_INC_FT = "cairn incremental, fine-tune"
+_INC_ALL = "cairn incremental, all changed"
+
+
+def _disk_use(path: str) -> int:
+    """What ``du`` counts: the blocks of every file under ``path`` (links not followed)."""
+    if os.path.isfile(path):
+        return os.stat(path).st_blocks * 512
+    total = 0
+    for folder, _, names in os.walk(path):
+        total += sum(os.lstat(os.path.join(folder, name)).st_blocks * 512 for name in names)
+    return total
+
+
+def _chunk_files(root: str) -> dict[str, int]:
+    try:
+        return {e.name: e.stat().st_size for e in os.scandir(os.path.join(root, CHUNK_FOLDER)) if len(e.name) == 32}
+    except FileNotFoundError:
+        return {}
+
+
+@dataclass
+class _KeptDiskUse:
+    used: int  # du of the saver's folder: manifests and the chunk folder
+    full: int  # du of one full checkpoint of the same state
+    kept: int
+
+    def summary(self) -> str:
+        return (
+            f"{self.kept} kept incremental checkpoints of the fine-tune (one per step, keep {self.kept}): "
+            f"{self.used / MIB:.0f} MiB on disk; one full checkpoint: {self.full / MIB:.0f} MiB "
+            f"({self.used / self.full:.2f}x)"
+        )
+
+
+class _Incremental:
+    """The rows of issue 18: (a) a fine-tune with a frozen body whose head alone trains, saved incrementally after
+    each step, against a full sync save of the same state; (b) the bench's state saved incrementally when every
+    chunk is new; (c) the disk that 10 kept incremental checkpoints of (a) take."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, scratch: Path, state: Any) -> None:
+        self.scratch = scratch
+        self.trainer = _trainer(args.size_gib, device, "1ba", finetune=True)
+        self.trainer.fit()  # AdamW's moments of the head exist
+        self.state = self.trainer.state
+        net = self.state.model.weights_module()
+        head = net[-1]
+        self.net, self.optimizer = net, self.state.optimizers[0]
+        self.finetune_bytes = state_bytes(net, self.optimizer)
+        self.changed_bytes = state_bytes(head, self.optimizer)  # the head, its moments and steps
+        self.full_folder = str(scratch / "ft-full")
+        self.inc_folder = str(scratch / "ft-inc")
+        self.all_folder = str(scratch / "inc-all")
+        self.full_saver = CheckpointSaver(folder=self.full_folder, filename="ckpt.pt", overwrite=True)
+        self.inc_saver = CheckpointSaver(folder=self.inc_folder, filename="ckpt.pt", overwrite=True, incremental=True)
+        self.inc_saver.save(self.state)  # the body's chunks: written by the run's first save, reused after
+        self.all_saver = CheckpointSaver(folder=self.all_folder, filename="ckpt.pt", overwrite=True, incremental=True)
+        self.main_state = state
+        self.written: list[int] = []
+        self._before: dict[str, int] = {}
+
+    def contenders(self) -> list[_Contender]:
+        return [
+            _Contender(_FULL_FT, "write", lambda: self.full_saver.save(self.state), self._train_a_step),
+            _Contender(_INC_FT, "write", lambda: self.inc_saver.save(self.state), self._step_and_list, self._count),
+            _Contender(_INC_ALL, "write", lambda: self.all_saver.save(self.main_state), _remove(self.all_folder)),
+        ]
+
+    def _train_a_step(self) -> None:
+        """Untimed: one step of the head, as between two saves of a real fine-tune."""
+        take_one_step(self.net, self.optimizer)
+
+    def _step_and_list(self) -> None:
+        self._train_a_step()
+        self._before = _chunk_files(self.inc_folder)
+
+    def _count(self) -> None:
+        """The bytes the save just wrote: chunk files that were not there before it, and its manifest."""
+        new = sum(size for key, size in _chunk_files(self.inc_folder).items() if key not in self._before)
+        self.written.append(new + os.path.getsize(os.path.join(self.inc_folder, "ckpt.pt")))
+
+    @property
+    def median_written(self) -> int:
+        return sorted(self.written)[len(self.written) // 2]
+
+    def annotate(self, rows: list[Row]) -> None:
+        for row in rows:
+            if row.name in (_FULL_FT, _INC_FT):
+                row.nbytes = self.finetune_bytes
+            if row.name == _INC_FT:
+                row.note = (
+                    f"wrote {self.median_written / MIB:.1f} MiB per save; changed: {self.changed_bytes / MIB:.1f} MiB"
+                )
+
+    def kept_disk_use(self, args: argparse.Namespace, device: torch.device) -> _KeptDiskUse:
+        """A fine-tune run saving incrementally after every step, keeping 10: the folder's ``du`` at the end."""
+        folder = str(self.scratch / "ft-kept")
+        kept = 10
+        trainer = _trainer(
+            args.size_gib,
+            device,
+            f"{kept + 2}ba",
+            finetune=True,
+            save_folder=folder,
+            save_interval="1ba",
+            save_num_checkpoints_to_keep=kept,
+            save_incremental=True,
+        )
+        trainer.fit()
+        trainer.close()
+        del trainer
+        return _KeptDiskUse(_disk_use(folder), _disk_use(os.path.join(self.full_folder, "ckpt.pt")), kept)
+
+    def close(self) -> None:
+        self.trainer.close()
 
 
 @dataclass
@@ -325,7 +479,7 @@ def _as_measurement(data: dict[str, Any]) -> Measurement:
     return Measurement(seconds=list(data["seconds"]), extra_rss=list(data["extra_rss"]))
 
 
-def _targets(rows: list[Row], nbytes: int) -> str:
+def _targets(rows: list[Row], nbytes: int, incremental: _Incremental, kept: _KeptDiskUse) -> str:
     """The issue's targets, each with the figures it compares."""
     time_of = {row.name: row.result.median_s for row in rows}
     extra_of = {row.name: row.result.median_extra_rss for row in rows}
@@ -343,6 +497,12 @@ def _targets(rows: list[Row], nbytes: int) -> str:
         ("load >= 0.8x disk read", time_of["disk read (plain file)"] / time_of["cairn load (read, verify)"], 0.8),
         ("sync save extra memory <= 10% of state", 0.10 * nbytes / max(extra_of["cairn save (sync)"], 1), 1.0),
     ]
+    checks += [
+        ("incremental fine-tune: bytes <= 1.25x changed", incremental.changed_bytes / incremental.median_written, 0.8),
+        ("incremental fine-tune: time <= 10% of full", time_of[_FULL_FT] / time_of[_INC_FT], 10.0),
+        ("incremental, all changed <= 1.1x sync save", time_of["cairn save (sync)"] / time_of[_INC_ALL], 1 / 1.1),
+        ("10 kept incremental <= 1.6x one full on disk", kept.full / kept.used, 1 / 1.6),
+    ]
     for peer in ("lightning", "composer"):
         if f"{peer} save" in time_of:
             checks.append(
@@ -357,7 +517,7 @@ def _targets(rows: list[Row], nbytes: int) -> str:
             )
     lines = ["targets (ratio: how many times the target is met, >= the bar passes):"]
     for name, ratio, bar in checks:
-        lines.append(f"  {'met ' if ratio >= bar else 'MISS'}  {name:42} {ratio:6.2f} (bar {bar:g})")
+        lines.append(f"  {'met ' if ratio >= bar else 'MISS'}  {name:46} {ratio:6.2f} (bar {bar:.3g})")
     return "\n".join(lines)
 
 

@@ -32,6 +32,22 @@ def build_model(size_gib: float) -> nn.Sequential:
     return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(layers_for(size_gib))])
 
 
+def build_finetune(size_gib: float) -> tuple[nn.Sequential, nn.Linear]:
+    """A fine-tune whose checkpoint comes closest to ``size_gib``: a frozen body of 4096-wide linear layers (no
+    optimizer state) and a trained head with 1% of the parameters (AdamW on the head only). Returns the whole
+    network and its head; ``finetune_optimizer`` builds the optimizer."""
+    layers = max(1, round(size_gib * 2**30 / ((WIDTH * WIDTH + WIDTH) * 4)))
+    torch.manual_seed(0)
+    body = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(layers)])
+    body.requires_grad_(False)
+    head = nn.Linear(WIDTH, max(1, round(layers * WIDTH / 99)))  # head params / all params = 1%
+    return nn.Sequential(body, head), head
+
+
+def finetune_optimizer(head: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(head.parameters(), lr=1e-3)
+
+
 def take_one_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
     """One real AdamW step, so the optimizer holds its moments (what a checkpoint mid-run holds)."""
     x = torch.randn(2, WIDTH)
@@ -39,7 +55,7 @@ def take_one_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:

@@ -21,6 +21,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from cairn.atomic import fsync_path, remove_quietly, temporary_path, write_failed
 from cairn.checkpoint.incremental.manifest import ChunkRef, Piece, chunk_key
@@ -36,6 +37,9 @@ __all__ = ["ChunkFolder", "Written"]
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+#: Chunks written at once. Each chunk is its own file and its own fsync: one at a time, a save of 0.94 GiB where
+#: everything changed took 1.35x a full save (median of 7, 2 cores); four at a time, 0.90x (docs/performance.md).
+WRITERS = 4
 _NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NON_BLOCKING = getattr(os, "O_NONBLOCK", 0)
 
@@ -81,6 +85,7 @@ class ChunkFolder:
         :meth:`saving`."""
         written = Written()
         seen: set[str] = set()
+        missing: list[Piece] = []
         os.makedirs(self.path, exist_ok=True)
         for piece in pieces:
             if piece.key in seen:
@@ -90,12 +95,30 @@ class ChunkFolder:
                 written.reused += 1
                 written.reused_bytes += len(piece.data)
                 continue
-            self._write(piece)
-            written.chunks += 1
-            written.bytes += len(piece.data)
+            missing.append(piece)
+        self._write_all(missing)
+        written.chunks = len(missing)
+        written.bytes = sum(len(piece.data) for piece in missing)
         if written.chunks:
             fsync_path(self.path)  # the renames survive a power cut before the manifest names them
         return written
+
+    def _write_all(self, pieces: list[Piece]) -> None:
+        """Write the pieces, :data:`WRITERS` at a time: the fsyncs of separate files overlap instead of queueing.
+        Every write has finished (or failed, its temporary removed) when this returns; the first failure is raised."""
+        if len(pieces) <= 1:
+            for piece in pieces:
+                self._write(piece)
+            return
+        with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="cairn-chunks") as pool:
+            futures = [pool.submit(self._write, piece) for piece in pieces]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()  # the ones not started; those running finish before the pool closes
+                raise
 
     def _write(self, piece: Piece) -> None:
         target = self.chunk_path(piece.key)
