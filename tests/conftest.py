@@ -134,6 +134,50 @@ def s3_run_trainer(max_duration: str = "3ep", init_seed: int = 0, **kwargs: Any)
     )
 
 
+class FrozenBody(nn.Module):
+    """A fine-tune for the incremental tests: a frozen body of 160 KiB (a 128 KiB weight, a 32 KiB bias), a
+    trained head of 96 KiB; with :func:`small_chunks` (64 KiB chunks) its tensors span several chunks."""
+
+    num_classes = 3
+
+    def __init__(self, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8192)
+        self.body.requires_grad_(False)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(8192, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(torch.relu(self.body(x))))
+
+
+def frozen_body_trainer(max_duration: str, *, init_seed: int = 0, **kwargs: Any) -> Any:
+    """A :class:`FrozenBody` fine-tune (AdamW on the head only) on 32 shuffled samples in batches of 8, seed 7."""
+    from cairn import Trainer
+    from cairn.models import Classifier
+
+    torch.manual_seed(init_seed)  # a resumed run starts from other weights: the checkpoint must replace them
+    net = FrozenBody()
+    return Trainer(
+        model=Classifier(net, num_classes=3),
+        train_dataloader=make_loader(n=32, batch_size=8, shuffle=True),
+        max_duration=max_duration,
+        optimizers=torch.optim.AdamW(net.head.parameters(), lr=0.01),
+        device="cpu",
+        seed=7,
+        progress_bar=False,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 64 KiB instead of 8 MiB, so that small test models span several."""
+    import cairn.checkpoint.incremental.manifest as manifest
+
+    monkeypatch.setattr(manifest, "CHUNK_BYTES", 64 << 10)
+
+
 # Object-store servers on 127.0.0.1, started by fixtures (each module documents its server).
 class ScriptedMetric(Callback):
     """Logs ``values[epoch - 1]`` under the metric ``name`` at each epoch's end, as an evaluation would, before that

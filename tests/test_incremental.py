@@ -10,9 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
-import cairn.checkpoint.incremental.manifest as manifest_module
 from cairn import Trainer
 from cairn.checkpoint import read_checkpoint
 from cairn.checkpoint.incremental.files import chunk_folder_of, write_incremental
@@ -20,52 +18,20 @@ from cairn.checkpoint.incremental.garbage import collect_garbage, referenced_chu
 from cairn.checkpoint.save.commit import write_checkpoint
 from cairn.checkpoint.save.content import seal
 from cairn.errors import CheckpointCorruptError
-from cairn.models import Classifier
-from conftest import make_loader, params_of
+from conftest import frozen_body_trainer, params_of
 
 CHUNKS = ".cairn-chunks"
 
 
-class FrozenBody(nn.Module):
-    """A fine-tune: a frozen body of 128 KiB (two chunks of 64 KiB in these tests), a small trained head."""
-
-    num_classes = 3
-
-    def __init__(self, dropout: float = 0.2) -> None:
-        super().__init__()
-        self.body = nn.Linear(4, 8192)
-        self.body.requires_grad_(False)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(8192, 3)  # 96 KiB: one chunk, new at every save
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(torch.relu(self.body(x))))
-
-
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """64 KiB chunks, so that the test model's tensors span several."""
-    monkeypatch.setattr(manifest_module, "CHUNK_BYTES", 64 << 10)
+pytestmark = pytest.mark.usefixtures("small_chunks")
 
 
 def _trainer(folder: Path | None, max_duration: str = "3ba", *, init_seed: int = 0, **kwargs: Any) -> Trainer:
-    torch.manual_seed(init_seed)
-    net = FrozenBody()
-    optimizer = torch.optim.AdamW(net.head.parameters(), lr=0.01)
     if folder is not None:
         kwargs.setdefault("save_folder", str(folder))
         kwargs.setdefault("save_interval", "1ba")
         kwargs.setdefault("save_incremental", True)
-    return Trainer(
-        model=Classifier(net, num_classes=3),
-        train_dataloader=make_loader(n=32, batch_size=8, shuffle=True),
-        max_duration=max_duration,
-        optimizers=optimizer,
-        device="cpu",
-        seed=7,
-        progress_bar=False,
-        **kwargs,
-    )
+    return frozen_body_trainer(max_duration, init_seed=init_seed, **kwargs)
 
 
 def _entry_of(manifest: dict[str, Any], path: str) -> tuple[str, ...]:

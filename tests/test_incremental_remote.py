@@ -14,57 +14,28 @@ from typing import Any
 import boto3
 import pytest
 import torch
-from torch import nn
 
-import cairn.checkpoint.incremental.manifest as manifest_module
 from cairn import Trainer
 from cairn.checkpoint.load.remote import read_remote_checkpoint
 from cairn.checkpoint.save.remote_chunks import store_chunk_folder
 from cairn.errors import CheckpointCorruptError
-from cairn.models import Classifier
 from cairn.storage.s3 import S3ObjectStore
-from conftest import make_loader, params_of
+from conftest import frozen_body_trainer, params_of
 from store_servers.moto import bucket_objects
 
 CHUNKS = "run/.cairn-chunks/"
 
 
-class FrozenHead(nn.Module):
-    """A fine-tune: a frozen body of 160 KiB (three chunks of 64 KiB here), a trained head of 96 KiB (two)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Linear(4, 8192)
-        self.body.requires_grad_(False)
-        self.head = nn.Linear(8192, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.body(x)))
-
-
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(manifest_module, "CHUNK_BYTES", 64 << 10)
+pytestmark = pytest.mark.usefixtures("small_chunks")
 
 
 def _trainer(bucket: str | None, max_duration: str, *, init_seed: int = 0, **kwargs: Any) -> Trainer:
-    torch.manual_seed(init_seed)
-    net = FrozenHead()
     if bucket is not None:
         kwargs.setdefault("save_folder", f"s3://{bucket}/run")
         kwargs.setdefault("save_filename", "ba{batch}.pt")
         kwargs.setdefault("save_interval", "1ba")
         kwargs.setdefault("save_incremental", True)
-    return Trainer(
-        model=Classifier(net, num_classes=3),
-        train_dataloader=make_loader(n=32, batch_size=8, shuffle=True),
-        max_duration=max_duration,
-        optimizers=torch.optim.AdamW(net.head.parameters(), lr=0.01),
-        device="cpu",
-        seed=7,
-        progress_bar=False,
-        **kwargs,
-    )
+    return frozen_body_trainer(max_duration, init_seed=init_seed, **kwargs)
 
 
 def _store(endpoint: str, bucket: str) -> S3ObjectStore:
