@@ -310,3 +310,14 @@ def test_save_incremental_must_be_true_or_false(tmp_path: Path) -> None:
     from conftest import refused_at_construction
 
     refused_at_construction(tmp_path, TypeError, "save_incremental", "yes")
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [("save_filename", ".cairn-chunks/ep{epoch}.pt"), ("save_remote_file_name", "run/.cairn-chunks/ep{epoch}.pt")],
+)
+def test_a_name_inside_a_chunk_folder_is_refused(tmp_path: Path, argument: str, value: str) -> None:
+    from conftest import refused_at_construction
+
+    message = refused_at_construction(tmp_path, ValueError, argument, value, save_incremental=True)
+    assert ".cairn-chunks" in message

@@ -19,7 +19,7 @@ from cairn.checkpoint.naming.templates import (
     fixed_prefix,
     sample_values,
 )
-from cairn.names import TEMP_MARKER
+from cairn.names import CHUNK_FOLDER, TEMP_MARKER
 from cairn.storage.uri import is_uri, parse_uri
 
 __all__ = [
@@ -145,7 +145,18 @@ def check_local_name(template: PathTemplate, *, argument: str, run_name: str = S
                 f"{argument}={text!r} contains {TEMP_MARKER!r}, which marks unfinished files that the next run "
                 "deletes; choose another name"
             )
+        _refuse_the_chunk_folder(text, name, argument)
     return text
+
+
+def _refuse_the_chunk_folder(text: str, name: str, argument: str) -> None:
+    """Nothing but chunks may live in a chunk folder: collection ignores every other file there, so a checkpoint
+    written into one would have its chunks collected from under it."""
+    if CHUNK_FOLDER in name.split("/")[:-1]:
+        raise ValueError(
+            f"{argument}={text!r} puts files into {CHUNK_FOLDER!r}, the folder where incremental checkpoints keep "
+            "their chunks; choose another name"
+        )
 
 
 def check_remote_name(template: PathTemplate, *, argument: str, run_name: str = SAMPLE_RUN_NAME) -> str:
@@ -154,6 +165,7 @@ def check_remote_name(template: PathTemplate, *, argument: str, run_name: str = 
     for values in sample_values(run_name):
         name = fill(text, values, argument=argument)
         _check_inside(text, name, argument, where="bucket")
+        _refuse_the_chunk_folder(text, name, argument)
         size = len(_encoded(text, name, argument))
         if size > _REMOTE_MAX:
             raise ValueError(
