@@ -321,3 +321,15 @@ def test_a_name_inside_a_chunk_folder_is_refused(tmp_path: Path, argument: str, 
 
     message = refused_at_construction(tmp_path, ValueError, argument, value, save_incremental=True)
     assert ".cairn-chunks" in message
+
+
+def test_an_uploader_that_takes_whole_files_only_is_refused_before_training(tmp_path: Path) -> None:
+    from cairn.loggers import LoggerDestination
+
+    class Mailer(LoggerDestination):
+        def upload_file(self, remote_file_name, file_path, overwrite=False, pointer_name=None, **kwargs):
+            raise AssertionError("no upload should start")
+
+    with pytest.raises(ValueError, match="logger Mailer uploads whole files only") as info:
+        _trainer(tmp_path, "1ba", loggers=[Mailer()])
+    assert "\n" not in str(info.value) and not list(tmp_path.iterdir())

@@ -199,8 +199,11 @@ class CheckpointSaver(Callback):
         super().run_event(event, state, logger)
 
     def init(self, state: State, logger: Logger) -> None:
-        """Check the names again with the run's own name, known only now: still inside the Trainer's constructor."""
+        """Check the names again with the run's own name, known only now, and that every uploader can take an
+        incremental checkpoint: still inside the Trainer's constructor."""
         self._check_names_with_run_name(state, logger)
+        if self.incremental:
+            _refuse_uploaders_without_a_store(logger)
 
     def _check_names_with_run_name(self, state: State, logger: Logger) -> None:
         """At INIT, and again at FIT_START: a loaded checkpoint brings its own run name (a file's ``'../../x'``
@@ -470,13 +473,6 @@ class CheckpointSaver(Callback):
         relative = os.path.relpath(use.folder, os.path.realpath(os.path.dirname(target.path) or ".")).replace(
             os.sep, "/"
         )
-        stores = transfers_among(logger.destinations)
-        if len(stores) < sum(type(d).upload_file is not LoggerDestination.upload_file for d in logger.destinations):
-            log.warning(
-                "an uploader without an object store's transfers gets no incremental checkpoint %s: its chunks could "
-                "not go with it",
-                target.path,
-            )
         return [
             self._store_chunks.upload(  # type: ignore[union-attr]
                 transfers,
@@ -488,7 +484,7 @@ class CheckpointSaver(Callback):
                 overwrite=self.overwrite,
                 pointer_name=target.remote_pointer,
             )
-            for transfers in stores
+            for transfers in transfers_among(logger.destinations)
         ]
 
     def _prune(self) -> None:
@@ -635,6 +631,23 @@ def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:
             f"save_remote_file_name={remote!r} and the latest pointer {pointer!r} (latest_remote_file_name, or "
             f"save_latest_filename + {POINTER_SUFFIX!r}) can both name {clash!r}, and the pointer would replace that "
             "checkpoint in the store; pass a latest_remote_file_name no checkpoint name can take"
+        )
+
+
+def _refuse_uploaders_without_a_store(logger: Logger) -> None:
+    """An incremental checkpoint goes to a store as its chunks, then its manifest, which needs the store itself
+    (``LoggerDestination.transfers``); a destination that only takes whole files would get a manifest naming
+    chunks it never received, so it is refused before training rather than skipped at each save."""
+    plain = [
+        type(destination).__name__
+        for destination in logger.destinations
+        if type(destination).upload_file is not LoggerDestination.upload_file and destination.transfers is None
+    ]
+    if plain:
+        raise ValueError(
+            f"incremental=True (save_incremental) uploads chunks and manifests through an object store, but the "
+            f"logger {plain[0]} uploads whole files only; use a RemoteUploaderDownloader or an s3://, gs:// or "
+            "oci:// save_folder, or save full checkpoints"
         )
 
 
