@@ -231,7 +231,21 @@ def test_python_m_cairn_runs_the_console_command(tmp_path: Path) -> None:
 
 # -- cairn ckpt ls --json -------------------------------------------------------------------------------------------
 
-KEYS = ["name", "location", "kind", "size_bytes", "created_at", "epoch", "batch", "latest", "metrics", "kept_by"]
+KEYS = [
+    "name",
+    "location",
+    "kind",
+    "size_bytes",
+    "incremental",
+    "own_bytes",
+    "shared_bytes",
+    "created_at",
+    "epoch",
+    "batch",
+    "latest",
+    "metrics",
+    "kept_by",
+]
 
 
 def test_ls_json_lists_a_folder_newest_first_with_strings_exact(tmp_path: Path) -> None:
