@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import re
 import stat
+import threading
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 from cairn.atomic import is_temporary
 from cairn.checkpoint.naming.templates import progress_of
@@ -14,6 +15,7 @@ from cairn.names import METADATA_FILE
 
 __all__ = [
     "ENTRY_KINDS",
+    "FileMemo",
     "FolderEntry",
     "NamedEntry",
     "folder_entries",
@@ -99,3 +101,33 @@ def list_checkpoints(folder: str, pattern: re.Pattern[str]) -> list[str]:
             continue
         found.append(((*progress_of(entry.match), entry.modified), entry.path))
     return [path for _, path in sorted(found)]
+
+
+Read = TypeVar("Read")
+
+
+class FileMemo(Generic[Read]):
+    """What ``read`` made of each file, read again only when the file changed: remembered by path with the file's
+    identity (device, inode, size, modification time), so a file replaced under the same name is read anew. The
+    folder's files are read once (at the first prune after a start, all of them; later only the new ones). Safe to
+    share between the training thread and a background save."""
+
+    def __init__(self, read: Callable[[str], Read]) -> None:
+        self._read = read
+        self._known: dict[str, tuple[tuple[int, int, int, int], Read]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str, *, file: str | None = None) -> Read:
+        """``read(path)``, or what it gave for the same file before. ``file`` is the file whose identity counts (a
+        sharded folder's ``cairn.pt``), ``path`` itself by default; links are not followed. Raises ``OSError`` when
+        it is not there."""
+        info = os.stat(file or path, follow_symlinks=False)
+        identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        with self._lock:
+            known = self._known.get(path)
+        if known is not None and known[0] == identity:
+            return known[1]
+        value = self._read(path)
+        with self._lock:
+            self._known[path] = (identity, value)
+        return value

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import threading
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from cairn.atomic import fsync_path, is_temporary
+from cairn.checkpoint.folder import FileMemo
 from cairn.checkpoint.incremental.files import chunk_folder_of
 from cairn.checkpoint.incremental.manifest import chunked_tensors, is_manifest, manifest_chunk_folder
 from cairn.names import CHUNK_FOLDER, DAMAGED_MARKER, SHARD_INDEX_FILE
@@ -62,23 +62,13 @@ class UnreadableManifest(Exception):
 
 
 class References:
-    """Each file's :class:`ChunkUse`, read once per file identity (path, inode, size, time); thread-safe."""
+    """Each file's :class:`ChunkUse`, read once per file (:class:`~cairn.checkpoint.folder.FileMemo`)."""
 
     def __init__(self) -> None:
-        self._known: dict[str, tuple[tuple[int, int, int, int], ChunkUse]] = {}
-        self._lock = threading.Lock()
+        self._memo = FileMemo(read_chunk_use)
 
     def of(self, path: str) -> ChunkUse:
-        info = os.stat(path, follow_symlinks=False)
-        identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-        with self._lock:
-            known = self._known.get(path)
-        if known is not None and known[0] == identity:
-            return known[1]
-        use = read_chunk_use(path)
-        with self._lock:
-            self._known[path] = (identity, use)
-        return use
+        return self._memo.get(path)
 
 
 def read_chunk_use(path: str) -> ChunkUse:

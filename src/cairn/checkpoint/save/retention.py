@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import stat
-import threading
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from cairn.atomic import temporary_path
-from cairn.checkpoint.folder import named_entries
+from cairn.checkpoint.folder import FileMemo, named_entries
 from cairn.checkpoint.naming.templates import progress_of
 from cairn.core.time import Time, TimeUnit
 from cairn.names import METADATA_FILE
@@ -256,29 +255,18 @@ def _values(metrics: object) -> dict[str, float]:
 
 
 class RecordCache:
-    """The records of checkpoints already read, by path, file identity and size: each file is read once (at the
-    first prune after a start, all the folder's; later only the new ones), and a file replaced under the same name
-    is read again. Safe to share between the training thread and a background save."""
+    """The records of checkpoints already read, each file once (:class:`~cairn.checkpoint.folder.FileMemo`); a file
+    that is not there records nothing."""
 
     def __init__(self) -> None:
-        self._records: dict[str, tuple[tuple[int, int, int, int], CheckpointRecord]] = {}
-        self._lock = threading.Lock()
+        self._memo = FileMemo(read_record)
 
     def record(self, path: str) -> CheckpointRecord:
         file = os.path.join(path, METADATA_FILE) if os.path.isdir(path) else path
         try:
-            info = os.stat(file)
+            return self._memo.get(path, file=file)
         except OSError:
             return _NOTHING
-        identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-        with self._lock:
-            cached = self._records.get(path)
-        if cached is not None and cached[0] == identity:
-            return cached[1]
-        found = read_record(path)
-        with self._lock:
-            self._records[path] = (identity, found)
-        return found
 
 
 def candidates_in(
