@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from typing import Any, Protocol
 
 import torch
@@ -17,8 +18,10 @@ import torch
 from cairn.checkpoint.incremental.chunk_folder import ChunkFolder, Written
 from cairn.checkpoint.incremental.manifest import (
     ChunkRef,
+    UnreadableManifest,
     assembled_bytes,
     chunked_tensors,
+    is_manifest,
     manifest_chunk_folder,
     split,
     without_chunks,
@@ -29,9 +32,11 @@ from cairn.errors import CheckpointCorruptError
 from cairn.names import CHUNK_FOLDER
 from cairn.utils.text import human_size
 
-__all__ = ["ChunkSource", "assemble", "chunk_folder_of", "write_incremental"]
+__all__ = ["ChunkSource", "assemble", "chunk_folder_of", "peek_manifest", "write_incremental"]
 
 log = logging.getLogger(__name__)
+
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class ChunkSource(Protocol):
@@ -82,6 +87,24 @@ def assemble(manifest: dict[str, Any], path: str, chunks: ChunkSource | None = N
             source.read_into(ref, view[offset : offset + ref.size], path)
             offset += ref.size
     return without_chunks(manifest, tensors, filled, path)
+
+
+def peek_manifest(path: str) -> dict[str, Any] | None:
+    """The manifest stored in the file ``path``, as plain data and unverified (only its structure is read: tensors
+    stay on disk), or None for any other file: not a torch archive (a zip of something else included), or a full
+    checkpoint. Raises :class:`UnreadableManifest` for a torch archive that cannot be read: it may be a manifest.
+    How collection, ``cairn ckpt ls`` and store retention learn which chunks a file names."""
+    with open(path, "rb") as file:
+        if file.read(4) != _ZIP_MAGIC:
+            return None  # torch.save has written zip archives since torch 1.6
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
+                return None  # a zip of something else (a dataset beside the checkpoints)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - damage surfaces as almost any exception
+        raise UnreadableManifest(f"{path} ({err})") from None
+    return loaded if is_manifest(loaded) else None
 
 
 def _refuse_more_than_memory(total: int, path: str) -> None:

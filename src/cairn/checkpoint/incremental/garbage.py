@@ -17,16 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-
 from cairn.atomic import fsync_path, is_temporary
 from cairn.checkpoint.folder import FileMemo
-from cairn.checkpoint.incremental.files import chunk_folder_of
-from cairn.checkpoint.incremental.manifest import chunked_tensors, is_manifest, manifest_chunk_folder
+from cairn.checkpoint.incremental.files import chunk_folder_of, peek_manifest
+from cairn.checkpoint.incremental.manifest import UnreadableManifest, chunked_tensors, manifest_chunk_folder
 from cairn.names import CHUNK_FOLDER, DAMAGED_MARKER, SHARD_INDEX_FILE
 from cairn.utils.text import human_size
 
@@ -42,8 +39,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_ZIP_MAGIC = b"PK\x03\x04"
-
 
 @dataclass(frozen=True)
 class ChunkUse:
@@ -55,10 +50,6 @@ class ChunkUse:
 
 
 _NONE = ChunkUse(None, {})
-
-
-class UnreadableManifest(Exception):
-    """A file that may be a manifest could not be read: its chunks cannot be known."""
 
 
 class References:
@@ -73,19 +64,13 @@ class References:
 
 def read_chunk_use(path: str) -> ChunkUse:
     """Which chunks the file at ``path`` names. Raises :class:`UnreadableManifest` for an archive it cannot read."""
-    with open(path, "rb") as file:
-        if file.read(4) != _ZIP_MAGIC:
-            return _NONE  # not a torch archive: no manifest (torch.save has written archives since 1.6)
+    manifest = peek_manifest(path)
+    if manifest is None:
+        return _NONE
     try:
-        with zipfile.ZipFile(path) as archive:
-            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
-                return _NONE  # a zip of something else (a dataset beside the checkpoints)
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not is_manifest(loaded):
-            return _NONE
-        tensors = chunked_tensors(loaded, path)
-        folder = os.path.realpath(manifest_chunk_folder(loaded, path))
-    except Exception as err:  # noqa: BLE001 - damage surfaces as almost any exception
+        tensors = chunked_tensors(manifest, path)
+        folder = os.path.realpath(manifest_chunk_folder(manifest, path))
+    except Exception as err:  # noqa: BLE001 - a damaged manifest's record can fail in many ways
         raise UnreadableManifest(f"{path} ({err})") from None
     return ChunkUse(folder, {ref.key: ref.size for tensor in tensors for ref in tensor.chunks})
 

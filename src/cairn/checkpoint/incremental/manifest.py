@@ -46,6 +46,7 @@ __all__ = [
     "ChunkRef",
     "ChunkedTensor",
     "Piece",
+    "UnreadableManifest",
     "assembled_bytes",
     "chunk_key",
     "chunked_tensors",
@@ -75,6 +76,10 @@ _DTYPES = {
           if hasattr(torch, name)),
     )
 }  # fmt: skip
+
+
+class UnreadableManifest(Exception):
+    """A file that may be a manifest (a torch archive) could not be read: which chunks it names is unknown."""
 
 
 @dataclass(frozen=True)

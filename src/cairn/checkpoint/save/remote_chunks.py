@@ -35,9 +35,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from cairn.checkpoint.incremental.manifest import chunked_tensors, is_manifest, manifest_chunk_folder
+from cairn.checkpoint.incremental.files import peek_manifest
+from cairn.checkpoint.incremental.manifest import (
+    UnreadableManifest,
+    chunked_tensors,
+    is_manifest,
+    manifest_chunk_folder,
+)
 from cairn.errors import CheckpointCorruptError, ObjectNotFoundError
 from cairn.names import CHUNK_FOLDER, DAMAGED_MARKER, POINTER_SUFFIX, SHARD_INDEX_FILE, TEMP_MARKER
 from cairn.storage.transfer import stage_file
@@ -49,9 +53,6 @@ if TYPE_CHECKING:
 __all__ = ["StoreChunks", "StoreManifest", "read_store_manifest", "store_chunk_folder"]
 
 log = logging.getLogger(__name__)
-
-_ZIP_MAGIC = b"PK\x03\x04"
-
 
 def store_chunk_folder(manifest_name: str, relative: str) -> str:
     """The chunk folder, as a name in the store, of the manifest ``manifest_name`` that records ``relative``
@@ -81,14 +82,11 @@ _NOT_A_MANIFEST = StoreManifest(None, frozenset())
 def read_store_manifest(path: str, name: str) -> StoreManifest:
     """What the local copy ``path`` of the store's object ``name`` names. Raises ``CheckpointCorruptError`` for an
     archive it cannot read: it may be a manifest, so which chunks it needs is unknown."""
-    with open(path, "rb") as file:
-        if file.read(4) != _ZIP_MAGIC:
-            return _NOT_A_MANIFEST
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - damage surfaces as almost any exception
+        loaded = peek_manifest(path)
+    except UnreadableManifest as err:
         raise CheckpointCorruptError(f"{printable(name)!r} could not be read ({err})") from None
-    return manifest_of(loaded, name)
+    return _NOT_A_MANIFEST if loaded is None else manifest_of(loaded, name)
 
 
 def manifest_of(loaded: Any, name: str) -> StoreManifest:
