@@ -18,7 +18,7 @@ from cairn.core.state import State
 from cairn.core.time import Time, TimeUnit, ensure_time
 from cairn.utils.arguments import plain_bool
 
-__all__ = ["IntervalPolicy", "interval_policy"]
+__all__ = ["IntervalPolicy", "interval_policy", "same_on_every_rank"]
 
 IntervalPolicy = Callable[[State, Event], bool]
 IntervalLike = int | str | Time[Any] | IntervalPolicy
@@ -102,6 +102,14 @@ class _EveryInterval:
         if self.interval.unit is TimeUnit.DURATION:
             return state.max_duration.unit, float(self.interval.value) * float(state.max_duration.value)
         return self.interval.unit, float(self.interval.value)
+
+
+def same_on_every_rank(policy: IntervalPolicy, state: State) -> bool:
+    """Whether ``policy`` answers alike on every rank of a run: an interval of epochs or batches (or a fraction of
+    a ``max_duration`` in those), which every rank counts alike; not a wall-clock interval, not a user's function,
+    and not samples or tokens, which each rank may count from its own batches."""
+    alike = (TimeUnit.EPOCH, TimeUnit.BATCH)
+    return isinstance(policy, _EveryInterval) and policy._absolute(state)[0] in alike  # noqa: SLF001 - own class
 
 
 def _crossed_a_multiple(before: float, now: float, every: float) -> bool:

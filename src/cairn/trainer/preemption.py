@@ -144,6 +144,7 @@ class PreemptionWatch:
         self.signals = parse_signals(DEFAULT_PREEMPTION_SIGNALS) if signals is None else signals
         self.exit_code = exit_code
         self.received: int | None = None
+        self._agreed: bool | None = None  # the stop every rank agreed on at the last checkpoint event, not yet asked
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame
@@ -169,8 +170,18 @@ class PreemptionWatch:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def agree(self, stop: bool) -> None:
+        """What every rank learnt at this checkpoint event (:mod:`cairn.trainer.agreement`): the next :meth:`seen`
+        answers it without a collective of its own."""
+        self._agreed = stop
+
     def seen(self) -> bool:
-        """Whether this rank or any other saw a signal; in a distributed run every rank must ask at the same point."""
+        """Whether this rank or any other saw a signal; in a distributed run every rank must ask at the same point.
+        Right after a checkpoint event the ranks already agreed on it; elsewhere (an epoch's start and end) they
+        ask each other now."""
+        agreed, self._agreed = self._agreed, None
+        if agreed is not None:
+            return agreed
         seen = self.received is not None
         if is_distributed():
             seen = any(all_gather_object(seen))

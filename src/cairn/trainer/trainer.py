@@ -29,6 +29,7 @@ from cairn.core.time import Time, TimeUnit, ensure_time
 from cairn.loggers.progress_bar import ProgressBarLogger
 from cairn.loggers.remote_uploader_downloader import RemoteUploaderDownloader
 from cairn.storage.base import ObjectStore
+from cairn.trainer.agreement import settle_checkpoint_event
 from cairn.trainer.batching import split_batch
 from cairn.trainer.dataloader import epoch_iterator, record_loader_position, restore_loader_position
 from cairn.trainer.devices import move_to_device, resolve_device
@@ -396,6 +397,7 @@ class Trainer:
     def _checkpoint_event(self, event: Event) -> None:
         assert self.state.train_dataloader is not None
         record_loader_position(self.state.train_dataloader, self.state)
+        settle_checkpoint_event(self.state, event, self._savers(), self._preemption)  # one collective at most
         self.engine.run_event(event)
 
     def _evaluate(self) -> dict[str, float]:

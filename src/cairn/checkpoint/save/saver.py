@@ -42,10 +42,10 @@ from cairn.checkpoint.save.store_names import guard_store_names, listing_prefix
 from cairn.checkpoint.save.writers import SingleFileWriter, Writer, make_writer
 from cairn.core.callback import Callback
 from cairn.core.event import Event
-from cairn.core.interval import IntervalLike
+from cairn.core.interval import IntervalLike, same_on_every_rank
 from cairn.core.logger import Logger, LoggerDestination, transfers_among
 from cairn.core.state import State
-from cairn.core.time import Time
+from cairn.core.time import Time, TimeUnit
 from cairn.names import POINTER_SUFFIX
 from cairn.storage.pointer import pointer_beside
 from cairn.utils.arguments import check_flag
@@ -173,6 +173,7 @@ class CheckpointSaver(Callback):
         self._background = BackgroundSaves()
         self._writer: Writer | None = None  # built at the first save, when the state says which format
         self._sharded_uploads = ShardedUploads()
+        self._agreed: dict[tuple[Event, int], bool] = {}  # (event, batch) -> agreed "save now?", until it runs
 
     @property
     def retention(self) -> RetentionRules:
@@ -292,10 +293,28 @@ class CheckpointSaver(Callback):
     def _maybe_save(self, state: State, logger: Logger, event: Event) -> None:
         self._sharded_uploads.settle(logger, wait=False)  # every rank: folders whose shards are all stored finish
         self._forget_uploaded()
-        due = self.policy(state, event)
-        final = is_last_checkpoint_event(state, event) and self._last_saved_batch != state.timestamp.batch
-        if broadcast_object(due or final):  # rank 0 decides, so every rank joins the save (wall-clock intervals differ)
+        due = self._agreed.pop((event, int(state.timestamp.batch)), None)
+        if due is None:  # not settled by a Trainer before the event (a saver driven by hand): rank 0 decides
+            due = broadcast_object(self.wants_to_save(state, event))
+        if due:
             self.save(state, logger)
+
+    def wants_to_save(self, state: State, event: Event) -> bool:
+        """This rank's answer to "save now?" at ``event``: the interval's, or yes at the run's end (always saved
+        once). In a distributed run rank 0's answer counts (:mod:`cairn.trainer.agreement`)."""
+        due = self.policy(state, event)
+        return due or (is_last_checkpoint_event(state, event) and self._last_saved_batch != state.timestamp.batch)
+
+    def decides_alike(self, state: State) -> bool:
+        """Whether every rank gives the same :meth:`wants_to_save` answers: an interval of epochs or batches in a run
+        whose ``max_duration`` counts those too (its end is then reached alike); then no rank need be asked."""
+        counted_alike = state.max_duration.unit in (TimeUnit.EPOCH, TimeUnit.BATCH)
+        return counted_alike and same_on_every_rank(self.policy, state)
+
+    def agree(self, state: State, event: Event, due: bool) -> None:
+        """What every rank agreed on for this event (:func:`cairn.trainer.agreement.settle_checkpoint_event`),
+        before it runs: the saver then asks nobody."""
+        self._agreed = {(event, int(state.timestamp.batch)): due}
 
     # -- saving -----------------------------------------------------------------------------------------------
 
