@@ -11,15 +11,18 @@ async, are in :mod:`cairn.checkpoint.save.writers`.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
+import xxhash
 
 from cairn.atomic import publish_folder, temporary_folder, temporary_suffix, write_failed
-from cairn.checkpoint.format import file_digest
+from cairn.checkpoint.format import HASH_NAME, file_digest
 from cairn.checkpoint.save.commit import write_checkpoint
 from cairn.checkpoint.save.content import seal
 from cairn.checkpoint.shards import dcp_tensors, single_process_quietly
@@ -39,12 +42,15 @@ def temporary_shard_folder(path: str) -> str:
     return temporary_folder(path, broadcast_object(temporary_suffix()))
 
 
-def write_shards(state: State, temporary: str, path: str, *, weights_only: bool) -> None:
-    """Every rank writes its own shards of ``state`` into ``temporary`` (rank 0 the ``.metadata`` too), together."""
+def write_shards(state: State, temporary: str, path: str, *, weights_only: bool) -> dict[str, str]:
+    """Every rank writes its own shards of ``state`` into ``temporary`` (rank 0 the ``.metadata`` too), together.
+    Returns, on rank 0, the digest of every file written, each taken as it was written (elsewhere: nothing)."""
     import torch.distributed.checkpoint as dcp
 
+    writer = digesting_writer(temporary)
     with _shard_write_errors(temporary, path):
-        dcp.save(dcp_tensors(state, weights_only=weights_only), checkpoint_id=temporary)  # rank 0: .metadata
+        dcp.save(dcp_tensors(state, weights_only=weights_only), storage_writer=writer)  # rank 0: .metadata
+    return writer.digests
 
 
 def write_sharded_folder(tensors: dict[str, Any], rest: dict[str, Any], path: str) -> None:
@@ -52,10 +58,11 @@ def write_sharded_folder(tensors: dict[str, Any], rest: dict[str, Any], path: st
     import torch.distributed.checkpoint as dcp
 
     temporary = temporary_shard_folder(path)
+    writer = digesting_writer(temporary)
     try:
         with single_process_quietly():
-            dcp.save(tensors, checkpoint_id=temporary, no_dist=True)
-        complete_folder(rest, temporary, path, overwrite=False)
+            dcp.save(tensors, storage_writer=writer, no_dist=True)
+        complete_folder(rest, temporary, path, overwrite=False, digests=writer.digests)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -73,21 +80,25 @@ class AsyncShardWrites:
         self._group = dist.new_group(backend="gloo")  # every rank reaches the first async save together
         self._stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
 
-    def start(self, state: State, temporary: str, path: str, *, weights_only: bool) -> Callable[[], None]:
+    def start(
+        self, state: State, temporary: str, path: str, *, weights_only: bool
+    ) -> Callable[[], dict[str, str]]:
         """Stage this rank's shards and start writing them into ``temporary``; the returned function (run in the
         background) waits for them: on rank 0 it returns once every rank's shards and the ``.metadata`` are
-        written."""
+        written, with their digests (taken as they were written; elsewhere nothing)."""
         import torch.distributed.checkpoint as dcp
 
         tensors = dcp_tensors(state, weights_only=weights_only)
+        writer = digesting_writer(temporary)
         response = dcp.async_save(
-            tensors, checkpoint_id=temporary, async_stager=self._stager, process_group=self._group
+            tensors, storage_writer=writer, async_stager=self._stager, process_group=self._group
         )
         shards = getattr(response, "upload_completion", response)
 
-        def wait() -> None:
+        def wait() -> dict[str, str]:
             with _shard_write_errors(temporary, path):
                 shards.result()
+            return writer.digests
 
         return wait
 
@@ -129,13 +140,118 @@ def _shard_write_failure(failure: BaseException, temporary: str, path: str) -> C
     return write_failed(f"{path} (rank {rank} writing its shards, {shard})", os.path.dirname(path) or ".", cause)
 
 
-def complete_folder(rest: dict[str, Any], temporary: str, path: str, *, overwrite: bool) -> None:
+def complete_folder(
+    rest: dict[str, Any], temporary: str, path: str, *, overwrite: bool, digests: Mapping[str, str] | None = None
+) -> None:
     """Add ``cairn.pt`` to the finished shards and publish the folder (one process does it).
 
     ``cairn.pt`` records a digest of every file DCP wrote, so that a reader can vouch for the shards (DCP keeps no
-    checksum of its own) before any of their bytes reach the model.
+    checksum of its own) before any of their bytes reach the model. ``digests`` are those taken while the files
+    were written (:func:`digesting_writer`); a file without one is read back for it.
     """
+    taken = digests or {}
     metadata = rest["state"]["metadata"]
-    metadata["shards"] = {name: file_digest(os.path.join(temporary, name)) for name in sorted(os.listdir(temporary))}
+    metadata["shards"] = {
+        name: taken.get(name) or file_digest(os.path.join(temporary, name)) for name in sorted(os.listdir(temporary))
+    }
     write_checkpoint(seal(rest), os.path.join(temporary, METADATA_FILE))
     publish_folder(temporary, path, overwrite=overwrite)
+
+
+# -- digests taken while DCP writes ----------------------------------------------------------------------------------
+
+_DIGESTS_ENTRY = "cairn.shard-digests"  #: the name under which each rank's digests travel to rank 0 with DCP's results
+
+
+class _DigestingStream(io.RawIOBase):
+    """A file DCP writes, hashed as the bytes go by: DCP writes each file from start to end (``torch.save`` into it
+    included) and only asks where it stands (``tell``), so the running hash is the file's."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__()
+        self._file = file
+        self._digest = xxhash.xxh3_128()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._digest.update(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        raise io.UnsupportedOperation("a shard being hashed as it is written is written from start to end")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def digest(self) -> str:
+        return f"{HASH_NAME}:{self._digest.hexdigest()}"
+
+
+def digesting_writer(folder: str) -> Any:
+    """A DCP ``FileSystemWriter`` into ``folder`` that takes each file's digest while writing it. Each rank's
+    digests go to rank 0 with DCP's own write results (no collective of cairn's), where ``writer.digests`` holds
+    every file's once the save is finished, ``.metadata`` included; on the other ranks it stays empty."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystem
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    class DigestingFileSystem(FileSystem):
+        def __init__(self) -> None:
+            self.digests: dict[str, str] = {}
+            self._lock = threading.Lock()
+
+        @contextlib.contextmanager
+        def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+            if "w" not in mode:
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with open(path, mode) as file:
+                stream = _DigestingStream(file)
+                yield stream
+            with self._lock:
+                self.digests[os.path.basename(path)] = stream.digest()
+
+        def rename(self, path: Any, new_path: Any) -> None:
+            super().rename(path, new_path)
+            with self._lock:
+                digest = self.digests.pop(os.path.basename(path), None)
+                if digest is not None:
+                    self.digests[os.path.basename(new_path)] = digest
+
+    class DigestingWriter(FileSystemWriter):
+        def __init__(self, path: str) -> None:
+            super().__init__(path)
+            self.fs = DigestingFileSystem()
+            self.digests: dict[str, str] = {}
+
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            results = super().write_data(plan, planner).wait()  # a torch Future, already done: files are written
+            with self.fs._lock:  # noqa: SLF001 - its own file system
+                mine = dict(self.fs.digests)
+            done: torch.futures.Future[list[Any]] = torch.futures.Future()
+            done.set_result([*results, WriteResult(MetadataIndex(_DIGESTS_ENTRY), 0, mine)])
+            return done
+
+        def finish(self, metadata: Any, results: list[list[Any]]) -> None:
+            digests: dict[str, str] = {}
+            kept = []
+            for rank_results in results:
+                for result in rank_results:
+                    if result.index.fqn == _DIGESTS_ENTRY:
+                        digests.update(result.storage_data)
+                kept.append([result for result in rank_results if result.index.fqn != _DIGESTS_ENTRY])
+            super().finish(metadata, kept)
+            with self.fs._lock:  # noqa: SLF001 - its own file system: the .metadata just written
+                self.digests = {**digests, **self.fs.digests}
+
+    return DigestingWriter(folder)
