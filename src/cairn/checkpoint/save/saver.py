@@ -246,15 +246,9 @@ class CheckpointSaver(Callback):
         obstacle = broadcast_object(obstacle)  # rank 0 alone writes: what its folder holds decides for every rank
         if obstacle is not None:
             raise FileExistsError(obstacle)
-        if not refuse_existing:
-            return
-        existing = broadcast_object(list_checkpoints(folder, pattern))
-        if existing:
-            raise FileExistsError(
-                f"{folder!r} already holds checkpoints of this run's name pattern ({existing[-1]!r} and "
-                f"{len(existing) - 1} more); pass save_overwrite=True (overwrite=True) to replace them, use "
-                "autoresume=True to continue that run, or choose another folder"
-            )
+        if refuse_existing:
+            _refuse_existing_checkpoints(folder, pattern)
+        self._writer_for(state).prepare(state)  # every rank: an async writer's buffers are made now, off the loop
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         self._maybe_save(state, logger, Event.BATCH_CHECKPOINT)
@@ -650,6 +644,17 @@ def _refuse_latest_names_that_clash(saver: CheckpointSaver) -> None:
             f"save_remote_file_name={remote!r} and the latest pointer {pointer!r} (latest_remote_file_name, or "
             f"save_latest_filename + {POINTER_SUFFIX!r}) can both name {clash!r}, and the pointer would replace that "
             "checkpoint in the store; pass a latest_remote_file_name no checkpoint name can take"
+        )
+
+
+def _refuse_existing_checkpoints(folder: str, pattern: re.Pattern[str]) -> None:
+    """A new run (neither resumed nor allowed to overwrite) never replaces an earlier run's checkpoints."""
+    existing = broadcast_object(list_checkpoints(folder, pattern))
+    if existing:
+        raise FileExistsError(
+            f"{folder!r} already holds checkpoints of this run's name pattern ({existing[-1]!r} and "
+            f"{len(existing) - 1} more); pass save_overwrite=True (overwrite=True) to replace them, use "
+            "autoresume=True to continue that run, or choose another folder"
         )
 
 

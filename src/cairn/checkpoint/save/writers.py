@@ -65,6 +65,10 @@ class Writer(ABC):
         """Take what must be taken on the training thread (every rank calls it); the returned function writes.
         ``folder`` is the saver's folder (an incremental writer keeps its chunks there; else the path's own)."""
 
+    def prepare(self, state: State) -> None:  # noqa: B027 - not abstract: most writers have nothing to prepare
+        """Get ready for the first save at the start of fit (every rank calls it; collectives are allowed), so that
+        it costs the training thread no more than later ones."""
+
     def close(self) -> None:  # noqa: B027 - not abstract: a synchronous writer keeps nothing between saves
         """Release what the writer keeps between saves (host buffers, DCP's stager); no save may be in flight."""
 
@@ -117,6 +121,16 @@ class AsyncSingleFileWriter(Writer):
         overwrite = self.overwrite
         return lambda: write_checkpoint(seal(snapshot), path, overwrite=overwrite)
 
+    def prepare(self, state: State) -> None:
+        """Allocate and fault in rank 0's host buffers on a thread of their own, now and after each optimizer's first
+        step (its state is made then), so the first save is one memory copy, like the later ones."""
+        checkpoint = collect_checkpoint(state, weights_only=self.weights_only, ignore_keys=self.ignore_keys)
+        if get_rank() != 0:
+            return  # the other ranks hold no buffers; they only took part in the collectives above
+        self._snapshot.prepare(checkpoint)
+        if not self.weights_only:
+            self._snapshot.prepare_after_first_step(state.optimizers)
+
     def close(self) -> None:
         self._snapshot.release()
 
@@ -129,13 +143,13 @@ class ShardedWriter(Writer):
 
     def start(self, state: State, path: str, *, folder: str | None = None) -> Finish:
         temporary = temporary_shard_folder(path)
-        write_shards(state, temporary, path, weights_only=self.weights_only)
+        digests = write_shards(state, temporary, path, weights_only=self.weights_only)
         rest = self._rest(state)
         overwrite = self.overwrite
 
         def finish() -> None:
             on_rank_zero(
-                lambda: complete_folder(rest, temporary, path, overwrite=overwrite),
+                lambda: complete_folder(rest, temporary, path, overwrite=overwrite, digests=digests),
                 f"finish the sharded checkpoint {path!r}",
             )
 
@@ -165,9 +179,9 @@ class AsyncShardedWriter(ShardedWriter):
         overwrite = self.overwrite
 
         def finish() -> None:
-            shards_written()  # every rank's, or DCP raises on every rank
+            digests = shards_written()  # every rank's, or DCP raises on every rank
             shards.on_rank_zero(
-                lambda: complete_folder(rest, temporary, path, overwrite=overwrite),
+                lambda: complete_folder(rest, temporary, path, overwrite=overwrite, digests=digests),
                 f"finish the sharded checkpoint {path!r}",
             )
 
