@@ -190,6 +190,27 @@ class ScriptedMetric(Callback):
         logger.log_metrics({self.name: self.values[state.timestamp.epoch - 1]})
 
 
+def scripted_store_trainer(bucket: str, epochs: int, metric: str, values: list[float], **kwargs: Any) -> Any:
+    """The store-retention tests' run: TinyNet saved to ``s3://<bucket>/run`` as ``ep{epoch}.pt`` each epoch, with
+    ``metric`` logged from ``values`` at each epoch's end (:class:`ScriptedMetric`) and recorded as the best metric."""
+    from cairn import Trainer
+    from cairn.models import Classifier
+
+    return Trainer(
+        model=Classifier(TinyNet()),
+        train_dataloader=make_loader(16),
+        max_duration=f"{epochs}ep",
+        progress_bar=False,
+        run_name="r",
+        callbacks=[ScriptedMetric(metric, values)],
+        save_folder=f"s3://{bucket}/run",
+        save_filename="ep{epoch}.pt",
+        save_interval="1ep",
+        save_best_metric=metric,
+        **kwargs,
+    )
+
+
 @pytest.fixture
 def sharded_folder(tmp_path: Path) -> Path:
     """A small trained checkpoint written as a sharded folder (one process, as ``cairn ckpt convert`` writes it)."""

@@ -17,8 +17,7 @@ from cairn import Trainer
 from cairn.checkpoint.save.saver import CheckpointSaver
 from cairn.checkpoint.save.store_names import store_checkpoints
 from cairn.core.logger import transfers_among
-from cairn.models import Classifier
-from conftest import ScriptedMetric, TinyNet, make_loader
+from conftest import scripted_store_trainer
 from store_servers.moto import bucket_objects
 
 METRIC = "metrics/eval/Scripted"
@@ -29,19 +28,7 @@ BEST = "run/best-rank0.pt.symlink"
 
 
 def _trainer(bucket: str, epochs: int, **kwargs: Any) -> Trainer:
-    return Trainer(
-        model=Classifier(TinyNet()),
-        train_dataloader=make_loader(16),
-        max_duration=f"{epochs}ep",
-        progress_bar=False,
-        run_name="r",
-        callbacks=[ScriptedMetric(METRIC, SCRIPT)],
-        save_folder=f"s3://{bucket}/run",
-        save_filename="ep{epoch}.pt",
-        save_interval="1ep",
-        save_best_metric=METRIC,
-        **kwargs,
-    )
+    return scripted_store_trainer(bucket, epochs, METRIC, SCRIPT, **kwargs)
 
 
 def _fit(bucket: str, epochs: int, **kwargs: Any) -> Trainer:

@@ -13,10 +13,8 @@ from typing import Any
 
 import pytest
 
-from cairn import Trainer
 from cairn.cli.main import main as cairn_main
-from cairn.models import Classifier
-from conftest import ScriptedMetric, TinyNet, make_loader
+from conftest import scripted_store_trainer
 from store_servers.moto import bucket_objects
 
 METRIC = "metrics/eval/Scripted"
@@ -27,19 +25,7 @@ BEST = "run/best-rank0.pt.symlink"
 
 
 def _fit(bucket: str, epochs: int, **kwargs: Any) -> None:
-    trainer = Trainer(
-        model=Classifier(TinyNet()),
-        train_dataloader=make_loader(16),
-        max_duration=f"{epochs}ep",
-        progress_bar=False,
-        run_name="r",
-        callbacks=[ScriptedMetric(METRIC, SCRIPT)],
-        save_folder=f"s3://{bucket}/run",
-        save_filename="ep{epoch}.pt",
-        save_interval="1ep",
-        save_best_metric=METRIC,
-        **kwargs,
-    )
+    trainer = scripted_store_trainer(bucket, epochs, METRIC, SCRIPT, **kwargs)
     trainer.fit()
     trainer.close()
 
