@@ -94,9 +94,12 @@ def atomic_write(
     overwrite: bool = True,
     explain_failure: bool = True,
     room: int = 0,
+    sync_folder: bool = True,
 ) -> None:
     """Create ``target`` atomically: ``write(temporary)`` creates the file at a temporary path beside it, which is then
-    fsynced and renamed over ``target`` (the folder fsynced too). With ``overwrite=False`` an existing file is kept.
+    fsynced and renamed over ``target`` (the folder fsynced too, unless ``sync_folder=False``: a caller writing many
+    files into one folder, a save's chunks, fsyncs it once after the last). With ``overwrite=False`` an existing
+    file is kept.
 
     A failed write is reported as a :class:`~cairn.errors.CheckpointWriteError` naming the free space; with
     ``explain_failure=False`` (a download, whose store errors already say what went wrong) it propagates as raised.
@@ -120,7 +123,8 @@ def atomic_write(
     except BaseException:
         remove_quietly(temporary)
         raise
-    fsync_path(folder)
+    if sync_folder:
+        fsync_path(folder)
 
 
 def temporary_folder(target: str, suffix: str) -> str:

@@ -23,9 +23,9 @@ import stat
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from cairn.atomic import fsync_path, remove_quietly, temporary_path, write_failed
+from cairn.atomic import atomic_write, fsync_path, write_failed
 from cairn.checkpoint.incremental.manifest import ChunkRef, Piece, chunk_key
-from cairn.errors import CheckpointCorruptError
+from cairn.errors import CheckpointCorruptError, CheckpointWriteError
 
 try:
     import fcntl
@@ -121,20 +121,20 @@ class ChunkFolder:
                 raise
 
     def _write(self, piece: Piece) -> None:
+        """Through :func:`~cairn.atomic.atomic_write`, as every checkpoint file; the folder is fsynced once, by
+        :meth:`write_missing`, after the last chunk."""
         target = self.chunk_path(piece.key)
-        temporary = temporary_path(target)
-        try:
+
+        def write(temporary: str) -> None:
             with open(temporary, "wb") as file:
                 file.write(piece.data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        except OSError as err:
-            remove_quietly(temporary)
-            raise write_failed(target, self.path, err) from err
-        except BaseException:
-            remove_quietly(temporary)
+
+        try:
+            atomic_write(target, write, sync_folder=False)
+        except CheckpointWriteError:
             raise
+        except OSError as err:  # the rename: something else in the chunk's place
+            raise write_failed(target, self.path, err) from err
 
     def read_into(self, ref: ChunkRef, out: memoryview, source: str) -> None:
         """Read the chunk ``ref`` into ``out`` (exactly its size) and check it against its key. Only a regular
