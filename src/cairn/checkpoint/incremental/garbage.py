@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cairn.atomic import fsync_path, is_temporary
@@ -91,8 +91,14 @@ def manifests_under(root: str) -> Iterator[str]:
                 continue
 
 
-def referenced_chunks(root: str, references: References | None = None) -> dict[str, dict[str, int]]:
-    """For each manifest under ``root`` that keeps its chunks in ``root``'s chunk folder: the chunks it names."""
+def referenced_chunks(
+    root: str, references: References | None = None, *, on_unreadable: Callable[[str], None] | None = None
+) -> dict[str, dict[str, int]]:
+    """For each manifest under ``root`` that keeps its chunks in ``root``'s chunk folder: the chunks it names.
+
+    A file that may be a manifest but cannot be read raises :class:`UnreadableManifest` (collection must then
+    remove nothing), unless ``on_unreadable`` is given: it is told the file's path, and the file is passed over
+    (``cairn ckpt ls``, which only counts)."""
     references = references or References()
     folder = os.path.realpath(chunk_folder_of(root).path)
     found = {}
@@ -101,6 +107,11 @@ def referenced_chunks(root: str, references: References | None = None) -> dict[s
             use = references.of(path)
         except FileNotFoundError:
             continue  # deleted while we walked
+        except UnreadableManifest:
+            if on_unreadable is None:
+                raise
+            on_unreadable(path)
+            continue
         if use.folder == folder:
             found[path] = use.chunks
     return found

@@ -32,7 +32,7 @@ import torch
 from cairn.atomic import is_temporary
 from cairn.checkpoint.folder import folder_entries
 from cairn.checkpoint.format import is_sharded, is_weights_only
-from cairn.checkpoint.incremental.garbage import References, UnreadableManifest, manifests_under
+from cairn.checkpoint.incremental.garbage import References, UnreadableManifest, referenced_chunks
 from cairn.checkpoint.incremental.manifest import is_manifest
 from cairn.checkpoint.load.archive import check_archive
 from cairn.checkpoint.save.retention import PROGRESS_KEYS, RetentionCandidate, RetentionRules, reasons_to_keep
@@ -540,18 +540,12 @@ def chunk_sharing(paths: Iterable[str]) -> tuple[dict[str, ChunkSharing], list[s
 def _manifests_naming(folder: str, references: References, notes: list[str]) -> dict[str, set[str]]:
     """Every manifest under the saver folder holding the chunk folder ``folder`` that keeps its chunks there (by
     resolved path), with the keys it names; a file there that cannot be read is noted and passed over."""
-    named = {}
-    for path in manifests_under(os.path.dirname(folder)):
-        try:
-            use = references.of(path)
-        except UnreadableManifest:
-            notes.append(f"{path} could not be read: chunks that only it might name are counted as own bytes")
-            continue
-        except OSError:
-            continue  # deleted while we walked
-        if use.folder == folder:
-            named[os.path.realpath(path)] = set(use.chunks)
-    return named
+
+    def note(path: str) -> None:
+        notes.append(f"{path} could not be read: chunks that only it might name are counted as own bytes")
+
+    named = referenced_chunks(os.path.dirname(folder), references, on_unreadable=note)
+    return {os.path.realpath(path): set(chunks) for path, chunks in named.items()}
 
 
 def _with_sharing(entries: list[ListedCheckpoint]) -> tuple[list[ListedCheckpoint], list[str]]:
