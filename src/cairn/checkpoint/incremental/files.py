@@ -94,9 +94,15 @@ def peek_manifest(path: str) -> dict[str, Any] | None:
     stay on disk), or None for any other file: not a torch archive (a zip of something else included), or a full
     checkpoint. Raises :class:`UnreadableManifest` for a torch archive that cannot be read: it may be a manifest.
     How collection, ``cairn ckpt ls`` and store retention learn which chunks a file names."""
-    with open(path, "rb") as file:
-        if file.read(4) != _ZIP_MAGIC:
-            return None  # torch.save has written zip archives since torch 1.6
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(4)
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # a file this process may not read: which chunks it names is unknown
+        raise UnreadableManifest(f"{path} ({err.strerror})") from None
+    if magic != _ZIP_MAGIC:
+        return None  # torch.save has written zip archives since torch 1.6
     try:
         with zipfile.ZipFile(path) as archive:
             if not any(name.endswith("/data.pkl") for name in archive.namelist()):
