@@ -291,6 +291,17 @@ def test_a_chunk_that_is_not_its_plain_self_is_refused(tmp_path: Path, replaceme
     assert "convert --to single-file" in str(info.value)
 
 
+def test_a_link_in_a_chunks_place_is_written_over_not_relied_on(tmp_path: Path) -> None:
+    path, manifest = _one_manifest(tmp_path)
+    chunk = tmp_path / CHUNKS / _entry(manifest)["chunks"][0][0]
+    (tmp_path / "elsewhere").write_bytes(chunk.read_bytes())
+    chunk.unlink()
+    chunk.symlink_to(tmp_path / "elsewhere")  # the same bytes, but a load refuses to follow a link
+    _one_manifest(tmp_path)  # the same checkpoint saved again
+    assert not chunk.is_symlink()
+    assert torch.equal(read_checkpoint(str(path))["state"]["model"]["w"], torch.arange(40_000, dtype=torch.float32))
+
+
 def test_a_user_string_that_looks_like_a_marker_is_kept(tmp_path: Path) -> None:
     checkpoint = {
         "state": {

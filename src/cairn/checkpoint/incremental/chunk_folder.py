@@ -62,10 +62,13 @@ class ChunkFolder:
         return os.path.join(self.path, key)
 
     def has(self, ref: ChunkRef) -> bool:
+        """Whether the chunk is there as :meth:`read_into` will accept it: a plain file (a link is not followed) of
+        its size. Anything else in its place is written over, so that no save relies on what no load reads."""
         try:
-            return os.stat(self.chunk_path(ref.key)).st_size == ref.size
+            info = os.lstat(self.chunk_path(ref.key))
         except OSError:
             return False
+        return stat.S_ISREG(info.st_mode) and info.st_size == ref.size
 
     def keys(self) -> dict[str, int]:
         """Every chunk in the folder, with its size (temporaries and the lock file are not chunks)."""
