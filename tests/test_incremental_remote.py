@@ -101,6 +101,20 @@ def test_later_saves_upload_only_the_new_chunks_and_every_manifest_loads_verifie
                        live["head.weight"])  # fmt: skip
 
 
+def test_a_chunk_cut_short_in_the_store_is_uploaded_again_by_the_next_run(
+    s3_env: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    _trainer(s3_bucket, "1ba").fit()
+    store = _store(s3_env, s3_bucket)
+    body = sorted(_named(store, "run/ba1.pt", tmp_path))[0]
+    cut = tmp_path / "cut"
+    cut.write_bytes(b"short")
+    store.upload_object(f"{CHUNKS}{body}", str(cut))  # a copy of the wrong size under the chunk's name
+    _trainer(s3_bucket, "1ba", save_filename="again-ba{batch}.pt").fit()  # a new run: it lists the chunks once
+    assert body in _named(store, "run/again-ba1.pt", tmp_path)
+    read_remote_checkpoint(store, "run/again-ba1.pt", progress=False)  # every chunk whole again, and checked
+
+
 def test_autoresume_from_the_store_alone_ends_bit_for_bit(s3_env: str, s3_bucket: str, tmp_path: Path) -> None:
     uninterrupted = _trainer(None, "6ba")
     uninterrupted.fit()

@@ -24,6 +24,7 @@ Save-side code: nothing here imports ``checkpoint.load``; :mod:`cairn.checkpoint
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import logging
 import os
 import posixpath
@@ -31,7 +32,7 @@ import secrets
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +126,7 @@ class StoreChunks:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._known: dict[tuple[int, str], set[str]] = {}  # (uploader, store chunk folder) -> keys verified there
+        self._known: dict[tuple[int, str], dict[str, int]] = {}  # (uploader, store chunk folder) -> key: size there
         self._uploading: dict[tuple[int, str], dict[str, cf.Future[str]]] = {}  # chunk uploads in flight
         self._pinned: dict[tuple[int, str], Counter[str]] = {}  # keys in-flight manifests rely on
         self._manifests: dict[tuple[int, str], tuple[int, StoreManifest]] = {}  # (uploader, object) -> (size, named)
@@ -140,7 +141,7 @@ class StoreChunks:
         *,
         local_chunks: str,
         relative: str,
-        chunks: Iterable[str],
+        chunks: Mapping[str, int],
         overwrite: bool,
         pointer_name: str | None,
     ) -> cf.Future[str]:
@@ -165,14 +166,15 @@ class StoreChunks:
             started = 0
             try:
                 for key in keys:
-                    if key in known:
+                    if known.get(key) == chunks[key]:  # there whole: a damaged copy of another size goes up again
                         continue
                     if key not in in_flight:
                         chunk = transfers.upload(
                             f"{folder_name}/{key}", os.path.join(local_chunks, key), overwrite=True
                         )
                         in_flight[key] = chunk
-                        chunk.add_done_callback(lambda done, key=key: self._chunk_settled(place, key, done))
+                        settled = functools.partial(self._chunk_settled, place, key, chunks[key])
+                        chunk.add_done_callback(settled)
                         started += 1
                     waits.append(in_flight[key])
             except BaseException:
@@ -232,26 +234,26 @@ class StoreChunks:
             )
         return folder_name, store_folder
 
-    def _known_in(self, transfers: Transfers, store_folder: str) -> set[str]:
-        """The keys in ``store_folder``: listed once, at first use (caller holds the lock)."""
+    def _known_in(self, transfers: Transfers, store_folder: str) -> dict[str, int]:
+        """The chunks in ``store_folder`` with their sizes: listed once, at first use (caller holds the lock)."""
         place = (id(transfers), store_folder)
         known = self._known.get(place)
         if known is None:
             prefix = f"{store_folder}/"
             known = {
-                name[len(prefix) :]
-                for name in transfers.store.list_objects(prefix)
+                name[len(prefix) :]: size
+                for name, size in transfers.store.list_objects_with_sizes(prefix)
                 if name.startswith(prefix) and _is_chunk_name(name[len(prefix) :])
             }
             self._known[place] = known
             log.debug("%s holds %d chunks", transfers.store.get_uri(store_folder), len(known))
         return known
 
-    def _chunk_settled(self, place: tuple[int, str], key: str, done: cf.Future[str]) -> None:
+    def _chunk_settled(self, place: tuple[int, str], key: str, size: int, done: cf.Future[str]) -> None:
         with self._lock:
             self._uploading.get(place, {}).pop(key, None)
             if not done.cancelled() and done.exception() is None:
-                self._known.setdefault(place, set()).add(key)
+                self._known.setdefault(place, {})[key] = size
 
     def _unpin(self, place: tuple[int, str], keys: Iterable[str]) -> None:
         with self._lock:
@@ -307,7 +309,7 @@ class StoreChunks:
                 store.delete_object(f"{folder}/{key}")
                 removed += 1
                 if known is not None:
-                    known.discard(key)
+                    known.pop(key, None)
         if removed:
             log.info("deleted %d chunks no manifest names any more from %s", removed, store.get_uri(folder))
         return removed
