@@ -115,6 +115,31 @@ def test_a_chunk_cut_short_in_the_store_is_uploaded_again_by_the_next_run(
     read_remote_checkpoint(store, "run/again-ba1.pt", progress=False)  # every chunk whole again, and checked
 
 
+class _RecordingStore(S3ObjectStore):
+    """The real S3 store, remembering which objects it downloaded."""
+
+    downloaded: list[str]
+
+    def download_object(self, name: str, *args: Any, **kwargs: Any) -> None:
+        self.downloaded.append(name)
+        super().download_object(name, *args, **kwargs)
+
+
+def test_an_oversized_object_in_a_chunks_place_is_refused_without_being_downloaded(
+    s3_env: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    _trainer(s3_bucket, "1ba").fit()
+    store = _RecordingStore(s3_bucket, endpoint_url=s3_env)
+    store.downloaded = []
+    body = sorted(_named(store, "run/ba1.pt", tmp_path))[0]
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (3 << 20))  # larger than the 64 KiB chunk it stands in for
+    store.upload_object(f"{CHUNKS}{body}", str(big))
+    with pytest.raises(CheckpointCorruptError, match=f"its chunk {body} .*has another size"):
+        read_remote_checkpoint(store, "run/ba1.pt", progress=False)
+    assert f"{CHUNKS}{body}" not in store.downloaded
+
+
 def test_autoresume_from_the_store_alone_ends_bit_for_bit(s3_env: str, s3_bucket: str, tmp_path: Path) -> None:
     uninterrupted = _trainer(None, "6ba")
     uninterrupted.fit()

@@ -314,6 +314,12 @@ class RemoteChunks:
     def read_into(self, ref: ChunkRef, out: memoryview, source: str) -> None:
         name = f"{self.folder(source)}/{ref.key}"
         uri = self.store.get_uri(name)
+        try:
+            size = self.store.get_object_size(name)  # asked first: an object of any other size is never downloaded
+        except ObjectNotFoundError:
+            raise self._bad_chunk(ref, uri, "is missing from the store") from None
+        if size != ref.size:
+            raise self._bad_chunk(ref, uri, "has another size than the manifest records")
         with tempfile.TemporaryDirectory(prefix="cairn-chunk-") as private:
             local = os.path.join(private, ref.key)
             try:
