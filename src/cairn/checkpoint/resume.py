@@ -76,7 +76,7 @@ def find_latest_checkpoint(saver: CheckpointSaver, state: State) -> Found | None
             candidates.append(target)
     for path in candidates:
         try:
-            return Found(path, read_checkpoint(path))
+            return Found(path, read_checkpoint(path, for_resume=True))  # applied whole: see read_checkpoint
         except (CheckpointCorruptError, FileNotFoundError) as err:
             log.warning("autoresume skips %s: %s", path, err)
             if isinstance(err, CheckpointCorruptError) and get_rank() == 0:
@@ -299,7 +299,8 @@ def restore(
                 return resumed
         if load_path is None:
             return None
-        checkpoint, local = downloads.enter_context(opened_load_path(load_path, load_object_store, progress=progress))
+        opened = opened_load_path(load_path, load_object_store, progress=progress, for_resume=not weights_only)
+        checkpoint, local = downloads.enter_context(opened)
         apply_checkpoint(
             checkpoint,
             state,
@@ -465,11 +466,17 @@ def read_load_path(path: str, source: ObjectStore | LoggerDestination | None, *,
 
 @contextlib.contextmanager
 def opened_load_path(
-    path: str, source: ObjectStore | LoggerDestination | None, *, progress: bool, shards_on_demand: bool = True
+    path: str,
+    source: ObjectStore | LoggerDestination | None,
+    *,
+    progress: bool,
+    shards_on_demand: bool = True,
+    for_resume: bool = False,
 ) -> Iterator[tuple[dict[str, Any], str | RemoteShards | None]]:
     """As :func:`read_load_path`, and, while the ``with`` lasts, where a checkpoint from a store is read from when
     it is applied: the local download, or for a sharded folder (with ``shards_on_demand``) the folder in the store,
-    from which each rank fetches the shard files its own plan reads; None for a local checkpoint."""
+    from which each rank fetches the shard files its own plan reads; None for a local checkpoint. ``for_resume``:
+    a local file's optimizer state is copied out while it is read (:func:`read_checkpoint`)."""
     opened = functools.partial(opened_remote_checkpoint, progress=progress, shards_on_demand=shards_on_demand)
     if source is not None:
         transfers = source.transfers if isinstance(source, LoggerDestination) else None
@@ -490,7 +497,7 @@ def opened_load_path(
         finally:
             store.close()
         return
-    yield read_checkpoint(path), None
+    yield read_checkpoint(path, for_resume=for_resume), None
 
 
 def saving_from_arguments(

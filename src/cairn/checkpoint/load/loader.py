@@ -10,6 +10,8 @@ import logging
 import math
 import os
 import pickle
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -45,11 +47,17 @@ __all__ = ["apply_checkpoint", "load_checkpoint", "read_checkpoint"]
 log = logging.getLogger(__name__)
 
 
-def read_checkpoint(path: str, *, chunks: ChunkSource | None = None) -> dict[str, Any]:
+def read_checkpoint(path: str, *, chunks: ChunkSource | None = None, for_resume: bool = False) -> dict[str, Any]:
     """Load and verify the checkpoint at ``path`` (a file, or a sharded folder) without running any code from it.
 
     An incremental checkpoint (a manifest) comes back whole: its chunks are read from the chunk folder it names
     beside it, or from ``chunks`` (a store's, for a manifest downloaded alone), each checked against its key.
+
+    With ``for_resume`` (the checkpoint is about to be applied whole, optimizer state included), the optimizer
+    state of a single file is copied out of the file's mapping on a second thread while the hash walks the file,
+    and the copies replace the mapped tensors once the hash has passed: the copy that :func:`apply_checkpoint`
+    would make anyway overlaps the disk read instead of following it. A caller that only looks at the checkpoint
+    leaves it off, and holds no copy.
     """
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"no checkpoint at {path!r}: check the path (and the working directory)")
@@ -57,10 +65,10 @@ def read_checkpoint(path: str, *, chunks: ChunkSource | None = None) -> dict[str
         return _read_sharded_folder(path)
     if os.path.isdir(path):
         raise CheckpointCorruptError(f"{path!r} is a folder but not a sharded checkpoint (it has no {METADATA_FILE})")
-    return _read_file(path, chunks=chunks)
+    return _read_file(path, chunks=chunks, for_resume=for_resume)
 
 
-def _read_file(path: str, *, chunks: ChunkSource | None = None) -> dict[str, Any]:
+def _read_file(path: str, *, chunks: ChunkSource | None = None, for_resume: bool = False) -> dict[str, Any]:
     is_archive = check_archive(path)  # the archive's records and its pickle, checked without running it
     if not is_archive:
         check_old_style_file(path)
@@ -68,7 +76,12 @@ def _read_file(path: str, *, chunks: ChunkSource | None = None) -> dict[str, Any
     checkpoint = _torch_load_safely(path, is_archive=is_archive)
     _check_structure(checkpoint, path)
     _check_format_version(checkpoint["state"]["metadata"], path)  # before the hash: a newer format may hash otherwise
-    _check_hash(checkpoint, path)  # a manifest's covers its chunks' keys: each chunk is checked as it is read
+    copying = _copy_optimizer_state_ahead(checkpoint) if for_resume and is_archive else None
+    try:
+        _check_hash(checkpoint, path)  # a manifest's covers its chunks' keys: each chunk is checked as it is read
+    finally:
+        copies = copying.finish() if copying is not None else {}  # the thread never outlives the read
+    _put_in_place(checkpoint, copies)  # only now, verified: the copies are of the bytes the hash covered
     _check_world_size(checkpoint["state"]["metadata"], path)
     if is_manifest(checkpoint):
         checkpoint = assemble(checkpoint, path, chunks)
@@ -84,6 +97,74 @@ def _read_sharded_folder(folder: str) -> dict[str, Any]:
     checkpoint = _read_file(os.path.join(folder, METADATA_FILE))
     verify_shard_digests(folder, index, checkpoint["state"]["metadata"].get("shards"))
     return checkpoint
+
+
+# Optimizer-state tensors copied out of a file's mapping by read_checkpoint(for_resume=True), by id: apply_checkpoint
+# keeps these as they are instead of copying them a second time.
+_PRIVATE_COPIES: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def _mapped_optimizer_tensors(checkpoint: dict[str, Any]) -> list[tuple[dict[Any, Any], Any, torch.Tensor]]:
+    """``(holder, key, tensor)`` for each tensor of a per-parameter optimizer state (``optimizers/<name>/state/<p>/
+    <field>``, what ``Optimizer.state_dict()`` holds), the bytes an optimizer keeps by reference after loading.
+    Anything shaped otherwise is left to :func:`apply_checkpoint`'s own copy."""
+    found = []
+    optimizers = checkpoint["state"].get("optimizers")
+    for optimizer in optimizers.values() if isinstance(optimizers, dict) else ():
+        per_parameter = optimizer.get("state") if isinstance(optimizer, dict) else None
+        for fields in per_parameter.values() if isinstance(per_parameter, dict) else ():
+            if isinstance(fields, dict):
+                found += [(fields, key, value) for key, value in fields.items() if isinstance(value, torch.Tensor)]
+    return found
+
+
+class _CopiesAhead:
+    """Copies of the optimizer state, taken out of the file's mapping on a thread of their own while the hash walks
+    the file (``clone`` releases the GIL, and the pages it faults in are ones the hash needs too). Nothing is put in
+    place here: see :func:`_put_in_place`, called only once the hash has passed."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self._tensors = tensors
+        self._copies: dict[int, torch.Tensor] = {}  # by the id of the mapped tensor
+        self._failed = False
+        self._thread = threading.Thread(target=self._copy, name="cairn-copy-optimizer-state", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        try:
+            for tensor in self._tensors:
+                if id(tensor) not in self._copies:  # a tensor held twice stays one tensor, as the file shares it
+                    self._copies[id(tensor)] = tensor.clone()
+        except BaseException:  # noqa: BLE001 - apply_checkpoint copies (and reports) for itself
+            self._failed = True
+
+    def finish(self) -> dict[int, torch.Tensor]:
+        """Wait for the thread to end; the copies, or none if copying failed."""
+        self._thread.join()
+        return {} if self._failed else self._copies
+
+
+def _copy_optimizer_state_ahead(checkpoint: dict[str, Any]) -> _CopiesAhead | None:
+    if is_manifest(checkpoint):
+        return None  # its tensors come from chunk files, assembled after the hash
+    tensors = [tensor for _, _, tensor in _mapped_optimizer_tensors(checkpoint)]
+    return _CopiesAhead(tensors) if tensors else None
+
+
+def _put_in_place(checkpoint: dict[str, Any], copies: dict[int, torch.Tensor]) -> None:
+    """Swap the verified checkpoint's mapped optimizer tensors for their private copies."""
+    if not copies:
+        return
+    for holder, key, tensor in _mapped_optimizer_tensors(checkpoint):
+        copy = copies.get(id(tensor))
+        if copy is not None:
+            holder[key] = copy
+            _PRIVATE_COPIES[id(copy)] = copy
+
+
+def _private_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself when it is already a private copy (see :func:`_put_in_place`), else a copy of it."""
+    return tensor if _PRIVATE_COPIES.get(id(tensor)) is tensor else tensor.clone()
 
 
 def _start_reading_ahead(path: str) -> None:
@@ -229,7 +310,8 @@ def apply_checkpoint(
     if "optimizers" in saved:
         # optimizer.load_state_dict keeps the tensors it is given: left on the file's private mapping, the first
         # step would fault every page in copy-on-write, 4 KiB at a time, several times slower than one bulk copy
-        saved["optimizers"] = map_tensors(saved["optimizers"], torch.Tensor.clone)
+        # (read_checkpoint(for_resume=True) made these copies already, while the file was read: kept as they are)
+        saved["optimizers"] = map_tensors(saved["optimizers"], _private_copy)
     try:
         state.load_state_dict(saved, strict=strict)
     except Exception as err:  # noqa: BLE001 - the checks above should leave none; if one slips through, say so plainly
@@ -354,7 +436,7 @@ def load_checkpoint(
     ignore_keys: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Read, verify and restore the checkpoint at ``path`` into ``state``; return what was read."""
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, for_resume=not weights_only)
     apply_checkpoint(checkpoint, state, source=path, weights_only=weights_only, strict=strict, ignore_keys=ignore_keys)
     log.info("loaded checkpoint %s at %s", path, checkpoint["state"].get("timestamp", {}))
     return checkpoint
