@@ -50,7 +50,7 @@ def finetune_optimizer(head: nn.Module) -> torch.optim.Optimizer:
 
 def take_one_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
     """One real AdamW step, so the optimizer holds its moments (what a checkpoint mid-run holds)."""
-    x = torch.randn(2, WIDTH)
+    x = torch.randn(2, WIDTH, device=next(model.parameters()).device)
     loss = model(x).pow(2).mean()
     loss.backward()
     optimizer.step()
