@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cairn.atomic import atomic_write, fsync_path, write_failed
 from cairn.checkpoint.incremental.manifest import ChunkRef, Piece, chunk_key
+from cairn.checkpoint.save.direct import DirectFile
 from cairn.errors import CheckpointCorruptError, CheckpointWriteError
 
 try:
@@ -129,7 +130,7 @@ class ChunkFolder:
         target = self.chunk_path(piece.key)
 
         def write(temporary: str) -> None:
-            with open(temporary, "wb") as file:
+            with DirectFile(temporary) as file:  # past the page cache, as a full checkpoint file
                 file.write(piece.data)
 
         try:
