@@ -20,6 +20,7 @@ from torch import nn
 
 from cairn import Trainer
 from cairn.checkpoint import read_checkpoint
+from cairn.checkpoint.load import loader
 from cairn.checkpoint.load.loader import apply_checkpoint
 from cairn.errors import CheckpointCorruptError
 from cairn.models import Classifier
@@ -116,3 +117,42 @@ def test_a_resume_through_the_trainer_restores_the_saved_optimizer_state(checkpo
     held = [v for state in trainer.state.optimizers[0].state.values() for v in state.values() if torch.is_tensor(v)]
     assert len(held) == len(saved) and all(torch.equal(a, b) for a, b in zip(held, saved, strict=True))
     trainer.close()
+
+
+def held_optimizer_tensors(trainer: Trainer) -> list[torch.Tensor]:
+    optimizer = trainer.state.optimizers[0]
+    return [value for fields in optimizer.state.values() for value in fields.values() if torch.is_tensor(value)]
+
+
+def holds_the_reads_copies(trainer: Trainer) -> bool:
+    """Every tensor the optimizer holds is one of the copies a ``for_resume`` read made (apply kept it as it was)."""
+    held = held_optimizer_tensors(trainer)
+    return bool(held) and all(loader._PRIVATE_COPIES.get(id(tensor)) is tensor for tensor in held)
+
+
+def test_a_load_path_in_a_store_keeps_the_copies_its_read_made(s3_env: str, s3_bucket: str) -> None:
+    """A download from a store is applied whole as a local file is: its optimizer state is copied while it is read."""
+    saving = make_trainer(TinyNet(), save_folder=f"s3://{s3_bucket}/ckpt", save_filename="ba{batch}.pt")
+    saving.fit()
+    saving.close()
+    resumed = make_trainer(TinyNet(), load_path=f"s3://{s3_bucket}/ckpt/ba2.pt")
+    assert resumed.state.timestamp.batch == 2
+    assert holds_the_reads_copies(resumed)
+    resumed.close()
+
+
+def test_autoresume_from_a_store_keeps_the_copies_its_read_made(
+    s3_env: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = f"s3://{s3_bucket}/run"
+    monkeypatch.chdir(tmp_path)  # nothing local is left behind to resume from: the store is
+    saving = make_trainer(TinyNet(), save_folder=folder, save_interval="1ba", run_name="r")
+    saving.fit()
+    saving.close()
+    elsewhere = tmp_path / "machine-b"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resumed = make_trainer(TinyNet(), max_duration="3ba", save_folder=folder, run_name="r", autoresume=True)
+    assert resumed.state.resumed_from is not None and resumed.state.resumed_from.startswith("s3://")
+    assert holds_the_reads_copies(resumed)
+    resumed.close()

@@ -171,7 +171,12 @@ def find_remote_latest(
         keep = functools.partial(_set_aside_damaged_object, transfers, name, pattern) if get_rank() == 0 else None
         try:
             opened = opened_remote_checkpoint(
-                store, name, progress=progress, keep_damaged=keep, shards_on_demand=downloads is not None
+                store,
+                name,
+                progress=progress,
+                keep_damaged=keep,
+                shards_on_demand=downloads is not None,
+                for_resume=True,  # autoresume applies what it finds whole
             )
             with contextlib.ExitStack() as attempt:
                 checkpoint, local = attempt.enter_context(opened)
@@ -476,8 +481,11 @@ def opened_load_path(
     """As :func:`read_load_path`, and, while the ``with`` lasts, where a checkpoint from a store is read from when
     it is applied: the local download, or for a sharded folder (with ``shards_on_demand``) the folder in the store,
     from which each rank fetches the shard files its own plan reads; None for a local checkpoint. ``for_resume``:
-    a local file's optimizer state is copied out while it is read (:func:`read_checkpoint`)."""
-    opened = functools.partial(opened_remote_checkpoint, progress=progress, shards_on_demand=shards_on_demand)
+    a single file's optimizer state (local, or the download of one from a store) is copied out while it is read
+    (:func:`read_checkpoint`)."""
+    opened = functools.partial(
+        opened_remote_checkpoint, progress=progress, shards_on_demand=shards_on_demand, for_resume=for_resume
+    )
     if source is not None:
         transfers = source.transfers if isinstance(source, LoggerDestination) else None
         if transfers is not None:

@@ -92,7 +92,9 @@ def load_checkpoint(
     strictness = _strictness(strict_model_weights, strict)
     ignore = check_ignore_keys(ignore_keys, argument="ignore_keys", loading=True)
     weights_only = check_flag(weights_only, argument="weights_only")
-    with opened_load_path(location, None, progress=check_flag(progress, argument="progress")) as (checkpoint, local):
+    progress = check_flag(progress, argument="progress")
+    opened = opened_load_path(location, None, progress=progress, for_resume=not weights_only)  # applied whole
+    with opened as (checkpoint, local):
         apply_checkpoint(
             checkpoint,
             state,

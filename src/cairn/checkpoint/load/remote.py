@@ -69,20 +69,22 @@ def opened_remote_checkpoint(
     progress: bool = True,
     keep_damaged: Callable[[str], object] | None = None,
     shards_on_demand: bool = False,
+    for_resume: bool = False,
 ) -> Iterator[tuple[dict[str, Any], str | RemoteShards]]:
     """As :func:`read_remote_checkpoint`, and the local download too, kept until the ``with`` ends: a sharded
     folder's shards are read from it when the checkpoint is applied to a model.
 
     With ``shards_on_demand`` (loading into a model), a sharded folder comes as :class:`RemoteShards`: only its
     ``cairn.pt`` and shard index are downloaded and verified here, and each rank fetches the shard files its own
-    load plan reads when the checkpoint is applied."""
+    load plan reads when the checkpoint is applied. With ``for_resume`` (the caller applies it whole), a single
+    file's optimizer state is copied out while the download is read, as for a local file (:func:`read_checkpoint`)."""
     with downloaded(store, name, progress=progress, whole_folder=not shards_on_demand) as local:
         opened: str | RemoteShards = local
         try:
             if shards_on_demand and os.path.isdir(local):  # a sharded folder: only the files a plan reads are fetched
                 checkpoint, opened = _open_remote_shards(store, name, local, progress=progress)
             else:
-                checkpoint = read_checkpoint(local, chunks=RemoteChunks(store, name))
+                checkpoint = read_checkpoint(local, chunks=RemoteChunks(store, name), for_resume=for_resume)
         except CheckpointCorruptError:
             if keep_damaged is not None:
                 keep_damaged(local)
