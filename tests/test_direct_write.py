@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 from cairn.checkpoint.save import direct
 from cairn.checkpoint.save.commit import write_checkpoint
 from cairn.checkpoint.save.direct import BLOCK_BYTES, STAGING_BYTES, DirectFile
+from cairn.checkpoint.save.snapshot import BufferKind
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="the system has no direct I/O")
 
@@ -73,7 +76,9 @@ def test_a_system_without_direct_io_writes_through_the_page_cache(
     with DirectFile(str(path)) as file:
         assert not file.direct
         file.write(b"x" * (BLOCK_BYTES + 3))
-    assert path.read_bytes() == b"x" * (BLOCK_BYTES + 3)
+        file.write(b"y" * (direct.IN_PLACE_FROM + 5))  # large: written as it lies, after the staged bytes
+        file.write(b"z")
+    assert path.read_bytes() == b"x" * (BLOCK_BYTES + 3) + b"y" * (direct.IN_PLACE_FROM + 5) + b"z"
 
 
 def _resident_pages(path: Path) -> int:
@@ -93,3 +98,40 @@ def test_a_save_leaves_the_file_out_of_the_page_cache(tmp_path: Path) -> None:
     write_checkpoint({"weights": torch.randn(4 * STAGING_BYTES // 4)}, str(path))  # 32 MiB
     pages = -(-path.stat().st_size // mmap.PAGESIZE)
     assert _resident_pages(path) <= pages // 20  # buffered, every page would be cached (and written back)
+
+
+def test_the_environment_can_turn_direct_writes_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(direct.SWITCH, "0")
+    with DirectFile(str(tmp_path / "file")) as file:
+        assert not file.direct
+    monkeypatch.setenv(direct.SWITCH, "sometimes")
+    with pytest.raises(ValueError, match="CAIRN_DIRECT_IO='sometimes' is not understood"):
+        DirectFile(str(tmp_path / "other"))
+
+
+def test_a_large_checkpoint_puts_each_tensor_on_a_block_and_a_small_one_does_not(tmp_path: Path) -> None:
+    """Block-aligned tensors are what lets an async save's page-aligned buffers go to the disk without a copy; a
+    small checkpoint keeps torch's 64-byte alignment (a block of padding per tensor would be most of its size)."""
+    import zipfile
+
+    large = {f"t{i}": BufferKind((direct.ALIGNED_CHECKPOINT_BYTES // 4 // 3 + i,), torch.float32, False).allocate()
+             for i in range(3)}  # fmt: skip
+    for tensor in large.values():
+        assert tensor.data_ptr() % BLOCK_BYTES == 0  # an async save's host buffer starts on a page
+        tensor.normal_()
+    small = {"t": torch.randn(1000), "u": torch.randn(3)}
+    for name, checkpoint, aligned in (("large.pt", large, True), ("small.pt", small, False)):
+        path = tmp_path / name
+        write_checkpoint(checkpoint, str(path))
+        loaded = torch.load(path, weights_only=True, mmap=True)
+        assert all(torch.equal(loaded[key], value) for key, value in checkpoint.items())
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as handle:
+            offsets = [_data_offset(handle, info) for info in archive.infolist() if "/data/" in info.filename]
+        assert all(offset % BLOCK_BYTES == 0 for offset in offsets) == aligned, offsets
+
+
+def _data_offset(handle: Any, info: Any) -> int:
+    """Where a stored zip member's bytes begin: after its local header, name and extra field."""
+    handle.seek(info.header_offset + 26)
+    name_length, extra_length = struct.unpack("<HH", handle.read(4))
+    return info.header_offset + 30 + name_length + extra_length

@@ -40,7 +40,8 @@ from cairn.atomic import (
     temporary_path,
     this_machine,
 )
-from cairn.checkpoint.save.direct import DirectFile
+from cairn.checkpoint.save.direct import DirectFile, storage_alignment
+from cairn.checkpoint.tree import leaves
 from cairn.names import TEMP_MARKER
 
 __all__ = ["STALE_AFTER_S", "atomic_symlink", "remove_stale_temporaries", "write_checkpoint"]
@@ -58,8 +59,10 @@ def write_checkpoint(checkpoint: dict[str, Any], path: str, *, overwrite: bool =
     than the write itself (:mod:`cairn.checkpoint.save.direct`).
     """
 
+    tensor_bytes = sum(leaf.nbytes for _, leaf in leaves(checkpoint) if isinstance(leaf, torch.Tensor))
+
     def save(temporary: str) -> None:
-        with _without_zip_crc(), DirectFile(temporary) as file:
+        with _without_zip_crc(), storage_alignment(tensor_bytes), DirectFile(temporary) as file:
             torch.save(checkpoint, file)
 
     atomic_write(path, save, overwrite=overwrite)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import mmap
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,7 +48,21 @@ class BufferKind(NamedTuple):
         return cls(tuple(tensor.shape), tensor.dtype, tensor.device.type == "cuda")
 
     def allocate(self) -> torch.Tensor:
-        return torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pinned)
+        nbytes = math.prod(self.shape) * self.dtype.itemsize
+        if self.pinned or nbytes < PAGE_ALIGNED_FROM:
+            return torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pinned)  # pinned memory is page-aligned
+        return _page_aligned(nbytes).view(self.dtype).view(self.shape)
+
+
+PAGE_ALIGNED_FROM = 1 << 20
+"""Host buffers of this size or more start on a page boundary, so a direct write (:mod:`~cairn.checkpoint.save.direct`)
+hands them to the disk as they are, without a copy into its staging buffer; smaller ones are not worth a mapping."""
+
+
+def _page_aligned(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of private memory starting on a page boundary (torch's allocator aligns to 64 bytes): an anonymous
+    mapping, kept alive by the tensor that views it and unmapped when the last view is gone."""
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
 
 class SnapshotBuffers:
