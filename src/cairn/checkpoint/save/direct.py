@@ -31,8 +31,6 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-import torch
-import torch.utils.serialization
 
 __all__ = ["BLOCK_BYTES", "STAGING_BYTES", "SWITCH", "DirectFile", "direct_writes_wanted", "storage_alignment"]
 
@@ -113,11 +111,12 @@ class DirectFile:
             size = self.tell()
             if self._filled:
                 tail = self._filled
-                if self.direct:  # a whole block goes out, zero-padded; the file is then cut to its true length
+                padded = self.direct  # a whole block goes out, zero-padded; the file is then cut to its true length
+                if padded:
                     tail = -(-tail // BLOCK_BYTES) * BLOCK_BYTES
                     self._staging[self._filled : tail] = bytes(tail - self._filled)
                 self._drain(tail)
-                if self.direct:
+                if padded:  # even if that write fell back to the page cache: the padding went out all the same
                     os.ftruncate(self._fd, size)
         finally:
             self._release()
@@ -187,10 +186,13 @@ def storage_alignment(tensor_bytes: int) -> Iterator[None]:
     block boundary in the file (torch pads to 64 bytes by default), so that a page-aligned tensor is written from
     where it lies. At most a block of padding per tensor, a small share of a large checkpoint; a small one keeps
     torch's default. ``torch.load`` reads either (the alignment is recorded in the file)."""
-    config = getattr(getattr(torch.utils, "serialization", None), "config", None)
+    try:
+        from torch.utils.serialization import config  # torch >= 2.6
+    except ImportError:
+        config = None
     save = getattr(config, "save", None)
     if tensor_bytes < ALIGNED_CHECKPOINT_BYTES or not _O_DIRECT or not hasattr(save, "storage_alignment"):
-        yield  # torch < 2.6 has no such setting
+        yield  # an older torch has no such setting: its files are written through the staging buffer
         return
     before = save.storage_alignment
     save.storage_alignment = BLOCK_BYTES
