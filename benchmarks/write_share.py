@@ -42,6 +42,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from workload import fsync_path  # noqa: E402 - benchmarks/workload.py
+
 from cairn.checkpoint.save.commit import write_checkpoint  # noqa: E402
 from cairn.checkpoint.save.direct import BLOCK_BYTES, STAGING_BYTES  # noqa: E402
 from cairn.checkpoint.save.snapshot import BufferKind  # noqa: E402
@@ -50,14 +52,6 @@ MIB = 1 << 20
 BASELINE_S = 1.0  # the workload's own rate is measured over this long before each write
 
 Write = Callable[[dict[str, torch.Tensor], str], None]
-
-
-def _fsync(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _byte_views(state: dict[str, torch.Tensor]) -> list[memoryview]:
@@ -92,7 +86,7 @@ def write_direct(state: dict[str, torch.Tensor], path: str) -> None:
 
 def write_torch_save(state: dict[str, torch.Tensor], path: str) -> None:
     torch.save(state, path)
-    _fsync(path)
+    fsync_path(path)
 
 
 def write_cairn(state: dict[str, torch.Tensor], path: str) -> None:
