@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import logging
 import mmap
 import os
@@ -156,6 +155,8 @@ class DirectFile:
             return os.write(self._fd, view)
 
     def _stop_writing_directly(self, err: OSError) -> None:
+        import fcntl  # only where O_DIRECT exists (Linux): Windows has no fcntl module
+
         log.info("%s: the file system refused a direct write (%s); writing through the page cache", self.path, err)
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
