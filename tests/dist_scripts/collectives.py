@@ -6,9 +6,16 @@ Two runs, one after the other in the same process group:
   rank 1 alone (rank 0's no must win everywhere), a saver every 100 batches, and ``save_on_preemption``;
 - ``alike``: the saver every 100 batches alone, no preemption watch.
 
-Every ``torch.distributed`` collective that Python code calls is counted (DDP's gradient reduction runs in C++ and
-is not); rank 0 writes, per run, the collectives made between consecutive batch starts, as JSON, to
-``--out/collectives.json``. No save falls inside those batches: the only save is the run's end.
+With ``--bucket`` (a bucket of the S3 server whose endpoint is ``S3_ENDPOINT_URL``), one more:
+
+- ``uploading``: FSDP with sharded folders saved asynchronously to ``s3://<bucket>/run`` every 4 batches, 15 batches:
+  each folder's shard uploads are in flight for a batch or more after its save;
+
+Every ``torch.distributed`` collective that Python code calls on the training thread is counted (DDP's gradient
+reduction runs in C++ and is not; an async save's background thread shares its outcome over a group of its own, once
+per save, at a moment of its own); rank 0 writes, per run, the collectives made between consecutive batch starts, as
+JSON, to ``--out/collectives.json``, and for ``uploading`` how many folders were in flight at each batch start. In
+``asked`` and ``alike`` no save falls inside those batches: the only save is the run's end.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import functools
 import json
 import os
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -53,18 +61,23 @@ def count_collectives() -> None:
 
         @functools.wraps(original)
         def counted(*args, _name=name, _original=original, **kwargs):
-            CALLS[_name] += 1
+            if threading.current_thread() is threading.main_thread():
+                CALLS[_name] += 1
             return _original(*args, **kwargs)
 
         setattr(dist, name, counted)
 
 
 class CountPerBatch(Callback):
-    def __init__(self) -> None:
+    def __init__(self, saver: CheckpointSaver | None = None) -> None:
         self.snapshots: list[dict[str, int]] = []
+        self.saver = saver
+        self.in_flight: list[int] = []  #: the saver's sharded folders uploading at each batch start
 
     def batch_start(self, state, logger) -> None:
         self.snapshots.append(dict(CALLS))
+        if self.saver is not None and hasattr(self.saver, "upload_notes"):  # not on the code before it
+            self.in_flight.append(len(self.saver.upload_notes().records))
 
     def per_batch(self) -> list[dict[str, int]]:
         pairs = zip(self.snapshots, self.snapshots[1:], strict=False)
@@ -99,12 +112,39 @@ def run(out: str, mode: str) -> list[dict[str, int]]:
     return counter.per_batch()
 
 
+def run_uploading(bucket: str) -> dict[str, list]:
+    """Sharded folders saved asynchronously to the store: the batches while one uploads."""
+    torch.manual_seed(0)
+    counter = CountPerBatch()
+    trainer = Trainer(
+        model=Classifier(TinyNet(), num_classes=3),
+        train_dataloader=DataLoader(make_dataset(n=64), batch_size=4),
+        max_duration="15ba",
+        callbacks=[counter],
+        device="cpu",
+        seed=1,
+        run_name="shards",
+        progress_bar=False,
+        save_folder=f"s3://{bucket}/run",
+        save_interval="4ba",
+        save_async=True,
+        parallelism_config={"fsdp": {"state_dict_type": "sharded"}},
+    )
+    counter.saver = next(c for c in trainer.state.callbacks if isinstance(c, CheckpointSaver))
+    trainer.fit()
+    trainer.close()
+    return {"calls": counter.per_batch(), "in_flight": counter.in_flight[:-1]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--bucket", help="a bucket of the S3 server at S3_ENDPOINT_URL: the sharded runs too")
     args = parser.parse_args()
     count_collectives()
-    found = {mode: run(args.out, mode) for mode in ("asked", "alike")}
+    found: dict[str, object] = {mode: run(args.out, mode) for mode in ("asked", "alike")}
+    if args.bucket:
+        found["uploading"] = run_uploading(args.bucket)
     if int(os.environ.get("RANK", 0)) == 0:
         with open(os.path.join(args.out, "collectives.json"), "w") as file:
             json.dump(found, file)

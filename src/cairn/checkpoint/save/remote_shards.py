@@ -9,10 +9,15 @@ and a run killed half-way leaves at worst a prefix without ``cairn.pt``, which n
 Every rank registers the folder on its training thread when the save is taken, so every rank's list of folders in
 flight is the same, in the same order; each rank's uploads start once the folder is published (at once for a
 synchronous save, from the saver's background thread for an asynchronous one) and are attached to that record. The
-ranks settle at the same later moments (each checkpoint event, and the end of ``fit``), so the one collective that
-compares notes (:func:`~cairn.utils.dist.all_gather_object`) runs on every rank alike and matches folders by
-position; a folder whose uploads have not started on some rank is still pending there. An upload that failed on
-any rank fails the folder on every rank, naming rank and file; the local folder is kept, as with a single file.
+ranks settle at the same later moments (each checkpoint event, and the end of ``fit``) and match folders by position;
+a folder whose uploads have not started on some rank is still pending there. An upload that failed on any rank fails
+the folder on every rank, naming rank and file; the local folder is kept, as with a single file.
+
+At a checkpoint event the ranks compare notes inside the Trainer's one agreement (:mod:`cairn.trainer.agreement`):
+each folder adds three integers to its ``all_reduce(MAX)`` (:class:`UploadNotes`), enough to tell a folder stored
+by every rank from one still uploading or forgotten everywhere. Only when some rank reports a failure do the ranks
+gather their statuses (:func:`~cairn.utils.dist.all_gather_object`), so that every rank raises the same error,
+naming the rank and its reason. At the end of ``fit``, and for a saver no Trainer settles, they gather statuses.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import posixpath
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,10 +39,16 @@ from cairn.utils.dist import all_gather_object, broadcast_object, get_rank, get_
 if TYPE_CHECKING:
     from cairn.core.logger import Logger
 
-__all__ = ["FolderUpload", "ShardedUploads", "own_shard_files"]
+__all__ = ["FolderUpload", "ShardedUploads", "UploadNotes", "own_shard_files"]
 
 _PENDING, _DONE, _DROPPED = "pending", "done", "dropped"
 _NOT_FAILED = (_PENDING, _DONE, _DROPPED)  #: any other status is the failure of one file
+_Verdict = str | tuple[int, str]  #: what the ranks' notes say of a folder: a status above, or (rank, its failure)
+
+#: a folder's slots among the agreement's integers, each the MAX over the ranks: 1 where some rank has not stored
+#: all its shards, where some rank failed, where some rank still knows the folder (has not dropped it)
+_NOT_STORED, _FAILED, _KNOWN = range(3)
+_SLOTS = 3
 
 _SHARD_FILE = re.compile(r"__(0|[1-9][0-9]*)_[0-9]+\.distcp", re.ASCII)  # DCP's name for rank r's shards
 
@@ -84,6 +96,41 @@ class FolderUpload:
                 reason = "cancelled" if upload.cancelled() else str(upload.exception())
                 return f"{name}: {reason}"
         return _DONE if all(upload.done() for _, upload in self.uploads) else _PENDING
+
+
+@dataclass(frozen=True)
+class UploadNotes:
+    """The folders in flight at one moment, with three integers for each (``_NOT_STORED``, ``_FAILED``,
+    ``_KNOWN``): this rank's (:meth:`ShardedUploads.notes`), or the MAX over every rank's once the agreement has
+    reduced them (:meth:`agreed`). Every rank lists the same folders in the same order (registered at the same
+    save, removed by the same settle), so the integers line up across ranks."""
+
+    records: tuple[FolderUpload, ...]
+    slots: tuple[int, ...]
+
+    def agreed(self, slots: Sequence[int]) -> UploadNotes:
+        """The same folders with every rank's integers reduced."""
+        if len(slots) != len(self.slots):
+            raise ValueError(f"{len(slots)} agreed integers for {len(self.records)} folders in flight")
+        return UploadNotes(self.records, tuple(slots))
+
+    def verdicts(self) -> list[_Verdict]:
+        """Per folder, from reduced integers: ``done`` (every rank stored its shards), ``dropped`` (every rank
+        forgot it), else ``pending``. A failure anywhere needs the statuses themselves (:meth:`any_failed`)."""
+        verdicts: list[_Verdict] = []
+        for start in range(0, len(self.slots), _SLOTS):
+            not_stored, known = self.slots[start + _NOT_STORED], self.slots[start + _KNOWN]
+            verdicts.append(_DONE if not not_stored else _DROPPED if not known else _PENDING)
+        return verdicts
+
+    @property
+    def any_failed(self) -> bool:
+        return any(self.slots[_FAILED::_SLOTS])
+
+
+def _slots_of(status: str) -> tuple[int, int, int]:
+    """One rank's integers for a folder of ``status``, ordered as ``_NOT_STORED``, ``_FAILED``, ``_KNOWN``."""
+    return int(status != _DONE), int(status not in _NOT_FAILED), int(status != _DROPPED)
 
 
 class ShardedUploads:
@@ -146,35 +193,61 @@ class ShardedUploads:
         if not record.settled.done():
             record.settled.set_exception(reason)
 
-    def settle(self, logger: Logger, *, wait: bool) -> None:
+    def notes(self) -> UploadNotes:
+        """This rank's notes on the folders in flight now, for the agreement's one collective (every rank, at the
+        same moment before a checkpoint event; no folder in flight gives no integers, and no collective is added)."""
+        with self._lock:
+            records = tuple(self._pending)
+            slots = tuple(slot for record in records for slot in _slots_of(record.status()))
+        return UploadNotes(records, slots)
+
+    def settle(self, logger: Logger, *, wait: bool, agreed: UploadNotes | None = None) -> None:
         """Every rank, at the same moments: compare notes on the folders in flight. A folder whose shards every
         rank has stored gets its ``cairn.pt`` (rank 0, moving the pointer); one that failed anywhere raises on
-        every rank. With ``wait``, this rank's uploads are waited for first (the end of ``fit``, once every
-        background write has finished, so every folder's uploads have started)."""
-        with self._lock:
-            records = list(self._pending)
-            started = [upload for record in records for _, upload in record.uploads or ()]
-        if not records:
-            return
+        every rank. ``agreed`` is every rank's notes, reduced by the agreement before this checkpoint event: no
+        collective runs here unless they report a failure (then the statuses are gathered, for its message).
+        Without them, or with ``wait``, the statuses are gathered. With ``wait``, this rank's uploads are waited for
+        first (the end of ``fit``, once every background write has finished, so every folder's uploads started)."""
+        if agreed is not None and not wait:
+            if not agreed.records:
+                return
+            if not agreed.any_failed:
+                self._conclude(logger, agreed.records, agreed.verdicts())
+                return
+            records = list(agreed.records)  # the folders noted, as on every rank: their failure is gathered
+        else:
+            with self._lock:
+                records = list(self._pending)
+            if not records:
+                return
         if wait:
+            with self._lock:
+                started = [upload for record in records for _, upload in record.uploads or ()]
             cf.wait(started)
         with self._lock:
             mine = [record.status() for record in records]
         statuses = all_gather_object(mine)  # outside the lock: the background may attach uploads meanwhile
-        still: list[FolderUpload] = []
+        verdicts = [_verdict_of([ranks_statuses[index] for ranks_statuses in statuses]) for index in range(len(mine))]
+        self._conclude(logger, records, verdicts)
+
+    def _conclude(self, logger: Logger, records: Sequence[FolderUpload], verdicts: Sequence[_Verdict]) -> None:
+        """Act on what every rank's notes say, the same on every rank: finish the folders stored everywhere,
+        forget those dropped everywhere, fail those that failed anywhere (raising the first failure); the rest,
+        and folders registered since the notes were taken, stay in flight."""
+        concluded: set[int] = set()
         failure: ObjectStoreError | None = None
-        for index, record in enumerate(records):
-            column = [ranks_statuses[index] for ranks_statuses in statuses]
-            failed = [(rank, status) for rank, status in enumerate(column) if status not in _NOT_FAILED]
-            if failed:
-                failure = failure or _folder_failed(record, *failed[0])
-                record.settled.set_exception(failure)
-            elif all(status == _DONE for status in column):
+        for record, verdict in zip(records, verdicts, strict=True):
+            if verdict == _PENDING:
+                continue
+            concluded.add(id(record))
+            if isinstance(verdict, tuple):
+                failure = failure or _folder_failed(record, *verdict)
+                if not record.settled.done():  # a folder this rank dropped has its own reason already
+                    record.settled.set_exception(failure)
+            elif verdict == _DONE:
                 self._finish(logger, record)
-            elif not all(status == _DROPPED for status in column):  # dropped on every rank alike: forgotten
-                still.append(record)
         with self._lock:
-            self._pending = still
+            self._pending = [record for record in self._pending if id(record) not in concluded]
         if failure is not None:
             raise failure
 
@@ -232,6 +305,17 @@ def _settle_when_done(settled: cf.Future[str], uploads: list[cf.Future[str]], re
 
     for upload in uploads:
         upload.add_done_callback(done)
+
+
+def _verdict_of(column: Sequence[str]) -> _Verdict:
+    """What every rank's status of one folder says: its first failed rank and why, ``done`` where every rank
+    stored its shards, ``dropped`` where every rank forgot it, else ``pending``."""
+    failed = [(rank, status) for rank, status in enumerate(column) if status not in _NOT_FAILED]
+    if failed:
+        return failed[0]
+    if all(status == _DONE for status in column):
+        return _DONE
+    return _DROPPED if all(status == _DROPPED for status in column) else _PENDING
 
 
 def _folder_failed(record: FolderUpload, rank: int, status: str) -> ObjectStoreError:

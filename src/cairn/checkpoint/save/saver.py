@@ -27,7 +27,7 @@ from cairn.checkpoint.save.content import recording_metrics
 from cairn.checkpoint.save.policy import is_last_checkpoint_event, save_policy
 from cairn.checkpoint.save.remote_chunks import StoreChunks
 from cairn.checkpoint.save.remote_retention import StoreRetention, StoreScope
-from cairn.checkpoint.save.remote_shards import FolderUpload, ShardedUploads
+from cairn.checkpoint.save.remote_shards import FolderUpload, ShardedUploads, UploadNotes
 from cairn.checkpoint.save.retention import (
     RecordCache,
     RetentionCandidate,
@@ -173,7 +173,8 @@ class CheckpointSaver(Callback):
         self._background = BackgroundSaves()
         self._writer: Writer | None = None  # built at the first save, when the state says which format
         self._sharded_uploads = ShardedUploads()
-        self._agreed: dict[tuple[Event, int], bool] = {}  # (event, batch) -> agreed "save now?", until it runs
+        # (event, batch) -> the agreed "save now?" and every rank's notes on the folders uploading, until it runs
+        self._agreed: dict[tuple[Event, int], tuple[bool, UploadNotes | None]] = {}
 
     @property
     def retention(self) -> RetentionRules:
@@ -285,9 +286,10 @@ class CheckpointSaver(Callback):
             self._close_writer()
 
     def _maybe_save(self, state: State, logger: Logger, event: Event) -> None:
-        self._sharded_uploads.settle(logger, wait=False)  # every rank: folders whose shards are all stored finish
+        due, uploads = self._agreed.pop((event, int(state.timestamp.batch)), (None, None))
+        # every rank: folders whose shards are all stored finish (gathering notes itself when nothing was agreed)
+        self._sharded_uploads.settle(logger, wait=False, agreed=uploads)
         self._forget_uploaded()
-        due = self._agreed.pop((event, int(state.timestamp.batch)), None)
         if due is None:  # not settled by a Trainer before the event (a saver driven by hand): rank 0 decides
             due = broadcast_object(self.wants_to_save(state, event))
         if due:
@@ -305,10 +307,16 @@ class CheckpointSaver(Callback):
         counted_alike = state.max_duration.unit in (TimeUnit.EPOCH, TimeUnit.BATCH)
         return counted_alike and same_on_every_rank(self.policy, state)
 
-    def agree(self, state: State, event: Event, due: bool) -> None:
+    def upload_notes(self) -> UploadNotes:
+        """This rank's notes on the sharded folders still uploading, which the agreement compares in its one
+        collective (none when no folder is in flight, the same on every rank)."""
+        return self._sharded_uploads.notes()
+
+    def agree(self, state: State, event: Event, due: bool, uploads: UploadNotes | None = None) -> None:
         """What every rank agreed on for this event (:func:`cairn.trainer.agreement.settle_checkpoint_event`),
-        before it runs: the saver then asks nobody."""
-        self._agreed = {(event, int(state.timestamp.batch)): due}
+        before it runs: whether to save, and every rank's :meth:`upload_notes` reduced; the saver then asks
+        nobody (without ``uploads`` it compares upload notes itself)."""
+        self._agreed = {(event, int(state.timestamp.batch)): (due, uploads)}
 
     # -- saving -----------------------------------------------------------------------------------------------
 
