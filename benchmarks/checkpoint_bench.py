@@ -13,7 +13,8 @@ Every figure is the median of ``--runs`` runs. Reads start from the disk, not fr
 its pages dropped from the page cache first. "extra RSS" is the peak resident memory during the operation minus
 what the process held when it began, counting anonymous memory only (``RssAnon``): pages of a memory-mapped file
 are page cache, which any read fills and the kernel reclaims. Lightning and Composer run in their own virtualenvs
-under ``benchmarks/.peers/`` (created on first use), never as dependencies of cairn.
+under ``benchmarks/.peers/`` (created on first use), never as dependencies of cairn. cairn's resume runs alternate
+with Lightning's, one each, so both are timed at the same moments of the machine (``_resumes``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -243,9 +245,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = _round_robin(contenders, runs)
     rows[3].note = f"background write done after {sorted(async_totals)[len(async_totals) // 2]:.2f}s"
     incremental.annotate(rows)
-    rows.append(Row("cairn resume to first step", "read", _resume_to_first_step(args, device, cairn_file, runs)))
+    cairn_resume, peers = _resumes(args, device, cairn_file, scratch, runs)
+    rows.append(Row("cairn resume to first step", "read", cairn_resume))
 
-    peers = {} if args.no_peers else _run_peers(args, scratch)
     for name, result in peers.items():
         rows.append(Row(f"{name} save", "write", _as_measurement(result["save"]), note=result.get("version", "")))
         rows.append(Row(f"{name} resume to first step", "read", _as_measurement(result["resume"])))
@@ -294,8 +296,8 @@ def _resume_only(
     next(c for c in contenders if c.name.startswith("torch.save")).action()
     sync_saver.save(state)
     rows = _round_robin([c for c in contenders if c.kind == "read"], args.runs)
-    rows.append(Row("cairn resume to first step", "read", _resume_to_first_step(args, device, cairn_file, args.runs)))
-    peers = {} if args.no_peers else _run_peers(args, Path(args.dir))
+    cairn_resume_runs, peers = _resumes(args, device, cairn_file, Path(args.dir), args.runs)
+    rows.append(Row("cairn resume to first step", "read", cairn_resume_runs))
     for name, result in peers.items():
         rows.append(Row(f"{name} resume to first step", "read", _as_measurement(result["resume"])))
     time_of = {row.name: row.result.median_s for row in rows}
@@ -453,62 +455,122 @@ def _round_robin(contenders: list[_Contender], runs: int) -> list[Row]:
     return [Row(c.name, c.kind, results[c.name]) for c in contenders]
 
 
-def _resume_to_first_step(args: argparse.Namespace, device: torch.device, path: str, runs: int) -> Measurement:
-    """A new run from the checkpoint, timed from the Trainer's construction (the model is built before) to the end
-    of its first training step."""
-    result = Measurement()
+def _resume_once(args: argparse.Namespace, device: torch.device, path: str, result: Measurement) -> None:
+    """One new run from the checkpoint, timed from the Trainer's construction (the model is built before) to the
+    end of its first training step, added to ``result``."""
+    gc.collect()  # untimed, as the peer drivers do: the last run's trainer (its cycles) is freed here, not below
+    evict_from_page_cache(path)
+    net = build_model(args.size_gib)
+    with peak_rss() as memory:
+        started = time.perf_counter()
+        trainer = Trainer(
+            model=Regression(net),
+            train_dataloader=_loader(device),
+            max_duration="2ba",
+            optimizers=torch.optim.AdamW(net.parameters(), lr=1e-3),
+            device=device.type,
+            progress_bar=False,
+            load_path=path,
+        )
+        trainer.fit()
+        result.seconds.append(time.perf_counter() - started)
+    result.extra_rss.append(memory.extra)
+    trainer.close()
+    del trainer, net
+
+
+# The peer drivers that accept --take-turns (benchmarks/peers/driver_common.py ``taking_turns``); the others run
+# whole after cairn's resumes, as before.
+_TAKES_TURNS = frozenset({"lightning"})
+
+
+def _resumes(
+    args: argparse.Namespace, device: torch.device, path: str, scratch: Path, runs: int
+) -> tuple[Measurement, dict[str, dict[str, Any]]]:
+    """cairn's resume runs and every peer's figures (their saves and resumes).
+
+    A peer that takes turns has its saves done first, then its resume runs alternate with cairn's, one each: both
+    are timed at the same moments of the machine (on a shared machine, minutes apart is another machine). Each
+    side builds its model, frees the last run's trainer and evicts its file untimed, and nothing of the other
+    side runs while one is timed. cairn's runs are in this long-lived process, the peer's in its driver, which has
+    saved before it resumes: neither starts fresh."""
+    names = [] if args.no_peers else args.peers.split(",")
+    turns = [_Peer(args, name, scratch, take_turns=True) for name in names if name in _TAKES_TURNS]
+    cairn = Measurement()
     for _ in range(runs):
-        gc.collect()  # untimed, as the peer drivers do: the last run's trainer (its cycles) is freed here, not below
-        evict_from_page_cache(path)
-        net = build_model(args.size_gib)
-        with peak_rss() as memory:
-            started = time.perf_counter()
-            trainer = Trainer(
-                model=Regression(net),
-                train_dataloader=_loader(device),
-                max_duration="2ba",
-                optimizers=torch.optim.AdamW(net.parameters(), lr=1e-3),
-                device=device.type,
-                progress_bar=False,
-                load_path=path,
-            )
-            trainer.fit()
-            result.seconds.append(time.perf_counter() - started)
-        result.extra_rss.append(memory.extra)
-        trainer.close()
-        del trainer, net
-    return result
+        _resume_once(args, device, path, cairn)
+        for peer in turns:
+            peer.take_turn()
+    results = {peer.name: peer.finish() for peer in turns}
+    for name in names:
+        if name not in _TAKES_TURNS:
+            results[name] = _Peer(args, name, scratch, take_turns=False).finish()
+    return cairn, {name: result for name, result in results.items() if result is not None}
 
 
-def _run_peers(args: argparse.Namespace, scratch: Path) -> dict[str, dict[str, Any]]:
-    sys.path.insert(0, str(HERE / "peers"))
-    from setup import ensure_peer  # benchmarks/peers/setup.py
+class _Peer:
+    """A peer's driver, in its own venv and process; its figures are its last line of output (one JSON object)."""
 
-    results = {}
-    for name in args.peers.split(","):
+    def __init__(self, args: argparse.Namespace, name: str, scratch: Path, *, take_turns: bool) -> None:
+        sys.path.insert(0, str(HERE / "peers"))
+        from setup import ensure_peer  # benchmarks/peers/setup.py
+
         python = ensure_peer(name, log=lambda message: print(message, file=sys.stderr))
         driver = HERE / "peers" / f"{name}_driver.py"
-        folder = scratch / name
-        command = [
-            python,
-            str(driver),
-            "--size-gib",
-            str(args.size_gib),
-            "--runs",
-            str(args.runs),
-            "--dir",
-            str(folder),
-        ]
+        command = [python, str(driver), "--size-gib", str(args.size_gib), "--runs", str(args.runs)]
+        command += ["--dir", str(scratch / name)] + (["--take-turns"] if take_turns else [])
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
+        self.name = name
+        self._stderr = tempfile.TemporaryFile("w+")  # banners and warnings: read only if the driver fails
+        self._process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE if take_turns else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        self._result: dict[str, Any] | None = None
+        self._ready = take_turns and self._next_word()  # its saves done, waiting for its first resume
+
+    def _next_word(self) -> bool:
+        """Read the driver's output up to its next ``ready`` (True) or its figures (False: it is done)."""
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            if line.strip() == "ready":
+                return True
+            if line.startswith("{"):
+                self._result = json.loads(line)
+                return False
+        return False
+
+    def take_turn(self) -> None:
+        """Let the driver prepare and time one resume; return once it is done with it."""
+        if not self._ready:
+            return
+        assert self._process.stdin is not None
+        try:
+            self._process.stdin.write("go\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            self._ready = False
+            return
+        self._ready = self._next_word()
+
+    def finish(self) -> dict[str, Any] | None:
+        """The driver's figures, or None (and its error shown) if it failed."""
+        if self._process.stdin is not None:
+            self._process.stdin.close()  # a driver still waiting for its turn stops
+        if self._result is None:
+            self._next_word()
+        returncode = self._process.wait()
+        if returncode != 0 or self._result is None:
+            self._stderr.seek(0)
             print(
-                f"{name} failed (exit {done.returncode}); its figures are left out:\n{done.stderr[-2000:]}",
+                f"{self.name} failed (exit {returncode}); its figures are left out:\n{self._stderr.read()[-2000:]}",
                 file=sys.stderr,
             )
-            continue
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    return results
+            return None
+        return self._result
 
 
 def _as_measurement(data: dict[str, Any]) -> Measurement:

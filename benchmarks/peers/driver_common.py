@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -36,7 +37,33 @@ def parse_args(tool: str) -> argparse.Namespace:
     parser.add_argument("--size-gib", type=float, default=1.0, help="parameters plus AdamW moments, in GiB")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--dir", required=True, help="scratch folder (its checkpoint file is deleted at the end)")
+    parser.add_argument(
+        "--take-turns",
+        action="store_true",
+        help="before each timed resume, print 'ready' and wait for 'go' on stdin (the bench times its own between)",
+    )
     return parser.parse_args()
+
+
+Turns = Callable[[Callable[[], object]], Callable[[], None]]  # taking_turns with the stream and flag bound
+
+
+def taking_turns(before: Callable[[], object], out: TextIO, *, enabled: bool) -> Callable[[], None]:
+    """(With ``--take-turns``) wait for the bench's word, then ``before``: the bench runs one resume of its own
+    between two of the driver's, so both are timed at the same moments of a busy machine, not minutes apart.
+    The wait is untimed and comes first, so that each side prepares (frees the last run, builds its model, evicts
+    its file) just before its own timed run, as without turns; nothing of the driver's runs while the bench's
+    resume is timed."""
+
+    def wait_then_prepare() -> None:
+        if enabled:
+            out.write("ready\n")
+            out.flush()
+            if sys.stdin.readline().strip() != "go":
+                raise SystemExit("the bench stopped taking turns")
+        before()
+
+    return wait_then_prepare
 
 
 def log(message: str) -> None:

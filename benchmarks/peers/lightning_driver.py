@@ -8,6 +8,7 @@ Lightning's normal resume route, timed until one more optimizer step is done.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 from typing import Any
@@ -77,8 +78,11 @@ def measure_save(size_gib: float, runs: int, folder: str, path: str) -> tuple[wo
     return saved, trainer.global_step, state_bytes
 
 
-def measure_resume(size_gib: float, runs: int, folder: str, path: str, saved_step: int) -> workload.Measurement:
-    """Time resume-to-first-step: a fresh model and Trainer are built untimed, the file evicted untimed."""
+def measure_resume(
+    size_gib: float, runs: int, folder: str, path: str, saved_step: int, turns: common.Turns
+) -> workload.Measurement:
+    """Time resume-to-first-step: a fresh model and Trainer are built untimed, the file evicted untimed (and, with
+    ``--take-turns``, the bench's word awaited untimed)."""
     fresh: dict[str, Any] = {}
 
     def prepare() -> None:
@@ -94,7 +98,7 @@ def measure_resume(size_gib: float, runs: int, folder: str, path: str, saved_ste
         if again.global_step != saved_step + 1 or adam_step(again) != saved_step + 1:
             raise AssertionError(f"resume ended at step {again.global_step}, AdamW step {adam_step(again)}")
 
-    resumed = workload.measure(resume, runs, before=prepare)
+    resumed = workload.measure(resume, runs, before=turns(prepare))
     common.log(f"{TOOL}: resume s {resumed.seconds}")
     return resumed
 
@@ -106,7 +110,8 @@ def main() -> None:
     path = os.path.join(args.dir, "lightning.ckpt")
     saved, saved_step, state_bytes = measure_save(args.size_gib, args.runs, args.dir, path)
     gc.collect()
-    resumed = measure_resume(args.size_gib, args.runs, args.dir, path, saved_step)
+    turns = functools.partial(common.taking_turns, out=out, enabled=args.take_turns)
+    resumed = measure_resume(args.size_gib, args.runs, args.dir, path, saved_step, turns)
     common.remove(path)
 
     common.emit(
@@ -121,7 +126,8 @@ def main() -> None:
             "buffer, then writes one .ckpt file) + fsync of the file and its folder. resume: a fresh model and "
             "Trainer(max_steps=saved+1) built untimed, file evicted from the page cache untimed, then timed "
             "Trainer.fit(model, loader, ckpt_path=path) until its one more step ends (in the process that saved, "
-            "imports warm). CPU, fp32, no logger/progress bar/summary/validation/sanity check."
+            "imports warm; with --take-turns, each run follows one of the bench's own resumes). CPU, fp32, no "
+            "logger/progress bar/summary/validation/sanity check."
         ),
     )
 
