@@ -99,7 +99,8 @@ class Announce(Callback):
 
 
 class StallingFile:
-    """Passes writes through; once past STALL_AFTER_BYTES, flushes what it has and stalls."""
+    """Passes writes through to cairn's file; once past STALL_AFTER_BYTES, flushes what it has and stalls (what
+    reached the temporary by then is whatever whole blocks the direct write has put there)."""
 
     def __init__(self, file: Any) -> None:
         self.file = file
@@ -115,7 +116,7 @@ class StallingFile:
         self.file.write(view[:head])
         self.file.flush()
         self.stalled = True
-        stall(f"write {self.file.name} {STALL_AFTER_BYTES}")
+        stall(f"write {self.file.path} {STALL_AFTER_BYTES}")
         self.file.write(view[head:])
         self.written += len(view)
         return len(view)
@@ -130,9 +131,8 @@ def instrument(stage: str, save_number: int) -> None:
 
     def save(obj: Any, file: Any, *args: Any, **kwargs: Any) -> None:
         saves["count"] += 1
-        if stage == "write" and saves["count"] == save_number:
-            with open(file, "wb") as opened:  # cairn hands torch.save the temporary file's path
-                real_save(obj, StallingFile(opened), *args, **kwargs)
+        if stage == "write" and saves["count"] == save_number:  # cairn hands torch.save the temporary's DirectFile
+            real_save(obj, StallingFile(file), *args, **kwargs)
             return
         real_save(obj, file, *args, **kwargs)
 
