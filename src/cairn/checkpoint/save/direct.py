@@ -93,11 +93,9 @@ class DirectFile:
         done = 0
         while done < length:
             piece = source[done : done + min(length - done, IN_PLACE_PIECE_BYTES)]
-            written = self._write_out(piece)
-            if written != len(piece):
-                raise OSError(errno.ENOSPC, f"only {written} of {len(piece)} bytes could be written", self.path)
-            done += written
-            self._written += written
+            self._write_out(piece)
+            done += len(piece)
+            self._written += len(piece)
         return done
 
     def flush(self) -> None:
@@ -136,23 +134,24 @@ class DirectFile:
         accepted the flag at open but not the I/O) is written through the page cache from then on."""
         view = memoryview(self._staging)[:length]
         try:
-            written = self._write_out(view)
+            self._write_out(view)
         finally:
             view.release()
-        if written != length:  # a direct write is all or nothing; a short one means the disk is full
-            raise OSError(errno.ENOSPC, f"only {written} of {length} bytes could be written", self.path)
-        self._written += min(written, self._filled)
+        self._written += min(length, self._filled)  # a padded tail counts only its own bytes
         self._filled = 0
 
-    def _write_out(self, view: memoryview) -> int:
-        """One ``write`` call at the file's end."""
+    def _write_out(self, view: memoryview) -> None:
+        """All of ``view`` at the file's end, in one ``write`` call: a direct write is all or nothing, so a short one
+        means the disk is full."""
         try:
-            return os.write(self._fd, view)
+            written = os.write(self._fd, view)
         except OSError as err:
             if not (self.direct and err.errno == errno.EINVAL):
                 raise
             self._stop_writing_directly(err)
-            return os.write(self._fd, view)
+            written = os.write(self._fd, view)
+        if written != len(view):
+            raise OSError(errno.ENOSPC, f"only {written} of {len(view)} bytes could be written", self.path)
 
     def _stop_writing_directly(self, err: OSError) -> None:
         import fcntl  # only where O_DIRECT exists (Linux): Windows has no fcntl module
