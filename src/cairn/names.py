@@ -11,7 +11,9 @@ __all__ = [
     "DAMAGED_MARKER",
     "EPOCH_START_GENERATORS",
     "EPOCH_START_RNG",
+    "EPOCH_SPLIT",
     "GENERATORS",
+    "LOADER_STATES",
     "METADATA_FILE",
     "POINTER_SUFFIX",
     "SHARD_INDEX_FILE",
@@ -45,3 +47,9 @@ EPOCH_START_RNG = "epoch_start_rng"
 EPOCH_START_GENERATORS = "epoch_start_generators"
 #: the loader's own generators now, mid-epoch
 GENERATORS = "generators"
+#: each rank's data-loader state (a list by rank: what its stateful loader, dataset or sampler returned), from which a
+#: resumed run continues mid-epoch without replaying batches
+LOADER_STATES = "loader_states"
+#: how the epoch's samples were split between ranks, recorded at its start: a run resumed mid-epoch on another number
+#: of ranks works out from it which samples are left and hands each out once
+EPOCH_SPLIT = "epoch_split"

@@ -154,7 +154,10 @@ def shard_dataloader(loader: Any, seed: int) -> Any:
         return loader
     shuffle = isinstance(loader.sampler, RandomSampler)
     sampler = DistributedSampler(loader.dataset, shuffle=shuffle, seed=seed, drop_last=loader.drop_last)
-    return DataLoader(
+    # a loader that keeps its own state (torchdata's StatefulDataLoader) stays one: the rebuilt loader is of its class
+    kind = type(loader) if callable(getattr(loader, "state_dict", None)) else DataLoader
+    extra = {"snapshot_every_n_steps": loader.snapshot_every_n_steps} if hasattr(loader, "snapshot_every_n_steps") else {}
+    return kind(
         loader.dataset,
         batch_size=loader.batch_size,
         sampler=sampler,
@@ -165,4 +168,5 @@ def shard_dataloader(loader: Any, seed: int) -> Any:
         timeout=loader.timeout,
         worker_init_fn=loader.worker_init_fn,
         persistent_workers=loader.persistent_workers,
+        **extra,
     )

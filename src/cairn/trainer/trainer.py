@@ -64,6 +64,7 @@ _FLAGS = (  # the yes/no arguments, checked in this order
     "load_weights_only",
     "load_strict_model_weights",
     "load_progress_bar",
+    "load_at_epoch_boundary",
     "autoresume",
     "save_on_preemption",
 )
@@ -122,6 +123,7 @@ class Trainer:
         load_strict_model_weights: bool = True,
         load_ignore_keys: Sequence[str] | None = None,
         load_progress_bar: bool = True,
+        load_at_epoch_boundary: bool = False,
         autoresume: bool = False,
         # stopping cleanly (docs/checkpointing.md#preemption)
         save_on_preemption: bool = False,
@@ -154,7 +156,12 @@ class Trainer:
             self.engine = Engine(self.state, self.logger)
             self.engine.run_event(Event.INIT)
             restore(self.state, saver=saver, destinations=destinations, **_loading_keywords(args))
-            restore_loader_position(train_dataloader, self.state)
+            self._resume_point = restore_loader_position(
+                train_dataloader, self.state, at_epoch_boundary=args.load_at_epoch_boundary
+            )
+            if self._resume_point is not None and self._resume_point.epoch_length is not None:
+                self.state.dataloader_len = self._resume_point.epoch_length  # the re-split epoch's, on these ranks
+            self._show_replay = args.progress_bar and get_rank() == 0
             self.logger.log_hyperparameters(self._hyperparameters())
 
     @contextlib.contextmanager
@@ -305,7 +312,8 @@ class Trainer:
         self._check_preemption()  # before the iterator draws the epoch's shuffle: a signal in EPOCH_START stops here
         if state.is_epoch_exhausted():
             return  # resumed from the last batch of an epoch: only its end remains
-        iterator = epoch_iterator(state.train_dataloader, state)
+        iterator = epoch_iterator(state.train_dataloader, state, self._resume_point, show_progress=self._show_replay)
+        self._resume_point = None  # the first epoch only
         while not state.is_epoch_exhausted():
             self.engine.run_event(Event.BEFORE_DATALOADER)
             try:
@@ -389,6 +397,7 @@ class Trainer:
         if state.train_metrics:
             self.logger.log_metrics(_computed("metrics/train/", state.train_metrics))
         state.advance(state.timestamp.to_next_epoch())
+        state.dataloader_len = _len_or_none(state.train_dataloader)  # a re-split epoch's length was its own
         self.engine.run_event(Event.EPOCH_END)
         if self._eval_due(state, Event.EPOCH_END):
             self._evaluate()

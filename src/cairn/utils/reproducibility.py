@@ -8,11 +8,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 __all__ = [
     "MAX_SEED",
     "check_generator_states",
     "check_rng_state",
+    "joining_rank_seed",
     "load_rng_state",
     "make_seed",
     "rank_seed",
@@ -31,6 +33,14 @@ def make_seed() -> int:
 def rank_seed(rank_zero_seed: int, rank: int) -> int:
     """Each rank's own seed, so ranks draw different dropout masks from one run seed."""
     return (rank_zero_seed + rank) % (MAX_SEED + 1)
+
+
+def joining_rank_seed(rank_zero_seed: int, batch: int, rank: int) -> int:
+    """The seed of a rank that joins a resumed run its checkpoint has no random state for (the run was saved on
+    fewer ranks): its own (never rank 0's, whose dropout masks it would repeat), and the same each time that
+    checkpoint is resumed, as it mixes in where the run stands rather than the clock."""
+    mixed = xxhash.xxh64_intdigest(f"cairn-joining-rank|{rank_zero_seed}|{batch}|{rank}".encode())
+    return mixed % (MAX_SEED + 1)
 
 
 def seed_all(seed: int) -> None:

@@ -34,9 +34,15 @@ from cairn.errors import (
     CheckpointNotFoundError,
     UnsafeCheckpointError,
 )
-from cairn.names import EPOCH_START_GENERATORS, EPOCH_START_RNG, GENERATORS, METADATA_FILE
+from cairn.names import EPOCH_SPLIT, EPOCH_START_GENERATORS, EPOCH_START_RNG, GENERATORS, LOADER_STATES, METADATA_FILE
 from cairn.utils.dist import get_rank
-from cairn.utils.reproducibility import check_generator_states, check_rng_state, load_rng_state
+from cairn.utils.reproducibility import (
+    check_generator_states,
+    check_rng_state,
+    joining_rank_seed,
+    load_rng_state,
+    seed_all,
+)
 from cairn.utils.text import printable
 
 if TYPE_CHECKING:
@@ -316,10 +322,21 @@ def apply_checkpoint(
         state.load_state_dict(saved, strict=strict)
     except Exception as err:  # noqa: BLE001 - the checks above should leave none; if one slips through, say so plainly
         raise CheckpointCorruptError(f"{source!r} holds state cairn cannot restore ({err}); load another") from err
-    ranks = checkpoint.get("rng") or []
-    if ranks:
-        load_rng_state(ranks[get_rank()] if get_rank() < len(ranks) else ranks[0])
+    _restore_rng(checkpoint.get("rng") or [], state)
     state.resumed_from = source
+
+
+def _restore_rng(ranks: list[Any], state: State) -> None:
+    """This rank's saved generators; a rank the checkpoint has none for (it was saved on fewer ranks) is seeded
+    afresh, from the run's seed, its position and its rank, so no two ranks draw the same numbers."""
+    if not ranks:
+        return
+    rank = get_rank()
+    if rank < len(ranks):
+        load_rng_state(ranks[rank])
+        return
+    seed_all(joining_rank_seed(state.rank_zero_seed, int(state.timestamp.batch), rank))
+    log.info("rank %d was not in the run that saved this checkpoint: its generators are seeded afresh", rank)
 
 
 def _check_restorable(saved: dict[str, Any], ranks: list[Any], source: str) -> None:
@@ -333,6 +350,9 @@ def _check_restorable(saved: dict[str, Any], ranks: list[Any], source: str) -> N
             check_rng_state(position[EPOCH_START_RNG])
         for key in (EPOCH_START_GENERATORS, GENERATORS):  # the data loader's own generators (trainer.dataloader)
             check_generator_states(position.get(key, {}))
+        loaders = position.get(LOADER_STATES, [])  # each rank's loader state, or None; trainer.dataloader reads them
+        _require(isinstance(loaders, list) and all(v is None or isinstance(v, dict) for v in loaders), "loader states")
+        _require(isinstance(position.get(EPOCH_SPLIT, {}), dict), "the epoch's split must be a dict")
     except (TypeError, ValueError) as err:
         raise CheckpointCorruptError(f"{source!r} holds malformed state ({err}); load another checkpoint") from None
 

@@ -20,8 +20,10 @@ import torch
 
 from cairn.checkpoint.format import FORMAT_VERSION, content_hash, drop_keys
 from cairn.checkpoint.tree import map_tensors, overlaps
+from cairn.core.loader_state import loader_state
 from cairn.core.model_state import model_state, model_weights_module
 from cairn.core.state import State, class_keys
+from cairn.names import LOADER_STATES
 from cairn.utils.dist import all_gather_object, get_world_size
 from cairn.utils.reproducibility import rng_state
 from cairn.version import __version__
@@ -69,7 +71,9 @@ def collect_checkpoint(
     if weights_only:
         checkpoint: dict[str, Any] = {"state": {} if sharded else {"model": model_state(state.model)}}
     else:
-        checkpoint = {"state": state.state_dict(tensors=not sharded), "rng": all_gather_object(rng_state())}
+        per_rank = all_gather_object((rng_state(), loader_state(state.train_dataloader)))  # one gather for both
+        checkpoint = {"state": state.state_dict(tensors=not sharded), "rng": [rng for rng, _ in per_rank]}
+        _add_loader_states(checkpoint, [loader for _, loader in per_rank])
     checkpoint = drop_keys(checkpoint, ignore_keys)
     checkpoint["state"]["metadata"] = {**_metadata(get_world_size(), weights_only), "sharded": sharded}
     checkpoint["state"]["metadata"]["progress"] = _progress(state)
@@ -79,6 +83,14 @@ def collect_checkpoint(
     if not weights_only:
         checkpoint["state"]["metadata"]["parameter_names"] = parameter_names(state)
     return checkpoint
+
+
+def _add_loader_states(checkpoint: dict[str, Any], states: list[dict[str, Any] | None]) -> None:
+    """Every rank's data-loader state, by rank, beside the position the Trainer keeps in ``dataset_state``: a
+    resumed run continues each rank's loader from it instead of replaying batches (:mod:`cairn.core.loader_state`)."""
+    if any(state is not None for state in states):
+        position = checkpoint["state"].get("dataset_state", {})
+        checkpoint["state"]["dataset_state"] = {**position, LOADER_STATES: states}
 
 
 def parameter_names(state: State) -> dict[str, list[str]]:
