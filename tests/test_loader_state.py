@@ -95,30 +95,6 @@ class LoggedStream(IterableDataset):
         self.yielded = state["yielded"]
 
 
-class RotatingStream(LoggedStream):
-    """Starts each epoch one sample further on: its order depends on how many epochs it has seen, state that
-    outlives an epoch."""
-
-    def __init__(self, log_file: Path) -> None:
-        super().__init__(log_file)
-        self.epochs = 0
-
-    def __iter__(self) -> Any:
-        while self.yielded < SAMPLES:
-            index = (self.yielded + self.epochs) % SAMPLES
-            self.yielded += 1
-            _note_read(self.log_file, index)
-            yield self.inner[index]
-        self.yielded = 0
-        self.epochs += 1
-
-    def state_dict(self) -> dict[str, int]:
-        return {"yielded": self.yielded, "epochs": self.epochs}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.yielded, self.epochs = state["yielded"], state["epochs"]
-
-
 class UnplainStream(LoggedStream):
     def state_dict(self) -> dict[str, Any]:
         return {"yielded": self.yielded, "opened": open}  # a function: torch.load(weights_only=True) refuses it
@@ -193,15 +169,6 @@ def test_a_stateful_dataloader_resumed_at_an_epoch_boundary_shuffles_the_next_ep
     assert len(reads) == SAMPLES
 
 
-def test_a_datasets_state_saved_at_an_epochs_end_carries_into_the_next_epoch(tmp_path: Path) -> None:
-    def loader(log_file: Path) -> DataLoader:
-        return DataLoader(RotatingStream(log_file), batch_size=BATCH)
-
-    whole, resumed, reads = _stopped_and_resumed(loader, tmp_path, stop_at=SAMPLES // BATCH)
-    _assert_same_weights(whole, resumed)
-    assert reads[0] == 1  # the second epoch starts one sample on, as it did in the run never stopped
-
-
 def test_an_iterable_dataset_with_state_resumes_in_a_stateful_dataloader_with_workers(tmp_path: Path) -> None:
     def loader(log_file: Path) -> StatefulDataLoader:
         return StatefulDataLoader(LoggedStream(log_file), batch_size=BATCH, num_workers=2)
@@ -274,7 +241,8 @@ def test_a_checkpoint_of_a_stateful_loader_refuses_a_loader_of_another_kind_when
 
 def test_a_loader_state_that_is_not_plain_data_is_refused_at_the_first_save(tmp_path: Path) -> None:
     trainer = _trainer(DataLoader(UnplainStream(tmp_path / "a.log"), batch_size=BATCH), tmp_path / "ckpt")
-    with pytest.raises(TypeError, match=r"train_dataloader's dataset.state_dict\(\) holds a builtin_function"):
+    refusal = r"train_dataloader's dataset.state_dict\(\) holds a value of type builtin_function"
+    with pytest.raises(TypeError, match=refusal):
         trainer.fit()
     trainer.close()
     assert not (tmp_path / "ckpt" / "latest-rank0.pt").exists()

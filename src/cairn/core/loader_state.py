@@ -119,7 +119,7 @@ def _check_plain(value: Any, where: str) -> None:
                     raise TypeError(f"{where} has a {type(key).__name__} key at {path or '/'!r}; {_PLAIN_ADVICE}")
                 pending.append((f"{path}/{key}", child, depth + 1))
         elif not isinstance(item, _PLAIN_LEAVES) or (isinstance(item, torch.Tensor) and type(item) is not torch.Tensor):
-            raise TypeError(f"{where} holds a {type(item).__name__} at {path or '/'!r}; {_PLAIN_ADVICE}")
+            raise TypeError(f"{where} holds a value of type {type(item).__name__} at {path or '/'!r}; {_PLAIN_ADVICE}")
 
 
 _PLAIN_ADVICE = (

@@ -62,8 +62,6 @@ def epoch_iterator(
     _set_sampler_epoch(loader, state.timestamp.epoch)
     done = state.timestamp.batch_in_epoch
     if done == 0:
-        if resume is not None and _goes_on_at_epoch_start(resume.loader_state):
-            load_loader_state(loader, resume.loader_state, source=str(state.resumed_from))
         state.dataset_state[EPOCH_START_RNG] = rng_state()
         state.dataset_state[EPOCH_START_GENERATORS] = _generator_states(loader)
         state.dataset_state[EPOCH_SPLIT] = describe_split(loader, get_world_size())
@@ -84,15 +82,6 @@ def epoch_iterator(
     _skip(loader, iterator, done, epoch=int(state.timestamp.epoch), show_progress=show_progress)
     load_rng_state(at_checkpoint)
     return iterator
-
-
-def _goes_on_at_epoch_start(saved: Any) -> bool:
-    """Whether a state saved at an epoch's end is loaded before the next epoch: a dataset's or sampler's is (it
-    may count epochs or shards across them), a whole loader's is not. torchdata's ``StatefulDataLoader``, handed
-    the state of a finished epoch, replays that epoch's sampler state into the next one, while the run that was
-    never stopped draws the next epoch's order from where the last left its generator; that generator is restored
-    with the loader's other generators (:func:`restore_loader_position`), so a fresh epoch matches exactly."""
-    return isinstance(saved, dict) and "loader" not in saved
 
 
 def _untouched_rng(make: Any) -> Iterator[Any]:
@@ -156,8 +145,8 @@ def restore_loader_position(
     split = state.dataset_state.get(EPOCH_SPLIT)
     saved_world = split.get("world_size") if isinstance(split, dict) else None
     world = get_world_size()
-    if done == 0:  # at an epoch's end: every rank's loader goes on from its own state, when it has one
-        return _same_ranks(loader, saved_states, world, source) if saved_world in (None, world) else None
+    if done == 0:  # at an epoch's end the loader starts its next epoch as a freshly built one does: a state saved
+        return None  # at the end of an epoch would, loaded, continue that finished epoch (an empty one)
     if (saved_world is None or saved_world == world) and not is_resplit(split):  # None: saved before splits were
         return _same_ranks(loader, saved_states, world, source)  # recorded, by as many ranks as this run has
     rest = rest_of_epoch(

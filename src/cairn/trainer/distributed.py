@@ -156,7 +156,8 @@ def shard_dataloader(loader: Any, seed: int) -> Any:
     sampler = DistributedSampler(loader.dataset, shuffle=shuffle, seed=seed, drop_last=loader.drop_last)
     # a loader that keeps its own state (torchdata's StatefulDataLoader) stays one: the rebuilt loader is of its class
     kind = type(loader) if callable(getattr(loader, "state_dict", None)) else DataLoader
-    extra = {"snapshot_every_n_steps": loader.snapshot_every_n_steps} if hasattr(loader, "snapshot_every_n_steps") else {}
+    every = getattr(loader, "snapshot_every_n_steps", None)
+    extra = {} if every is None else {"snapshot_every_n_steps": every}
     return kind(
         loader.dataset,
         batch_size=loader.batch_size,
