@@ -143,9 +143,10 @@ def test_fsdp_shards_the_model_saves_full_weights_and_resumes_bit_for_bit(tmp_pa
 
     single = Trainer(  # and the FSDP checkpoint resumes in one process, without FSDP
         model=Classifier(TinyNet(dropout=0.3)),
-        train_dataloader=make_loader(),
+        train_dataloader=make_loader(),  # other data than the ranks': its mid-epoch position cannot carry over
         max_duration="4ep",
         load_path=str(tmp_path / "ckpt" / "latest-rank0.pt"),
+        load_at_epoch_boundary=True,
         progress_bar=False,
     )
     assert single.state.timestamp.batch == 24
@@ -165,12 +166,13 @@ def test_sharded_checkpoints_are_folders_that_resume_bit_for_bit_and_reshard(tmp
 
     single = Trainer(  # two ranks' shards, resharded into one plain process
         model=Classifier(TinyNet(dropout=0.3)),
-        train_dataloader=make_loader(),
+        train_dataloader=make_loader(),  # other data than the ranks': its mid-epoch position cannot carry over
         max_duration="4ep",
         load_path=str(folder),
+        load_at_epoch_boundary=True,
         progress_bar=False,
     )
-    assert single.state.timestamp.batch == 11
+    assert single.state.timestamp.batch == 11 and single.state.timestamp.batch_in_epoch == 0
     single.fit()
 
     joined = tmp_path / "joined.pt"  # and `cairn ckpt convert` joins the shards into one file for a plain module

@@ -56,7 +56,13 @@ def describe_split(loader: Iterable[Any], world_size: int) -> dict[str, Any]:
 
 
 def resplit_record(split: dict[str, Any], done: int, world_size: int) -> dict[str, Any]:
-    """The split of an epoch resumed after ``done`` batches on ``world_size`` ranks, from the saved ``split``."""
+    """The split of an epoch resumed after ``done`` batches on ``world_size`` ranks, from the saved ``split``.
+
+    A re-split epoch resumed on as many ranks as it was re-split for keeps its record unchanged: dealing the
+    interleaved tails out again over the same ranks gives each rank its own tail back, so nothing changes but the
+    chain's length, and a run preempted again and again within one epoch would otherwise reach ``_MAX_RESPLITS``."""
+    if is_resplit(split) and split.get("world_size") == world_size:
+        return split
     return {"world_size": world_size, "resplit_of": split, "resplit_at": done}
 
 
