@@ -224,3 +224,11 @@ def test_a_resplit_epoch_resumed_again_on_as_many_ranks_keeps_its_record_and_its
         kept = rest_of_epoch(again, _layout_loader(66, 4), epoch=0, done=5, rank=rank, world_size=4, source="c")
         chained = rest_of_epoch(nested, _layout_loader(66, 4), epoch=0, done=5, rank=rank, world_size=4, source="c")
         assert kept == chained
+
+
+def test_an_epoch_re_split_too_many_times_is_refused_with_the_flag_offered() -> None:
+    split = describe_split(_layout_loader(64, 2), 2)
+    for width in [1, 2] * 9:  # a run moved between 1 and 2 ranks 18 times within one epoch
+        split = resplit_record(split, 0, width)
+    with pytest.raises(CheckpointIncompatibleError, match="more than 16 times.*load_at_epoch_boundary=True"):
+        rest_of_epoch(split, _layout_loader(64, 2), epoch=0, done=1, rank=0, world_size=2, source="ckpt")

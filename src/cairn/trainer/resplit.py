@@ -113,7 +113,10 @@ def _base_layout(split: Any, source: str) -> dict[str, Any] | None:
             break
         split = split["resplit_of"]
     else:
-        raise _damaged_split(source)
+        raise CheckpointIncompatibleError(
+            f"{source!r} records its epoch re-split among other numbers of ranks more than {_MAX_RESPLITS} times, more "
+            "than cairn follows; pass load_at_epoch_boundary=True to start this run at the next epoch"
+        )
     layout = split.get("distributed_sampler") if isinstance(split, dict) else None
     return None if layout is None else _checked_layout(layout, split.get("world_size"), source)
 
