@@ -108,11 +108,10 @@ def _trainer(loader: Any, folder: Path, **kwargs: Any) -> Trainer:
         max_duration="2ep",
         device="cpu",
         seed=42,
-        progress_bar=False,
         save_folder=str(folder),
         save_interval="1ba",
         save_num_checkpoints_to_keep=2,
-        **kwargs,
+        **{"progress_bar": False, **kwargs},
     )
 
 
@@ -283,3 +282,18 @@ def test_loader_states_for_another_number_of_ranks_are_refused_as_damage(tmp_pat
             tmp_path / "other",
             load_path=str(tmp_path / "edited.pt"),
         )
+
+
+def test_a_replay_shows_a_progress_bar_when_the_run_shows_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def loader() -> DataLoader:
+        return DataLoader(LoggedStream(tmp_path / "reads.log"), batch_size=BATCH, num_workers=1)
+
+    stopped = _trainer(loader(), tmp_path / "ckpt", callbacks=[CrashAfter(3)])
+    with pytest.raises(Crash):
+        stopped.fit()
+    stopped.close()
+    capsys.readouterr()
+    resumed = _trainer(loader(), tmp_path / "ckpt", autoresume=True, progress_bar=True)
+    resumed.fit()
+    resumed.close()
+    assert "replaying batches" in capsys.readouterr().err
