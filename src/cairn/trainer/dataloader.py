@@ -34,6 +34,7 @@ from cairn.core.loader_state import check_loader_state_fits, load_loader_state, 
 from cairn.core.state import State
 from cairn.errors import CheckpointCorruptError, CheckpointIncompatibleError
 from cairn.names import EPOCH_SPLIT, EPOCH_START_GENERATORS, EPOCH_START_RNG, GENERATORS, LOADER_STATES
+from cairn.trainer.distributed import loader_like
 from cairn.trainer.resplit import Rest, describe_split, is_resplit, resplit_record, rest_of_epoch
 from cairn.utils.dist import get_rank, get_world_size
 from cairn.utils.reproducibility import load_rng_state, rng_state
@@ -69,7 +70,7 @@ def epoch_iterator(
     if resume is not None and resume.loader_state is not None:
         return _untouched_rng(lambda: _continued(loader, resume.loader_state, state))
     if resume is not None and resume.rest is not None:
-        return _untouched_rng(lambda: iter(_loader_over(loader, resume.rest.indices)))  # type: ignore[union-attr]
+        return _untouched_rng(lambda: iter(loader_like(loader, resume.rest.indices)))  # type: ignore[union-attr]
     if EPOCH_START_RNG not in state.dataset_state:
         raise ValueError(
             f"cannot resume mid-epoch (batch {done} of epoch {state.timestamp.epoch}): the checkpoint has no "
@@ -97,22 +98,6 @@ def _untouched_rng(make: Any) -> Iterator[Any]:
 def _continued(loader: Iterable[Any], saved: Any, state: State) -> Iterator[Any]:
     load_loader_state(loader, saved, source=str(state.resumed_from))
     return iter(loader)
-
-
-def _loader_over(loader: DataLoader, indices: list[int]) -> DataLoader:
-    """``loader`` for the given samples only, in that order: this rank's share of a re-split epoch."""
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=indices,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        generator=loader.generator,
-    )
 
 
 def record_loader_position(loader: Iterable[Any], state: State) -> None:

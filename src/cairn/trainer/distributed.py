@@ -23,7 +23,14 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from cairn.utils.dist import is_distributed
 
-__all__ = ["FSDP_OPTIONS", "init_from_environment", "parse_parallelism_config", "shard_dataloader", "wrap_model"]
+__all__ = [
+    "FSDP_OPTIONS",
+    "init_from_environment",
+    "loader_like",
+    "parse_parallelism_config",
+    "shard_dataloader",
+    "wrap_model",
+]
 
 FSDP_OPTIONS = {"state_dict_type": ("full", "sharded"), "reshard_after_forward": (True, False)}
 
@@ -157,7 +164,11 @@ def shard_dataloader(loader: Any, seed: int) -> Any:
     # a loader that keeps its own state (torchdata's StatefulDataLoader) stays one: the rebuilt loader is of its class
     kind = type(loader) if callable(getattr(loader, "state_dict", None)) else DataLoader
     every = getattr(loader, "snapshot_every_n_steps", None)
-    extra = {} if every is None else {"snapshot_every_n_steps": every}
+    return loader_like(loader, sampler, kind=kind, **({} if every is None else {"snapshot_every_n_steps": every}))
+
+
+def loader_like(loader: DataLoader, sampler: Any, *, kind: type[DataLoader] = DataLoader, **extra: Any) -> DataLoader:
+    """A loader that batches, collates and loads as ``loader`` does, drawing its samples from ``sampler``."""
     return kind(
         loader.dataset,
         batch_size=loader.batch_size,
@@ -168,6 +179,7 @@ def shard_dataloader(loader: Any, seed: int) -> Any:
         drop_last=loader.drop_last,
         timeout=loader.timeout,
         worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator,
         persistent_workers=loader.persistent_workers,
         **extra,
     )
