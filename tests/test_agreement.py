@@ -40,15 +40,19 @@ def test_savers_the_preemption_watch_and_shard_uploads_cost_one_small_collective
 def _shard_uploads_ride_in_the_one_all_reduce(uploading: dict[str, list], objects: dict[str, bytes]) -> None:
     """Sharded folders saved asynchronously to the store every 4 batches by a batch-count saver: while a folder's
     shard uploads are in flight, the ranks compare upload notes inside the agreement's one all_reduce (no
-    all_gather_object of their own), and with none in flight no collective runs; each folder still goes up whole,
-    the pointer moving with the last."""
+    all_gather_object of their own), as they do while a save's uploads may be in flight on some rank (the saver
+    watches them: its folder's ``cairn.pt`` on rank 0, whose failure every rank must raise), and with nothing in
+    flight no collective runs; each folder still goes up whole, the pointer moving with the last."""
     saves = {4, 8, 12}  # the checkpoint events of these batches save (collectives of their own: DCP's, the store's)
     in_flight = dict(enumerate(uploading["in_flight"], 1))  # the folders uploading at each batch's start
+    watching = dict(enumerate(uploading["watching"], 1))  # whether a save's uploads were watched then
     quiet = [(batch, calls) for batch, calls in enumerate(uploading["calls"], 1) if batch not in saves]
     assert [calls for _, calls in quiet if calls not in ({}, {"all_reduce": 1})] == [], "at most one all_reduce"
     assert in_flight[5] >= 1, "batch 4's folder is in flight at batch 5's checkpoint event"
+    assert not any(watching[batch] for batch in range(1, 5)), "nothing watched before the first save"
     for batch, calls in quiet:
-        assert calls == ({"all_reduce": 1} if in_flight[batch] else {}), (batch, calls, in_flight[batch])
+        busy = in_flight[batch] or watching[batch]
+        assert calls == ({"all_reduce": 1} if busy else {}), (batch, calls, in_flight[batch], watching[batch])
     folders = sorted({name.rsplit("/", 1)[0] for name in objects if name.endswith("/cairn.pt")})
     assert folders == ["run/ep0-ba4-rank0.pt", "run/ep0-ba8-rank0.pt", "run/ep1-ba12-rank0.pt", "run/ep1-ba15-rank0.pt"]
     assert all(f"{folder}/__1_0.distcp" in objects for folder in folders), "each folder whole"

@@ -69,9 +69,10 @@ def test_a_sharded_run_saves_to_a_store_and_a_fresh_machine_resumes_from_it_bit_
 
     single = Trainer(  # the two ranks' folder, from its URI, into one plain process
         model=Classifier(TinyNet(dropout=0.3)),
-        train_dataloader=make_loader(),
+        train_dataloader=make_loader(),  # other data than the ranks': its mid-epoch position cannot carry over
         max_duration="4ep",
         load_path=f"{uri}/ep1-ba11-rank0.pt",
+        load_at_epoch_boundary=True,
         progress_bar=False,
     )
     assert single.state.timestamp.batch == 11

@@ -73,11 +73,14 @@ class CountPerBatch(Callback):
         self.snapshots: list[dict[str, int]] = []
         self.saver = saver
         self.in_flight: list[int] = []  #: the saver's sharded folders uploading at each batch start
+        self.watching: list[bool] = []  #: whether the saver watched its uploads (some rank's may be in flight)
 
     def batch_start(self, state, logger) -> None:
         self.snapshots.append(dict(CALLS))
         if self.saver is not None and hasattr(self.saver, "upload_notes"):  # not on the code before it
             self.in_flight.append(len(self.saver.upload_notes().records))
+        if self.saver is not None and hasattr(self.saver, "watches_uploads"):  # not on the code before it
+            self.watching.append(self.saver.watches_uploads)
 
     def per_batch(self) -> list[dict[str, int]]:
         pairs = zip(self.snapshots, self.snapshots[1:], strict=False)
@@ -133,7 +136,7 @@ def run_uploading(bucket: str) -> dict[str, list]:
     counter.saver = next(c for c in trainer.state.callbacks if isinstance(c, CheckpointSaver))
     trainer.fit()
     trainer.close()
-    return {"calls": counter.per_batch(), "in_flight": counter.in_flight[:-1]}
+    return {"calls": counter.per_batch(), "in_flight": counter.in_flight[:-1], "watching": counter.watching[:-1]}
 
 
 def main() -> None:

@@ -3,23 +3,33 @@
 The transfers themselves (staging, workers, retries, verification, the ``latest`` pointer) live in
 :mod:`cairn.storage.transfer`; this adapter ties them to the run's events, so that a background failure is raised
 on the training thread at the next event, ``FIT_END`` waits for every upload, and ``close`` drains them.
+
+In a distributed run an upload fails on one rank alone (its shard of a sharded folder, rank 0's single file). Raised
+there alone, it would stop that rank while the others wait for it in their next collective until the process
+group's timeout. So with several ranks the failure is not raised at the next event: the Trainer's agreement
+(:mod:`cairn.trainer.agreement`) finds it at the next checkpoint event (:func:`upload_slots`) and every rank raises
+it together (:func:`raise_upload_failure_on_every_rank`), and ``FIT_END``, once every upload has finished, gathers
+every rank's failure and raises the first on every rank. Every rank must therefore be given the same uploaders.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cairn.core.event import Event
 from cairn.core.logger import LoggerDestination
+from cairn.errors import ObjectExistsError, ObjectStoreError
 from cairn.storage.transfer import Transfers
+from cairn.utils.dist import all_gather_object, get_rank, is_distributed
 
 if TYPE_CHECKING:
     from cairn.core.logger import Logger
     from cairn.core.state import State
     from cairn.storage.base import ObjectStore
 
-__all__ = ["RemoteUploaderDownloader"]
+__all__ = ["RemoteUploaderDownloader", "raise_upload_failure_on_every_rank", "upload_slots"]
 
 
 class RemoteUploaderDownloader(LoggerDestination):
@@ -89,14 +99,45 @@ class RemoteUploaderDownloader(LoggerDestination):
         self._transfers.wait()
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        self._transfers.raise_failures()  # a background failure surfaces at the next event, on the training thread
+        if not is_distributed():  # with several ranks, every rank raises it together (see the module's docstring)
+            self._transfers.raise_failures()  # a background failure surfaces at the next event, on this thread
         super().run_event(event, state, logger)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self._transfers.probe()
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        self._transfers.wait()
+        if not is_distributed():
+            self._transfers.wait()
+            return
+        self._transfers.drain()  # every rank, then every rank raises the first rank's failure, if any
+        raise_upload_failure_on_every_rank([self._transfers])
 
     def close(self, state: State, logger: Logger) -> None:
         self._transfers.close()
+
+
+def upload_slots(transfers: Sequence[Transfers]) -> list[int]:
+    """This rank's two integers for the agreement's ``all_reduce(MAX)``: 1 where an upload of ``transfers`` is still
+    in flight (its failure may yet come), and 1 where one failed and nobody has raised it yet."""
+    return [int(any(each.busy for each in transfers)), int(any(each.has_failure for each in transfers))]
+
+
+def raise_upload_failure_on_every_rank(transfers: Sequence[Transfers]) -> None:
+    """Every rank, at the same moment (a collective): take this rank's first upload failure and raise the first
+    failed rank's on every rank, naming the rank; return when no rank has one."""
+    mine = None
+    for each in transfers:
+        mine = each.take_failure()
+        if mine is not None:
+            break
+    reports = all_gather_object(None if mine is None else (isinstance(mine, ObjectExistsError), str(mine)))
+    failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+    if not failed:
+        return
+    rank, (exists, message) = failed[0]
+    kind = ObjectExistsError if exists else ObjectStoreError
+    error = kind(f"on rank {rank}, {message}")
+    if mine is not None and rank == get_rank():
+        raise error from mine.__cause__
+    raise error from mine

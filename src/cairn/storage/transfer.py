@@ -4,7 +4,9 @@ Who owns what: :class:`Transfers` owns a pool of workers (processes by default, 
 created at the first upload. Each upload is a ``concurrent.futures.Future``. A failed upload (after
 ``num_attempts`` tries with backoff) is raised by :meth:`Transfers.raise_failures`, naming the file (the uploader
 logger calls it at every event, so that it surfaces on the training thread); :meth:`Transfers.wait` waits for
-every upload and raises the first failure; :meth:`Transfers.close` drains the pool the same way. The ``latest``
+every upload and raises the first failure; :meth:`Transfers.close` drains the pool the same way. In a distributed
+run a failure must be raised on every rank together, so the run reads it instead (:attr:`Transfers.busy`,
+:attr:`Transfers.has_failure`, :meth:`Transfers.drain`, :meth:`Transfers.take_failure`). The ``latest``
 pointer (:mod:`cairn.storage.pointer`) is written by one more thread (``cairn-pointer``), created at the first
 pointer move; its failures travel the same way.
 
@@ -119,6 +121,8 @@ class Transfers:
         self._lock = threading.Lock()
         self._sequence = 0  # uploads started
         self._pointer_sequence = 0  # the upload the pointer names
+        self._handing_on = 0  # finished uploads whose pointer move is not yet handed to the pointer thread
+        self._handed_on = threading.Condition(self._lock)  # notified as each of those is handed on
         self._pointer_writer: cf.ThreadPoolExecutor | None = None
         self._pointer_progress: dict[str, ProgressOf] = {}  # pointer (as in the store) -> how to order its targets
         self._replaceable: set[str] = set()  # damaged objects kept aside by autoresume (see replace_damaged)
@@ -217,6 +221,8 @@ class Transfers:
         if pointer_name:
             pointer = self.remote_name(pointer_name)
             named = remote if pointer_target is None else self.remote_name(pointer_target)
+            with self._lock:
+                self._handing_on += 1  # busy until the pointer write is queued (the upload is done before that)
             future.add_done_callback(lambda done: self._move_pointer(sequence, pointer, named, file_path, done))
         return future
 
@@ -334,6 +340,14 @@ class Transfers:
 
     def _move_pointer(self, sequence: int, pointer: str, target: str, local: str, upload: cf.Future[str]) -> None:
         """Runs when an upload finishes: point ``pointer`` at it, if it succeeded and is the newest so far."""
+        try:
+            self._queue_pointer_move(sequence, pointer, target, local, upload)
+        finally:
+            with self._handed_on:
+                self._handing_on -= 1
+                self._handed_on.notify_all()
+
+    def _queue_pointer_move(self, sequence: int, pointer: str, target: str, local: str, upload: cf.Future[str]) -> None:
         if upload.cancelled() or upload.exception() is not None:
             return
         with self._lock:
@@ -348,14 +362,35 @@ class Transfers:
 
     def wait(self) -> None:
         """Block until every upload (and pointer move) so far has finished; raise the first failure, naming the file."""
+        self.drain()
+        self.raise_failures()
+
+    def drain(self) -> None:
+        """Block until every upload (and pointer move) so far has finished, raising nothing: a failure stays for
+        :meth:`raise_failures` or :meth:`take_failure` (in a distributed run, every rank raises it together)."""
         while True:
-            with self._lock:
+            with self._handed_on:
                 pending = [future for _, _, future in self._uploads if not future.done()]
-            if not pending:
-                break
+                if not pending and not self._handing_on:
+                    break
+                if not pending:
+                    self._handed_on.wait()  # a finished upload's callback is queueing its pointer move
+                    continue
             cf.wait(pending)
         self._remove_empty_staging_folders()
-        self.raise_failures()
+
+    @property
+    def busy(self) -> bool:
+        """Whether an upload (or a pointer move) is still in flight: its failure may yet come."""
+        with self._lock:
+            return self._handing_on > 0 or any(not future.done() for _, _, future in self._uploads)
+
+    @property
+    def has_failure(self) -> bool:
+        """Whether a finished upload failed and no one has raised (or taken) its failure yet."""
+        with self._lock:
+            futures = [future for _, _, future in self._uploads if future.done()]
+        return any(not future.cancelled() and future.exception() is not None for future in futures)
 
     def _executor(self) -> cf.Executor:
         if self._pool is None:
@@ -368,40 +403,54 @@ class Transfers:
 
     def raise_failures(self) -> None:
         """Raise the first finished upload that failed, and forget the finished ones."""
+        failure = self.take_failure()
+        if failure is not None:
+            raise failure from failure.__cause__
+
+    def take_failure(self) -> ObjectStoreError | None:
+        """The error that says why the first finished upload that failed did (naming the file and the object, its
+        cause the upload's own error), or None; the finished uploads are forgotten either way."""
         with self._lock:
             finished = [entry for entry in self._uploads if entry[2].done()]
             self._uploads = [entry for entry in self._uploads if not entry[2].done()]
         for local, remote, future in finished:
             error = future.exception()
-            if isinstance(error, _WorkerDied) and error.had_worked:
-                raise ObjectStoreError(
-                    f"uploading {local!r} failed: its upload worker process died twice (killed, or out of memory?). "
-                    "The local file is kept: check the machine's memory, then upload it again or resume from it"
-                ) from error
-            if isinstance(error, (_WorkerDied, BrokenProcessPool)):
-                raise ObjectStoreError(
-                    f"uploading {local!r} failed: the upload worker process died before finishing any upload. "
-                    "Worker processes re-run your script's imports: put the training code under "
-                    "`if __name__ == '__main__':`, or pass use_procs=False"
-                ) from error
-            if isinstance(error, _ChangedInPlace):
-                raise _ChangedInPlace(
-                    f"{local!r} was rewritten in place while it was uploading to {self.store.get_uri(remote)}, so the "
-                    "object may not hold what was handed over (files are staged by hard link, not copied): write "
-                    "new content to another file and rename it over the name, or upload a copy"
-                ) from error
-            if isinstance(error, ObjectExistsError):
-                raise ObjectExistsError(
-                    f"{self.store.get_uri(remote)} already exists and save_overwrite=False never replaces an object, "
-                    f"so {local!r} was not uploaded (it is kept): pass save_overwrite=True (overwrite=True to "
-                    "upload_file) to replace it, or give this run another run_name or remote file name"
-                ) from error
             if error is not None:
-                raise ObjectStoreError(
-                    f"uploading {local!r} to {self.store.get_uri(remote)} failed ({error}); transient failures were "
-                    f"retried up to {self.num_attempts} times. The local file is kept: check the store, then upload "
-                    "it again or resume from it"
-                ) from error
+                failure = self._failure_of(local, remote, error)
+                failure.__cause__ = error
+                return failure
+        return None
+
+    def _failure_of(self, local: str, remote: str, error: BaseException) -> ObjectStoreError:
+        """The error to raise for the upload of ``local`` as ``remote`` that failed with ``error``."""
+        if isinstance(error, _WorkerDied) and error.had_worked:
+            return ObjectStoreError(
+                f"uploading {local!r} failed: its upload worker process died twice (killed, or out of memory?). "
+                "The local file is kept: check the machine's memory, then upload it again or resume from it"
+            )
+        if isinstance(error, (_WorkerDied, BrokenProcessPool)):
+            return ObjectStoreError(
+                f"uploading {local!r} failed: the upload worker process died before finishing any upload. "
+                "Worker processes re-run your script's imports: put the training code under "
+                "`if __name__ == '__main__':`, or pass use_procs=False"
+            )
+        if isinstance(error, _ChangedInPlace):
+            return _ChangedInPlace(
+                f"{local!r} was rewritten in place while it was uploading to {self.store.get_uri(remote)}, so the "
+                "object may not hold what was handed over (files are staged by hard link, not copied): write "
+                "new content to another file and rename it over the name, or upload a copy"
+            )
+        if isinstance(error, ObjectExistsError):
+            return ObjectExistsError(
+                f"{self.store.get_uri(remote)} already exists and save_overwrite=False never replaces an object, "
+                f"so {local!r} was not uploaded (it is kept): pass save_overwrite=True (overwrite=True to "
+                "upload_file) to replace it, or give this run another run_name or remote file name"
+            )
+        return ObjectStoreError(
+            f"uploading {local!r} to {self.store.get_uri(remote)} failed ({error}); transient failures were "
+            f"retried up to {self.num_attempts} times. The local file is kept: check the store, then upload "
+            "it again or resume from it"
+        )
 
     def close(self) -> None:
         """Wait for every upload (raising the first failure), then release the workers, the staging folders it
@@ -422,13 +471,13 @@ class Transfers:
                 self._store = None
 
 
-
 class _WorkerDied(ObjectStoreError):
     """An upload whose worker process died, twice: the second time on a fresh pool."""
 
     def __init__(self, had_worked: bool, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.had_worked = had_worked  #: an upload had finished before: the workers start fine, so not the script
+
 
 def _staging_home(file_path: str) -> str:
     """The folder beside which ``file_path`` is staged: its own, or, for a file of a sharded checkpoint folder
@@ -552,9 +601,7 @@ def _upload_task(
     return remote
 
 
-def _pointer_task(
-    spec: _StoreSpec, pointer: str, target: str, num_attempts: int, progress: ProgressOf | None
-) -> str:
+def _pointer_task(spec: _StoreSpec, pointer: str, target: str, num_attempts: int, progress: ProgressOf | None) -> str:
     """Read, compare and write the pointer; retried as a whole on transient failures."""
     upload = functools.partial(_upload_and_verify, overwrite=True)  # a pointer always replaces the one before
     _retrying(num_attempts)(move_pointer_forward, _worker_store(spec), pointer, target, progress, upload)

@@ -49,7 +49,7 @@ from cairn.core.time import Time, TimeUnit
 from cairn.names import POINTER_SUFFIX
 from cairn.storage.pointer import pointer_beside
 from cairn.utils.arguments import check_flag
-from cairn.utils.dist import barrier, broadcast_object, get_rank, share_rank_zero_failure
+from cairn.utils.dist import barrier, broadcast_object, get_rank, is_distributed, share_rank_zero_failure
 
 __all__ = ["CheckpointSaver", "save_checkpoint"]
 
@@ -175,6 +175,7 @@ class CheckpointSaver(Callback):
         self._sharded_uploads = ShardedUploads()
         # (event, batch) -> the agreed "save now?" and every rank's notes on the folders uploading, until it runs
         self._agreed: dict[tuple[Event, int], tuple[bool, UploadNotes | None]] = {}
+        self._watching_uploads = False  # a save handed files to the uploaders: see watches_uploads
 
     @property
     def retention(self) -> RetentionRules:
@@ -287,6 +288,8 @@ class CheckpointSaver(Callback):
 
     def _maybe_save(self, state: State, logger: Logger, event: Event) -> None:
         due, uploads = self._agreed.pop((event, int(state.timestamp.batch)), (None, None))
+        if uploads is not None and uploads.records:
+            self._watching_uploads = True  # a folder stored everywhere now gets its cairn.pt, on rank 0
         # every rank: folders whose shards are all stored finish (gathering notes itself when nothing was agreed)
         self._sharded_uploads.settle(logger, wait=False, agreed=uploads)
         self._forget_uploaded()
@@ -311,6 +314,24 @@ class CheckpointSaver(Callback):
         """This rank's notes on the sharded folders still uploading, which the agreement compares in its one
         collective (none when no folder is in flight, the same on every rank)."""
         return self._sharded_uploads.notes()
+
+    @property
+    def watches_uploads(self) -> bool:
+        """Whether an upload of this saver's may still be in flight on some rank (rank 0's single file, a folder's
+        ``cairn.pt``), the same on every rank: from each save that hands files to the uploaders (every rank saves
+        alike) until the agreement finds no rank with an upload in flight (:meth:`uploads_settled`). Meanwhile the
+        agreement compares every rank's upload slots at each checkpoint event, so that one rank's failure is raised
+        on every rank (:mod:`cairn.trainer.agreement`)."""
+        return self._watching_uploads
+
+    @property
+    def writes_in_background(self) -> bool:
+        """Whether a background save is still writing here: its uploads have not been handed over yet."""
+        return self._background.busy
+
+    def uploads_settled(self) -> None:
+        """Every rank alike, when the agreement found no rank with an upload in flight: stop watching them."""
+        self._watching_uploads = False
 
     def agree(self, state: State, event: Event, due: bool, uploads: UploadNotes | None = None) -> None:
         """What every rank agreed on for this event (:func:`cairn.trainer.agreement.settle_checkpoint_event`),
@@ -388,6 +409,7 @@ class CheckpointSaver(Callback):
         with recording_metrics(self._metric_to_record(logger)):  # into the metadata the writer builds now
             write = self._start_write(state, target)
         upload = self._register_sharded_upload(logger, target)
+        self._watching_uploads |= logger is not None and logger.uploads_files  # every rank: see watches_uploads
 
         def finish() -> None:
             try:
@@ -614,12 +636,16 @@ class CheckpointSaver(Callback):
     def _wait_for_store_pointers(self) -> None:
         """At the end of fit, with store retention (rank 0): wait until each store's ``latest`` pointer has moved to
         the last upload, so the final prune sees it there and not at the checkpoint before (which it would keep).
-        An upload failure is raised here, as the uploader's own wait at FIT_END would raise it."""
+        An upload failure is raised here, as the uploader's own wait at FIT_END would raise it; in a distributed run
+        that wait raises it, on every rank (rank 0 raising it alone here would leave the others waiting for it)."""
         target = self._last_target
         if get_rank() != 0 or self.remote_retention is None or target is None:
             return
         for scope in target.store_scopes:
-            scope.transfers.wait()
+            if is_distributed():
+                scope.transfers.drain()
+            else:
+                scope.transfers.wait()
 
     def _prune_store(self) -> None:
         """Apply the rules in each uploader's store (rank 0, once uploads settled): :class:`StoreRetention` moves
