@@ -487,13 +487,16 @@ def opened_load_path(
         opened_remote_checkpoint, progress=progress, shards_on_demand=shards_on_demand, for_resume=for_resume
     )
     if source is not None:
-        transfers = source.transfers if isinstance(source, LoggerDestination) else None
-        if transfers is not None:
-            with opened(transfers.store, transfers.remote_name(path)) as found:
+        located = source.checkpoint_source(path) if isinstance(source, LoggerDestination) else None
+        if located is not None:
+            with opened(*located) as found:
                 yield found
             return
         if not isinstance(source, ObjectStore):
-            raise TypeError(f"load_object_store must be an ObjectStore or RemoteUploaderDownloader, not {source!r}")
+            raise TypeError(
+                "load_object_store must be an ObjectStore, a RemoteUploaderDownloader or an experiment tracker's "
+                f"logger (WandBLogger, MLFlowLogger), not {source!r}"
+            )
         with opened(source, path) as found:
             yield found
         return

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cairn.core.callback import Callback
 
 if TYPE_CHECKING:
     from cairn.core.state import State
+    from cairn.storage.base import ObjectStore
     from cairn.storage.transfer import Transfers
 
-__all__ = ["Logger", "LoggerDestination", "transfers_among"]
+__all__ = ["Logger", "LoggerDestination", "SavedCheckpoint", "transfers_among"]
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A checkpoint complete on disk, as the saver announces it to experiment trackers (rank 0, once per save)."""
+
+    path: str  #: the local file
+    name: str  #: its name among the run's checkpoints (the saver's remote file name), e.g. ``ep1-ba8-rank0.pt``
+    content_hash: str | None  #: cairn's content hash of it (``xxh3-128:...``), None if it could not be read back
+    aliases: tuple[str, ...]  #: ``"latest"``, and ``"best"`` when it is the best by the saver's ``best_metric``
+    batch: int  #: the run's batch count when it was taken
 
 
 class LoggerDestination(Callback):
@@ -41,6 +54,13 @@ class LoggerDestination(Callback):
         del remote_file_name, file_path, overwrite, pointer_name, pointer_target
         return None
 
+    def log_checkpoint(self, checkpoint: SavedCheckpoint) -> Future[str] | None:
+        """Record a complete checkpoint (an experiment tracker registers it as an artifact, in the background);
+        destinations that keep no checkpoints ignore it (and return None). The returned future, if any, ends when
+        the checkpoint is stored: until then the saver's retention keeps the local file."""
+        del checkpoint
+        return None
+
     @property
     def transfers(self) -> Transfers | None:
         """The store transfers this destination runs, or None (the default) for one that stores no files.
@@ -49,6 +69,16 @@ class LoggerDestination(Callback):
         store's names) without importing any logger class: checkpoint/ never imports loggers/.
         """
         return None
+
+    def checkpoint_source(self, name: str) -> tuple[ObjectStore, str] | None:
+        """Where the checkpoint ``name`` is read from when this destination is the ``load_object_store``: a store
+        and the object's name in it, or None for a destination that holds no checkpoints.
+
+        An uploader's is its store, with ``name`` placed as its uploads are; an experiment tracker's is a store
+        over its artifacts, where ``name`` names an artifact (``"<name>:latest"``, ``"runs:/<id>/<path>"``).
+        """
+        transfers = self.transfers
+        return None if transfers is None else (transfers.store, transfers.remote_name(name))
 
 
 class Logger:
@@ -91,6 +121,15 @@ class Logger:
             for d in self.destinations
         ]
         return [future for future in futures if future is not None]
+
+    def log_checkpoint(self, checkpoint: SavedCheckpoint) -> list[Future[str]]:
+        """Announce a complete checkpoint to every destination; one future per destination that stores it."""
+        futures = [destination.log_checkpoint(checkpoint) for destination in self.destinations]
+        return [future for future in futures if future is not None]
+
+    @property
+    def logs_checkpoints(self) -> bool:
+        return any(type(d).log_checkpoint is not LoggerDestination.log_checkpoint for d in self.destinations)
 
     @property
     def uploads_files(self) -> bool:

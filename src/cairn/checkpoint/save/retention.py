@@ -205,6 +205,7 @@ class CheckpointRecord:
 
     progress: Mapping[str, int]
     metrics: Mapping[str, float]
+    content_hash: str | None = None
 
 
 _NOTHING = CheckpointRecord({}, {})
@@ -233,7 +234,9 @@ def read_record(path: str) -> CheckpointRecord:
     progress = metadata.get("progress")
     if not isinstance(progress, dict):
         progress = state.get("timestamp") if isinstance(state.get("timestamp"), dict) else {}
-    return CheckpointRecord(_counts(progress), _values(metadata.get("metrics")))
+    recorded_hash = metadata.get("content_hash")
+    content_hash = recorded_hash if isinstance(recorded_hash, str) and len(recorded_hash) <= 200 else None
+    return CheckpointRecord(_counts(progress), _values(metadata.get("metrics")), content_hash)
 
 
 def _counts(progress: Mapping[Any, Any]) -> dict[str, int]:

@@ -43,7 +43,7 @@ from cairn.checkpoint.save.writers import SingleFileWriter, Writer, make_writer
 from cairn.core.callback import Callback
 from cairn.core.event import Event
 from cairn.core.interval import IntervalLike, same_on_every_rank
-from cairn.core.logger import Logger, LoggerDestination, transfers_among
+from cairn.core.logger import Logger, LoggerDestination, SavedCheckpoint, transfers_among
 from cairn.core.state import State
 from cairn.core.time import Time, TimeUnit
 from cairn.names import POINTER_SUFFIX
@@ -503,6 +503,32 @@ class CheckpointSaver(Callback):
                 self._remote_of[target.path] = target.remote_name
         self._last_target = target
         self._prune()
+        self._announce(logger, target)
+
+    def _announce(self, logger: Logger | None, target: _Target) -> None:
+        """Rank 0, after the prune has settled which checkpoint is best: tell the experiment trackers that this one
+        is complete, and keep the local file until each has stored it (as for an upload in flight)."""
+        if logger is None or target.sharded or not logger.logs_checkpoints:
+            return  # (reading the record back costs an unpickle of the file's structure: only for a tracker)
+        record = self._records.record(target.path)
+        aliases = ("latest", "best") if self._is_best(target) else ("latest",)
+        batch = int(record.progress.get("batch", 0))
+        futures = logger.log_checkpoint(
+            SavedCheckpoint(target.path, target.remote_name, record.content_hash, aliases, batch)
+        )
+        if futures:
+            with self._uploading_lock:
+                self._uploading.extend((future, target.path) for future in futures)
+
+    def _is_best(self, target: _Target) -> bool:
+        """Whether ``target`` ranks first by ``best_metric`` among the checkpoints on disk (with ``keep_best``)."""
+        if not self.keep_best or self.best_metric is None:
+            return False
+        candidates = candidates_in(
+            target.folder, target.retention_pattern, metric=self.best_metric, cache=self._records
+        )
+        ranking = best_ranking(candidates, self.best_mode)
+        return bool(ranking) and os.path.abspath(ranking[0].name) == os.path.abspath(target.path)
 
     def _upload(self, logger: Logger, target: _Target) -> list[Future[str]]:
         """Hand the new file to every uploader; one future per upload. A manifest (an incremental save) goes to each
