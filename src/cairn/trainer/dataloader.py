@@ -21,7 +21,7 @@ Three ways back to the middle of an epoch, the first that applies:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,6 @@ class ResumePoint:
     epoch_length: int | None = None  # batches in the resumed epoch on this run's ranks, when re-split
 
 
-
 def epoch_iterator(
     loader: Iterable[Any], state: State, resume: ResumePoint | None = None, *, show_progress: bool = True
 ) -> Iterator[Any]:
@@ -85,7 +84,7 @@ def epoch_iterator(
     return iterator
 
 
-def _untouched_rng(make: Any) -> Iterator[Any]:
+def _untouched_rng(make: Callable[[], Iterator[Any]]) -> Iterator[Any]:
     """The iterator ``make()`` returns, with the global generators as they were before it: making an iterator draws
     seeds from them, which the run that was never stopped drew at the epoch's start, not here."""
     at_checkpoint = rng_state()
