@@ -187,9 +187,7 @@ def _set_generator_states(loader: Iterable[Any], states: dict[str, torch.Tensor]
             generator.set_state(states[place])
 
 
-def _skip(
-    loader: Iterable[Any], iterator: Iterator[Any], batches: int, *, epoch: int, show_progress: bool
-) -> None:
+def _skip(loader: Iterable[Any], iterator: Iterator[Any], batches: int, *, epoch: int, show_progress: bool) -> None:
     """Advance past ``batches`` batches: by index alone when the loader allows it, else by fetching them (said
     loudly, with a progress bar: at batch 100,000 of a tokenized corpus that is hours)."""
     indices = getattr(iterator, "_sampler_iter", None)
