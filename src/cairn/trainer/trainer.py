@@ -118,7 +118,7 @@ class Trainer:
         save_incremental: bool = False,
         # loading and resuming (docs/checkpointing.md, "Loading and resuming")
         load_path: str | None = None,
-        load_object_store: ObjectStore | RemoteUploaderDownloader | None = None,
+        load_object_store: ObjectStore | LoggerDestination | None = None,
         load_weights_only: bool = False,
         load_strict_model_weights: bool = True,
         load_ignore_keys: Sequence[str] | None = None,
