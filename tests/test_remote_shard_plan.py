@@ -51,7 +51,14 @@ def _fresh_model() -> Classifier:
 
 
 def _load(uri: str, model: Classifier) -> Trainer:
-    return Trainer(model=model, train_dataloader=make_loader(), max_duration="2ep", load_path=uri, progress_bar=False)
+    return Trainer(  # other data than the ranks' runs: a mid-epoch position cannot carry over, the next epoch starts
+        model=model,
+        train_dataloader=make_loader(),
+        max_duration="2ep",
+        load_path=uri,
+        load_at_epoch_boundary=True,
+        progress_bar=False,
+    )
 
 
 def _refused_leaving_the_model_alone(uri: str, error: type[Exception]) -> str:

@@ -50,9 +50,10 @@ def _load_in_one_process(load_path: str, **kwargs: Any) -> None:
     """The two ranks' last folder, from the store, into one plain process, at the batch it was saved."""
     single = Trainer(
         model=Classifier(TinyNet(dropout=0.3)),
-        train_dataloader=make_loader(),
+        train_dataloader=make_loader(),  # other data than the ranks': its mid-epoch position cannot carry over
         max_duration="1ep",
         load_path=load_path,
+        load_at_epoch_boundary=True,
         progress_bar=False,
         **kwargs,
     )

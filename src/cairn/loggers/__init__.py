@@ -6,6 +6,7 @@ from cairn.loggers.in_memory import InMemoryLogger
 from cairn.loggers.mlflow import MLFlowLogger
 from cairn.loggers.progress_bar import ProgressBarLogger
 from cairn.loggers.remote_uploader_downloader import RemoteUploaderDownloader
+from cairn.loggers.wandb import WandBLogger
 
 __all__ = [
     "InMemoryLogger",
@@ -14,4 +15,5 @@ __all__ = [
     "MLFlowLogger",
     "ProgressBarLogger",
     "RemoteUploaderDownloader",
+    "WandBLogger",
 ]

@@ -1,0 +1,395 @@
+"""Weights & Biases: a run's hyperparameters and metrics, and its checkpoints as W&B artifacts to resume from.
+
+The W&B run starts lazily, at the first thing logged (or at ``FIT_START``): by then the Trainer has restored any
+checkpoint, whose callback state holds the run id this logger saved (:meth:`WandBLogger.state_dict`), so a run
+resumed by autoresume continues the same W&B run (``resume="allow"``) and its curves go on from the restored batch.
+
+Metrics of one step are gathered here and sent to W&B when the step is over (the next step's first metric, a
+checkpoint, the end of fit), each step once, committed: W&B refuses a second write to a step it has closed, and a
+row still open when the process is killed would be lost.
+
+With ``log_artifacts=True`` each complete checkpoint becomes a version of one artifact (type ``"model"``), on one
+background thread; :meth:`WandBLogger.log_checkpoint`'s future ends when W&B has stored it (in offline mode: once it
+is staged in W&B's run folder, for ``wandb sync`` to upload later). A failure is raised on the training thread at the
+next event, and ``FIT_END`` waits for every artifact.
+
+As a ``load_object_store``, ``load_path`` names an artifact (``"<name>:latest"``, ``"<name>:v3"``,
+``"entity/project/<name>:alias"``); its file is downloaded through :class:`WandBArtifactStore`, checked against the
+digest W&B records, and then read and verified by cairn like any download. ``wandb`` is imported only when used.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import string
+import tempfile
+import threading
+from typing import TYPE_CHECKING, Any
+
+from cairn.core.logger import LoggerDestination, SavedCheckpoint
+from cairn.errors import ObjectNotFoundError, ObjectStoreError
+from cairn.storage.base import ObjectStore, ProgressCallback
+from cairn.utils.dist import get_rank
+
+if TYPE_CHECKING:
+    from cairn.core.logger import Logger
+    from cairn.core.state import State
+
+__all__ = ["WandBArtifactStore", "WandBLogger"]
+
+log = logging.getLogger(__name__)
+
+_ID_LETTERS = string.ascii_lowercase + string.digits
+
+
+def import_wandb() -> Any:
+    """The ``wandb`` package (the real one: this module's own name is only ``cairn.loggers.wandb``), or an
+    ImportError that says how to install it."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise ImportError(
+            "WandBLogger needs the wandb package, which is not installed: pip install 'cairn[wandb]'"
+        ) from err
+    return wandb
+
+
+def new_run_id() -> str:
+    """A W&B run id (8 lowercase letters and digits, as W&B makes them), chosen here so the first checkpoint can
+    record it before W&B is ever contacted."""
+    return "".join(secrets.choice(_ID_LETTERS) for _ in range(8))
+
+
+class WandBLogger(LoggerDestination):
+    """Logs hyperparameters (the run's config) and metrics (step = the run's batch) to a W&B run, and with
+    ``log_artifacts`` each checkpoint as a version of the artifact ``artifact_name`` (default ``model-<run id>``).
+
+    Only rank 0 logs in a multi-process run. ``init_kwargs`` go to ``wandb.init`` (``project``, ``entity``, ``name``,
+    ``id`` and ``resume`` are set from this logger's own arguments and its saved run id unless given there).
+    """
+
+    def __init__(
+        self,
+        project: str | None = None,
+        entity: str | None = None,
+        name: str | None = None,
+        log_artifacts: bool = False,
+        *,
+        artifact_name: str | None = None,
+        rank_zero_only: bool = True,
+        init_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.project, self.entity, self.name = project, entity, name
+        self.log_artifacts = bool(log_artifacts)
+        self.rank_zero_only = rank_zero_only
+        self.init_kwargs = dict(init_kwargs or {})
+        self._artifact_name = artifact_name
+        self._run_id: str = str(self.init_kwargs.get("id") or new_run_id())
+        self._run: Any = None
+        self._step: int | None = None  # the step whose metrics are gathered in _row, not yet sent
+        self._row: dict[str, Any] = {}
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._pending: list[cf.Future[str]] = []
+        self._lock = threading.Lock()
+        self._store: WandBArtifactStore | None = None
+
+    # -- the run ------------------------------------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        """The W&B run's id: saved in every checkpoint, so that a resumed run continues this W&B run."""
+        return self._run_id
+
+    @property
+    def artifact_name(self) -> str:
+        return self._artifact_name or f"model-{self._run_id}"
+
+    @property
+    def run(self) -> Any:
+        """The W&B run, started at the first call that needs it; None on ranks that do not log."""
+        if self._run is None:
+            self._start()
+        return self._run
+
+    def _start(self, config: dict[str, Any] | None = None) -> None:
+        """Start (or, with the saved id, resume) the W&B run, on ranks that log."""
+        if not self._logs_here():
+            return
+        wandb = import_wandb()
+        kwargs: dict[str, Any] = {"project": self.project, "entity": self.entity, "name": self.name}
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        kwargs.update({"id": self._run_id, "resume": "allow", "reinit": "create_new"})
+        kwargs.update(self.init_kwargs)
+        if config is not None:
+            kwargs["config"] = {**kwargs.get("config", {}), **config}
+            kwargs.setdefault("allow_val_change", True)
+        self._run = wandb.init(**kwargs)
+        self._run_id = self._run.id
+
+    def _logs_here(self) -> bool:
+        return not self.rank_zero_only or get_rank() == 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self._run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("run_id") if isinstance(state, dict) else None
+        if not isinstance(saved, str) or not saved:
+            return
+        if self._run is not None and saved != self._run_id:
+            log.warning(
+                "the checkpoint's W&B run %s is not continued: this logger's run %s had started", saved, self._run_id
+            )
+            return
+        if "id" not in self.init_kwargs:
+            self._run_id = saved
+
+    # -- what is logged -----------------------------------------------------------------------------------------
+
+    def log_hyperparameters(self, hyperparameters: dict[str, Any]) -> None:
+        if self._run is None:  # the usual case (the Trainer's first call): the run starts with them as its config
+            self._start(config=hyperparameters)
+        elif self._logs_here():
+            self._run.config.update(hyperparameters, allow_val_change=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self._logs_here():
+            return
+        if step is not None and self._step is not None and step != self._step:
+            self._send_row()
+        if step is not None:
+            self._step = step
+        self._row.update({key: _plain(value) for key, value in metrics.items()})
+        if step is None:
+            self._send_row()
+
+    def _send_row(self) -> None:
+        """Send the gathered step to W&B, committed (see the module's docstring)."""
+        if not self._row:
+            return
+        row, step = self._row, self._step
+        self._row = {}
+        run = self.run
+        if step is None:
+            run.log(row, commit=True)
+        else:
+            run.log(row, step=step, commit=True)
+
+    def log_checkpoint(self, checkpoint: SavedCheckpoint) -> cf.Future[str] | None:
+        if not self._logs_here():
+            return None
+        self._send_row()  # the checkpoint's batch reaches W&B now: a run killed later resumes right after it
+        if not self.log_artifacts:
+            return None
+        run = self.run
+        wandb = import_wandb()
+        metadata = {
+            "cairn_content_hash": checkpoint.content_hash,
+            "cairn_name": checkpoint.name,
+            "batch": checkpoint.batch,
+        }
+        artifact = wandb.Artifact(self.artifact_name, type="model", metadata=metadata)
+        if self._pool is None:
+            self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cairn-wandb")
+        future = self._pool.submit(_store_artifact, run, artifact, checkpoint, _is_offline(run))
+        with self._lock:
+            self._pending.append(future)
+        return future
+
+    def raise_failures(self) -> None:
+        """Raise the first artifact that failed to be stored, once, naming it (on the training thread)."""
+        with self._lock:
+            failed = [future for future in self._pending if future.done() and future.exception() is not None]
+            self._pending = [future for future in self._pending if not future.done()]
+        if failed:
+            raise failed[0].exception()  # type: ignore[misc]
+
+    def wait(self) -> None:
+        """Block until every checkpoint handed over is stored by W&B; raise the first failure."""
+        with self._lock:
+            pending = list(self._pending)
+        cf.wait(pending)
+        self.raise_failures()
+
+    # -- events -------------------------------------------------------------------------------------------------
+
+    def run_event(self, event: Any, state: State, logger: Logger) -> None:
+        self.raise_failures()
+        super().run_event(event, state, logger)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        del state, logger
+        _ = self.run  # the run starts now at the latest (after any restore: it continues the saved run)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        del state, logger
+        if self._logs_here() and self._run is not None:
+            self._send_row()
+        self.wait()
+
+    def close(self, state: State, logger: Logger) -> None:
+        del state, logger
+        try:
+            if self._run is not None:
+                self._send_row()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+        finally:
+            if self._run is not None:
+                self._run.finish()
+                self._run = None
+            if self._store is not None:
+                self._store.close()
+
+    # -- as load_object_store -----------------------------------------------------------------------------------
+
+    def checkpoint_source(self, name: str) -> tuple[ObjectStore, str]:
+        """The artifact ``name`` (``"<name>:alias"``, ``"project/<name>:alias"`` or
+        ``"entity/project/<name>:alias"``) as an object of :class:`WandBArtifactStore`."""
+        if self._store is None:
+            self._store = WandBArtifactStore(entity=self.entity, project=self.project)
+        return self._store, name
+
+
+def _is_offline(run: Any) -> bool:
+    return str(getattr(run.settings, "mode", "")) in ("offline", "dryrun")
+
+
+def _store_artifact(run: Any, artifact: Any, checkpoint: SavedCheckpoint, offline: bool) -> str:
+    """On the logger's worker: log the checkpoint as a version of ``artifact`` and wait until W&B has stored it;
+    its versioned name. Offline, W&B copies the file into its staging folder (the saver may delete it once this
+    returns, long before ``wandb sync``); online the upload reads the file in place, which the saver keeps until
+    this returns."""
+    policy = "mutable" if offline else "immutable"
+    artifact.add_file(checkpoint.path, name=os.path.basename(checkpoint.name), policy=policy)
+    logged = run.log_artifact(artifact, aliases=list(checkpoint.aliases))
+    if offline:  # W&B cannot wait in offline mode: the file is staged in its run folder for `wandb sync`
+        return f"{artifact.name} (offline)"
+    logged.wait()
+    return str(logged.qualified_name)
+
+
+class WandBArtifactStore(ObjectStore):
+    """W&B artifacts read as objects: the name is an artifact's path and alias, the object its one file.
+
+    Only downloads: checkpoints reach W&B through :meth:`WandBLogger.log_checkpoint`. The file is checked against
+    the MD5 digest W&B's manifest records before it is handed over, and cairn then verifies it as any download.
+    """
+
+    scheme = "wandb-artifact"
+    keeps_dot_segments = True
+
+    def __init__(self, entity: str | None = None, project: str | None = None, api: Any = None) -> None:
+        super().__init__("artifacts")
+        self.entity, self.project = entity, project
+        self._api = api
+
+    def get_uri(self, name: str) -> str:
+        return f"{self.scheme}:{self._path(name)}"
+
+    def _path(self, name: str) -> str:
+        """The artifact's full path: the logger's entity and project before a bare ``"<name>:alias"``."""
+        parts = name.split("/")
+        if len(parts) == 1 and self.project:
+            parts = [self.project, *parts]
+        if len(parts) == 2 and self.entity:
+            parts = [self.entity, *parts]
+        return "/".join(parts)
+
+    @property
+    def api(self) -> Any:
+        if self._api is None:
+            wandb = import_wandb()
+            try:
+                self._api = wandb.Api()
+            except Exception as err:
+                raise ObjectStoreError(f"could not reach W&B to read artifacts: {_short(err)}") from None
+        return self._api
+
+    def _artifact(self, key: str) -> Any:
+        """The artifact ``key`` names, or ObjectNotFoundError (also for names inside one: a sharded folder's)."""
+        path = self._path(key)
+        if ":" not in path.rsplit("/", 1)[-1]:
+            raise ObjectNotFoundError(f"{path!r} names no artifact version: add an alias, e.g. {path}:latest")
+        try:
+            return self.api.artifact(path)
+        except Exception as err:
+            if _means_missing(err):
+                raise ObjectNotFoundError(f"W&B has no artifact {path}") from None
+            raise ObjectStoreError(f"W&B could not find the artifact {path}: {_short(err)}") from None
+
+    def _entry(self, key: str) -> tuple[Any, Any]:
+        artifact = self._artifact(key)
+        try:
+            entries = list(artifact.manifest.entries.values())
+        except Exception as err:
+            raise ObjectStoreError(
+                f"could not read the manifest of {self._path(key)} from W&B: {_short(err)}"
+            ) from None
+        if len(entries) != 1:
+            raise ObjectStoreError(
+                f"the W&B artifact {self._path(key)} holds {len(entries)} files, not one checkpoint: name an "
+                "artifact that WandBLogger(log_artifacts=True) logged"
+            )
+        return artifact, entries[0]
+
+    def _download(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
+        artifact, entry = self._entry(key)
+        with tempfile.TemporaryDirectory(prefix="cairn-wandb-") as folder:
+            try:
+                local = artifact.get_entry(entry.path).download(root=folder)
+            except Exception as err:
+                raise ObjectStoreError(f"could not download {self._path(key)} from W&B: {_short(err)}") from None
+            if _md5_b64(str(local)) != entry.digest:
+                raise ObjectStoreError(
+                    f"the file of {self._path(key)} does not match the digest W&B records: download it again"
+                )
+            shutil.move(str(local), filename)
+        if callback is not None:
+            callback(int(entry.size or 0), int(entry.size or 0))
+
+    def _size(self, key: str) -> int:
+        return int(self._entry(key)[1].size or 0)
+
+    def _list(self, key_prefix: str) -> list[str]:
+        del key_prefix
+        return []
+
+    def _upload(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
+        raise ObjectStoreError("a W&B artifact is written by WandBLogger(log_artifacts=True), not uploaded as a file")
+
+
+def _plain(value: Any) -> Any:
+    """A number W&B records as one (a one-element tensor or NumPy scalar becomes a float); anything else as given."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _md5_b64(path: str) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as file:
+        while chunk := file.read(8 << 20):
+            digest.update(chunk)
+    return base64.b64encode(digest.digest()).decode()
+
+
+def _means_missing(err: Exception) -> bool:
+    text = str(err).lower()
+    return "not found" in text or "does not exist" in text or "404" in text
+
+
+def _short(err: Exception) -> str:
+    """The first line of an SDK error, without anything that looks like a key."""
+    first = (str(err).splitlines() or [type(err).__name__])[0][:300]
+    key = os.environ.get("WANDB_API_KEY")
+    return first.replace(key, "***") if key else first

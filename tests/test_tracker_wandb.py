@@ -1,0 +1,199 @@
+"""WandBLogger (issue 21): logging for real in W&B's offline mode, read back from the run's transaction log; a run
+SIGKILLed after a checkpoint and resumed by autoresume continues the same W&B run; checkpoints read back from W&B
+artifacts through ``load_object_store``, against a stand-in for the server (tests/store_servers/wandb_standin.py).
+
+Nothing here reaches api.wandb.ai: every test sets ``WANDB_MODE=offline`` or points ``WANDB_BASE_URL`` at the
+stand-in, and no real key exists (the stand-in's is a test value).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("wandb")
+
+from cairn import Trainer  # noqa: E402
+from cairn.checkpoint.save.retention import read_record  # noqa: E402
+from cairn.errors import CheckpointNotFoundError  # noqa: E402
+from cairn.loggers.wandb import WandBLogger  # noqa: E402
+from cairn.models import Classifier  # noqa: E402
+from conftest import TinyNet, make_loader  # noqa: E402
+from store_servers.wandb_standin import WandBStandIn, finished_log, history_steps, transaction_log  # noqa: E402
+
+LOSS = "loss/train/total"
+SCRIPT = os.path.join(os.path.dirname(__file__), "dist_scripts", "wandb_run.py")
+FAKE_KEY = "local-" + "0" * 40  # what the stand-in is sent; no real key exists in these tests
+
+
+def wandb_environment(root: str, **extra: str) -> dict[str, str]:
+    """W&B's folders under ``root``, no key from the machine, no network beyond what ``extra`` allows."""
+    env = {
+        "WANDB_DIR": os.path.join(root, "wandb-dir"),
+        "WANDB_DATA_DIR": os.path.join(root, "wandb-data"),
+        "WANDB_CACHE_DIR": os.path.join(root, "wandb-cache"),
+        "WANDB_CONFIG_DIR": os.path.join(root, "wandb-config"),
+        "WANDB_ARTIFACT_DIR": os.path.join(root, "wandb-artifacts"),
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",  # a closed port: a mistake fails here, never reaches W&B
+        **extra,
+    }
+    os.makedirs(env["WANDB_DIR"], exist_ok=True)
+    return env
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch) -> str:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for name, value in wandb_environment(str(tmp_path), WANDB_MODE="offline").items():
+        monkeypatch.setenv(name, value)
+    return str(tmp_path)
+
+
+def run_logs(root: str, run_id: str) -> list[str]:
+    """The transaction logs (one per process) of the W&B run ``run_id``, oldest first."""
+    return sorted(glob.glob(os.path.join(root, "wandb-dir", "wandb", f"offline-run-*-{run_id}", "*.wandb")))
+
+
+def test_offline_run_records_config_metrics_by_batch_and_checkpoint_artifacts(offline, tmp_path) -> None:
+    tracker = WandBLogger(project="cairn-test", log_artifacts=True)
+    trainer = Trainer(
+        model=Classifier(TinyNet()),
+        train_dataloader=make_loader(32),  # four batches an epoch
+        max_duration="1ep",
+        device="cpu",
+        seed=3,
+        progress_bar=False,
+        loggers=[tracker],
+        save_folder=str(tmp_path / "ck"),
+        save_filename="ba{batch}.pt",
+        save_interval="2ba",
+    )
+    trainer.fit()
+    trainer.close()
+    (log_file,) = run_logs(offline, tracker.run_id)
+    records = finished_log(log_file)
+    config = {
+        update.key: json.loads(update.value_json)
+        for record in records
+        if record.WhichOneof("record_type") in ("run", "config")
+        for update in (record.run.config if record.HasField("run") else record.config).update
+    }
+    assert config["seed"] == 3 and config["max_duration"] == "1ep"
+    assert [step for step, _ in history_steps(records, LOSS)] == [1, 2, 3, 4]
+    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert [a.name for a in artifacts] == [f"model-{tracker.run_id}"] * 2 and {a.type for a in artifacts} == {"model"}
+    for artifact, name in zip(artifacts, ["ba2.pt", "ba4.pt"], strict=True):
+        assert "latest" in artifact.aliases
+        assert [entry.path for entry in artifact.manifest.contents] == [name]
+        metadata = json.loads(artifact.metadata)
+        assert metadata["cairn_content_hash"] == read_record(str(tmp_path / "ck" / name)).content_hash
+        assert metadata["cairn_content_hash"].startswith("xxh3-128:")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigkill_and_autoresume_continue_one_wandb_run_without_a_gap(tmp_path) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")},
+        **wandb_environment(str(tmp_path), WANDB_MODE="offline", WANDB__TRANSACTION_LOG_FLUSH_INTERVAL="0.1"),
+    }
+    command = [sys.executable, SCRIPT, "--folder", str(tmp_path / "ck"), "--epochs", "3"]
+    killed = subprocess.run([*command, "--kill-at", "6"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    run_id = killed.stdout.split("KILLED ")[1].split()[0]
+    assert f"DONE {run_id}" in finished.stdout  # the same W&B run, continued
+    first, second = run_logs(str(tmp_path), run_id)
+    before, after = history_steps(first, LOSS), history_steps(finished_log(second), LOSS)
+    assert [step for step, _ in before] == list(range(1, 7))
+    assert [step for step, _ in after] == list(range(7, 13))  # rising, no gap, no restart at 0
+    resumed = next(r.run for r in transaction_log(second) if r.WhichOneof("record_type") == "run")
+    assert resumed.run_id == run_id
+
+
+@pytest.fixture(scope="module")
+def stand_in():
+    server = WandBStandIn()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def online(tmp_path, monkeypatch, stand_in) -> WandBStandIn:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    env = wandb_environment(str(tmp_path), WANDB_BASE_URL=stand_in.endpoint, WANDB_API_KEY=FAKE_KEY)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return stand_in
+
+
+def a_checkpoint(folder) -> tuple[str, dict[str, torch.Tensor]]:
+    """A cairn checkpoint of a short run, and that run's weights."""
+    model = Classifier(TinyNet())
+    trainer = Trainer(
+        model=model,
+        train_dataloader=make_loader(16),
+        max_duration="2ba",
+        device="cpu",
+        seed=5,
+        progress_bar=False,
+        save_folder=str(folder),
+        save_filename="ba{batch}.pt",
+        save_interval="2ba",
+    )
+    trainer.fit()
+    trainer.close()
+    return str(folder / "ba2.pt"), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_load_path_names_a_wandb_artifact_downloaded_and_verified(online, tmp_path) -> None:
+    path, weights = a_checkpoint(tmp_path / "made")
+    with open(path, "rb") as file:
+        online.add_artifact("cairn-test", "model-abc", {"ba2.pt": file.read()}, ["latest"], {})
+    online.add_artifact("cairn-test", "model-abc", {"ba2.pt": b"not this one"}, [], {})  # v1, no alias
+    model = Classifier(TinyNet())
+    trainer = Trainer(
+        model=model,
+        train_dataloader=make_loader(16),
+        max_duration="2ba",
+        device="cpu",
+        progress_bar=False,
+        load_path="model-abc:latest",
+        load_object_store=WandBLogger(project="cairn-test"),
+        load_weights_only=True,
+    )
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights[name])
+    trainer.close()
+    assert online.served == ["ba2.pt"] and not online.unknown
+
+
+def test_a_missing_artifact_is_a_clear_checkpoint_error_without_the_key(online) -> None:
+    with pytest.raises(CheckpointNotFoundError) as raised:
+        Trainer(
+            model=Classifier(TinyNet()),
+            train_dataloader=make_loader(16),
+            max_duration="1ba",
+            device="cpu",
+            progress_bar=False,
+            load_path="cairn-team/cairn-test/model-none:v3",
+            load_object_store=WandBLogger(),
+        )
+    assert "cairn-team/cairn-test/model-none:v3" in str(raised.value)
+    assert FAKE_KEY not in str(raised.value) and not online.unknown
+
+
+def test_without_wandb_the_import_error_names_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ImportError, match=r"pip install 'cairn\[wandb\]'"):
+        WandBLogger(project="p").log_hyperparameters({"lr": 0.1})
