@@ -7,7 +7,9 @@ exactly what a resumed run fetched: a replay shows up as samples read before the
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from cairn import Callback, Trainer
 from cairn.checkpoint import read_checkpoint
 from cairn.checkpoint.save.content import seal
+from cairn.cli.main import main as cli_main
 from cairn.errors import CheckpointCorruptError, CheckpointIncompatibleError
 from cairn.models import Classifier
 from conftest import TinyNet, make_dataset, params_of
@@ -153,6 +156,10 @@ def test_a_stateful_dataloader_with_workers_resumes_from_its_state_without_repla
     assert len(reads) == LEFT_AFTER_STOP  # only what was left of the epoch: none of the 5 batches before it
     saved = read_checkpoint(str(tmp_path / "ckpt" / "latest-rank0.pt"))["state"]["dataset_state"]["loader_states"]
     assert len(saved) == 1 and set(saved[0]) == {"loader"}  # one rank, its loader's own state
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        assert cli_main(["ckpt", "show", str(tmp_path / "ckpt" / "latest-rank0.pt")]) == 0
+    assert "loader      state saved for 1 rank (loader)" in shown.getvalue()
 
 
 def test_a_stateful_dataloader_resumed_at_an_epoch_boundary_shuffles_the_next_epoch_as_the_whole_run_did(

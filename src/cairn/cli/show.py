@@ -104,6 +104,7 @@ def _report(summary: CheckpointSummary, style: Style) -> list[str]:
         ("optimizers", ", ".join(printable(name) for name in summary.optimizers) or "none"),
         ("schedulers", ", ".join(printable(name) for name in summary.schedulers) or "none"),
         ("rng", f"saved for {_count(summary.rng_ranks, 'rank')}" if summary.rng_ranks else "none"),
+        ("loader", _loader(summary.loader_parts)),
         ("hash", style("OK", "green") + f" {printable(summary.content_hash)}" + _hash_scope(summary)),
     ]
     width = max(len(key) for key, _ in facts)
@@ -138,6 +139,15 @@ def _chunks(sharing: ChunkSharing) -> str:
     if sharing.shared_chunks is None:
         return text + "; shared with other checkpoints: unknown in a store"
     return text + f"; {sharing.shared_chunks} of them also named by other checkpoints"
+
+
+def _loader(parts: list[list[str]]) -> str:
+    """Whether a mid-epoch resume continues the data loader from its state or replays the epoch's first batches."""
+    saved = [names for names in parts if names]
+    if not saved:
+        return "no state saved (a mid-epoch resume replays the epoch's first batches)"
+    kinds = sorted({", ".join(names) for names in saved})
+    return f"state saved for {_count(len(saved), 'rank')} ({printable('; '.join(kinds))})"
 
 
 def _timestamp(timestamp: dict[str, object]) -> str:

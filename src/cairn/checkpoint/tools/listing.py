@@ -38,7 +38,7 @@ from cairn.checkpoint.load.archive import check_archive
 from cairn.checkpoint.save.retention import PROGRESS_KEYS, RetentionCandidate, RetentionRules, reasons_to_keep
 from cairn.checkpoint.shards import is_sharded_folder
 from cairn.errors import CairnError, CheckpointNotFoundError, ObjectNotFoundError
-from cairn.names import CHUNK_FOLDER, METADATA_FILE
+from cairn.names import CHUNK_FOLDER, LOADER_STATES, METADATA_FILE
 from cairn.storage.base import ObjectStore
 from cairn.storage.pointer import is_pointer, latest_name_of, read_pointer
 from cairn.utils.text import human_size
@@ -599,6 +599,8 @@ class CheckpointSummary:
     schedulers: list[str]
     rng_ranks: int
     content_hash: str
+    #: the data-loader state each rank saved (the names of its stateful parts; empty for a rank with none)
+    loader_parts: list[list[str]] = field(default_factory=list)
     shard_files: int = 0  #: a sharded folder: files vouched for by digests in its ``cairn.pt`` (the index included)
     #: an incremental checkpoint: its chunks, and how many of them other checkpoints share
     incremental: ChunkSharing | None = None
@@ -629,6 +631,7 @@ class CheckpointSummary:
             "optimizers": self.optimizers,
             "schedulers": self.schedulers,
             "rng": {"present": self.rng_ranks > 0, "ranks": self.rng_ranks},
+            "data_loader": {"ranks": len(self.loader_parts), "parts": self.loader_parts},
             "incremental": None if self.incremental is None else self.incremental.to_json(),
             "hash": {
                 "value": self.content_hash,
@@ -681,10 +684,19 @@ def summarize(
         schedulers=[str(key) for key in state.get("schedulers") or {}],
         rng_ranks=len(checkpoint.get("rng") or []),
         content_hash=metadata["content_hash"],
+        loader_parts=_loader_parts(state.get("dataset_state")),
         shard_files=len(metadata.get("shards") or {}) if is_sharded(dict(checkpoint)) else 0,
         incremental=incremental,
         chunks_checked=chunks_checked,
     )
+
+
+def _loader_parts(position: Any) -> list[list[str]]:
+    """Which parts of each rank's data loader saved their state (``dataset_state["loader_states"]``)."""
+    states = position.get(LOADER_STATES) if isinstance(position, dict) else None
+    if not isinstance(states, list):
+        return []
+    return [sorted(str(part) for part in state) if isinstance(state, dict) else [] for state in states]
 
 
 def _tensor_size(tensor: torch.Tensor) -> tuple[int, int]:
