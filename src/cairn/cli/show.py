@@ -145,7 +145,7 @@ def _loader(parts: list[list[str]]) -> str:
     """Whether a mid-epoch resume continues the data loader from its state or replays the epoch's first batches."""
     saved = [names for names in parts if names]
     if not saved:
-        return "no state saved (a mid-epoch resume replays the epoch's first batches)"
+        return "no state saved (a mid-epoch resume skips from the epoch's start)"
     kinds = sorted({", ".join(names) for names in saved})
     return f"state saved for {_count(len(saved), 'rank')} ({printable('; '.join(kinds))})"
 
