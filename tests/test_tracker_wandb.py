@@ -1,6 +1,7 @@
 """WandBLogger (issue 21): logging for real in W&B's offline mode, read back from the run's transaction log; a run
-SIGKILLed after a checkpoint and resumed by autoresume continues the same W&B run; checkpoints read back from W&B
-artifacts through ``load_object_store``, against a stand-in for the server (tests/store_servers/wandb_standin.py).
+SIGKILLed after a checkpoint and resumed by autoresume continues the same W&B run; and, against a stand-in for the
+server (tests/store_servers/wandb_standin.py), checkpoints uploaded online as artifact versions by the SDK and read
+back from W&B artifacts through ``load_object_store``.
 
 Nothing here reaches api.wandb.ai: every test sets ``WANDB_MODE=offline`` or points ``WANDB_BASE_URL`` at the
 stand-in, and no real key exists (the stand-in's is a test value).
@@ -24,10 +25,11 @@ from cairn.checkpoint.save.retention import read_record  # noqa: E402
 from cairn.errors import CheckpointNotFoundError  # noqa: E402
 from cairn.loggers.wandb import WandBLogger  # noqa: E402
 from cairn.models import Classifier  # noqa: E402
-from conftest import TinyNet, make_loader  # noqa: E402
+from conftest import ScriptedMetric, TinyNet, build_trainer, make_loader  # noqa: E402
 from store_servers.wandb_standin import WandBStandIn, finished_log, history_steps, transaction_log  # noqa: E402
 
 LOSS = "loss/train/total"
+METRIC = "metrics/eval/score"
 SCRIPT = os.path.join(os.path.dirname(__file__), "dist_scripts", "wandb_run.py")
 FAKE_KEY = "local-" + "0" * 40  # what the stand-in is sent; no real key exists in these tests
 
@@ -50,7 +52,18 @@ def wandb_environment(root: str, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def offline(tmp_path, monkeypatch) -> str:
+def fresh_wandb():
+    """W&B's process-wide setup made anew from this test's environment, and dropped after it: ``wandb.init`` reads
+    ``WANDB_MODE`` and ``WANDB_BASE_URL`` once per process, so an earlier offline test would keep this one offline."""
+    import wandb
+
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch, fresh_wandb) -> str:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     for name, value in wandb_environment(str(tmp_path), WANDB_MODE="offline").items():
         monkeypatch.setenv(name, value)
@@ -129,11 +142,13 @@ def stand_in():
 
 
 @pytest.fixture
-def online(tmp_path, monkeypatch, stand_in) -> WandBStandIn:
+def online(tmp_path, monkeypatch, stand_in, fresh_wandb) -> WandBStandIn:
     monkeypatch.delenv("WANDB_MODE", raising=False)
     env = wandb_environment(str(tmp_path), WANDB_BASE_URL=stand_in.endpoint, WANDB_API_KEY=FAKE_KEY)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    for record in (stand_in.served, stand_in.unknown, stand_in.refused, stand_in.keys):
+        record.clear()  # each test sees what it caused: the server is shared by the module
     return stand_in
 
 
@@ -197,3 +212,66 @@ def test_without_wandb_the_import_error_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ImportError, match=r"pip install 'cairn\[wandb\]'"):
         WandBLogger(project="p").log_hyperparameters({"lr": 0.1})
+
+
+def test_online_checkpoints_upload_as_artifact_versions_and_load_back(online, tmp_path, caplog, capfd) -> None:
+    """Online, each checkpoint is uploaded through the SDK (run.log_artifact + wait) as a version of one artifact,
+    with cairn's content hash in its metadata, ``latest`` on the newest and ``best`` on the best; the best loads
+    back through ``load_object_store``, bit for bit, verified by cairn."""
+    tracker = WandBLogger(project="cairn-test", log_artifacts=True)
+    trainer = build_trainer(
+        tmp_path,
+        max_duration="3ep",
+        train_dataloader=make_loader(16),  # two batches an epoch
+        save_interval="1ep",
+        save_filename="ep{epoch}.pt",
+        save_keep_best=1,
+        save_best_metric=METRIC,
+        callbacks=[ScriptedMetric(METRIC, [0.3, 0.9, 0.5])],
+        loggers=[tracker],
+    )
+    trainer.fit()
+    trainer.close()
+    assert not online.unknown and not online.refused
+
+    versions = online.artifacts[(online.entity, "cairn-test", f"model-{tracker.run_id}")]
+    assert [v.state for v in versions] == ["COMMITTED"] * 3 and {v.run for v in versions} == {tracker.run_id}
+    assert [sorted(v.aliases) for v in versions] == [["v0"], ["best", "v1"], ["latest", "v2"]]
+    for version, epoch in zip(versions, (1, 2, 3), strict=True):
+        assert list(version.files) == list(version.manifest["contents"]) == [f"ep{epoch}.pt"]
+        assert version.metadata["batch"] == 2 * epoch
+        on_disk = tmp_path / "uploaded.pt"
+        on_disk.write_bytes(version.files[f"ep{epoch}.pt"])
+        assert version.metadata["cairn_content_hash"] == read_record(str(on_disk)).content_hash
+    run = online.runs[(online.entity, "cairn-test", tracker.run_id)]
+    assert [row["_step"] for row in run.history if LOSS in row] == list(range(1, 7))
+
+    best = tmp_path / "ckpt" / "ep2.pt"  # kept by save_keep_best=1
+    assert versions[1].files["ep2.pt"] == best.read_bytes()
+    loaded = Trainer(
+        model=Classifier(TinyNet()),
+        train_dataloader=make_loader(16),
+        max_duration="3ep",
+        device="cpu",
+        progress_bar=False,
+        load_path=f"model-{tracker.run_id}:best",
+        load_object_store=WandBLogger(project="cairn-test"),
+    )
+    assert int(loaded.state.timestamp.batch) == 4
+    store, name = WandBLogger(project="cairn-test").checkpoint_source(f"model-{tracker.run_id}:best")
+    store.download_object(name, str(tmp_path / "downloaded.pt"))
+    assert (tmp_path / "downloaded.pt").read_bytes() == best.read_bytes()
+    loaded.close()
+    store.close()
+    assert not online.unknown and online.keys == {FAKE_KEY}  # the SDK sent the key: it must show nowhere else
+    printed = capfd.readouterr()
+    assert FAKE_KEY not in _everything_written(tmp_path, online) + caplog.text + printed.out + printed.err
+
+
+def _everything_written(root, stand_in: WandBStandIn) -> str:
+    """Every file under ``root`` (W&B's run folder and logs included) and everything the stand-in received but the
+    key's own header, as text: where a leaked key would show."""
+    texts = [path.read_bytes().decode("utf-8", "replace") for path in root.rglob("*") if path.is_file()]
+    texts += [data.decode("utf-8", "replace") for data in stand_in.uploads.values()]
+    texts += [json.dumps(run.__dict__, default=str) for run in stand_in.runs.values()]
+    return "\n".join(texts)
