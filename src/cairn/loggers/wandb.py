@@ -85,6 +85,7 @@ class WandBLogger(LoggerDestination):
         rank_zero_only: bool = True,
         init_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        import_wandb()  # a missing package fails here, when the Trainer's arguments are built, not mid-run
         self.project, self.entity, self.name = project, entity, name
         self.log_artifacts = bool(log_artifacts)
         self.rank_zero_only = rank_zero_only
