@@ -44,7 +44,7 @@ from cairn.core.logger import LoggerDestination, SavedCheckpoint
 from cairn.errors import CheckpointNotFoundError, ObjectNotFoundError, ObjectStoreError
 from cairn.storage.base import ObjectStore, ProgressCallback
 from cairn.storage.transfer import stage_file
-from cairn.utils.dist import all_gather_object, get_rank, is_distributed
+from cairn.utils.dist import get_rank, is_distributed, raise_first_failure_everywhere
 
 if TYPE_CHECKING:
     from cairn.core.event import Event
@@ -514,11 +514,11 @@ class MLFlowLogger(LoggerDestination):
         self._drain()
         failure = self._take_failure()
         if is_distributed():
-            reports = all_gather_object(None if failure is None else str(failure))
-            failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
-            if failed:
-                self._raised = True
-                raise ObjectStoreError(f"on rank {failed[0][0]}, {failed[0][1]}")
+            try:
+                raise_first_failure_everywhere(failure, ObjectStoreError)
+            except ObjectStoreError:
+                self._raised = True  # reported: close() does not raise it again
+                raise
         elif failure is not None:
             self._raised = True
             raise failure

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from cairn.core.logger import LoggerDestination, SavedCheckpoint
 from cairn.errors import ObjectNotFoundError, ObjectStoreError
 from cairn.storage.base import ObjectStore, ProgressCallback
-from cairn.utils.dist import get_rank
+from cairn.utils.dist import get_rank, is_distributed, raise_first_failure_everywhere
 
 if TYPE_CHECKING:
     from cairn.core.logger import Logger
@@ -205,11 +205,16 @@ class WandBLogger(LoggerDestination):
 
     def raise_failures(self) -> None:
         """Raise the first artifact that failed to be stored, once, naming it (on the training thread)."""
+        failure = self._take_failure()
+        if failure is not None:
+            raise failure
+
+    def _take_failure(self) -> BaseException | None:
+        """The first failure among the finished artifacts (forgetting those), or None."""
         with self._lock:
             failed = [future for future in self._pending if future.done() and future.exception() is not None]
             self._pending = [future for future in self._pending if not future.done()]
-        if failed:
-            raise failed[0].exception()  # type: ignore[misc]
+        return failed[0].exception() if failed else None
 
     def wait(self) -> None:
         """Block until every checkpoint handed over is stored by W&B; raise the first failure."""
@@ -221,7 +226,8 @@ class WandBLogger(LoggerDestination):
     # -- events -------------------------------------------------------------------------------------------------
 
     def run_event(self, event: Any, state: State, logger: Logger) -> None:
-        self.raise_failures()
+        if not is_distributed():  # with several ranks, every rank raises it together at FIT_END
+            self.raise_failures()
         super().run_event(event, state, logger)
 
     def fit_start(self, state: State, logger: Logger) -> None:
@@ -232,7 +238,13 @@ class WandBLogger(LoggerDestination):
         del state, logger
         if self._logs_here() and self._run is not None:
             self._send_row()
-        self.wait()
+        if not is_distributed():
+            self.wait()
+            return
+        with self._lock:
+            pending = list(self._pending)
+        cf.wait(pending)
+        raise_first_failure_everywhere(self._take_failure(), ObjectStoreError)  # only rank 0 stores artifacts
 
     def close(self, state: State, logger: Logger) -> None:
         del state, logger
@@ -268,11 +280,17 @@ def _store_artifact(run: Any, artifact: Any, checkpoint: SavedCheckpoint, offlin
     returns, long before ``wandb sync``); online the upload reads the file in place, which the saver keeps until
     this returns."""
     policy = "mutable" if offline else "immutable"
-    artifact.add_file(checkpoint.path, name=os.path.basename(checkpoint.name), policy=policy)
-    logged = run.log_artifact(artifact, aliases=list(checkpoint.aliases))
-    if offline:  # W&B cannot wait in offline mode: the file is staged in its run folder for `wandb sync`
-        return f"{artifact.name} (offline)"
-    logged.wait()
+    try:
+        artifact.add_file(checkpoint.path, name=os.path.basename(checkpoint.name), policy=policy)
+        logged = run.log_artifact(artifact, aliases=list(checkpoint.aliases))
+        if offline:  # W&B cannot wait in offline mode: the file is staged in its run folder for `wandb sync`
+            return f"{artifact.name} (offline)"
+        logged.wait()
+    except Exception as err:  # noqa: BLE001 - whatever the SDK raises, the user needs the checkpoint named
+        raise ObjectStoreError(
+            f"logging the checkpoint {checkpoint.path!r} to W&B as a version of {artifact.name!r} failed "
+            f"({type(err).__name__}: {_short(err)}); the local file is kept: check the W&B run and log it again"
+        ) from None
     return str(logged.qualified_name)
 
 

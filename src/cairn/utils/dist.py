@@ -66,6 +66,17 @@ def share_rank_zero_failure(failure: BaseException | None, what: str, *, group: 
         raise OSError(f"rank 0 could not {what} ({reason})")
 
 
+def raise_first_failure_everywhere(failure: BaseException | None, error: Callable[[str], BaseException]) -> None:
+    """Every rank calls this at the same point: when some rank's ``failure`` is set, every rank raises
+    ``error("on rank R, <message>")`` for the first rank that failed (chained, on that rank, to its own), instead of
+    that rank stopping alone while the others wait for it at their next collective."""
+    reports = all_gather_object(None if failure is None else str(failure))
+    failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+    if failed:
+        rank, message = failed[0]
+        raise error(f"on rank {rank}, {message}") from failure
+
+
 def on_rank_zero(action: Callable[[], object], what: str, *, group: Any = None) -> None:
     """Rank 0 alone runs ``action`` (writing a file, publishing a folder); then every rank raises if it failed
     (told over ``group``, the default one unless given)."""
