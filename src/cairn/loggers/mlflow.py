@@ -515,7 +515,7 @@ class MLFlowLogger(LoggerDestination):
         failure = self._take_failure()
         if is_distributed():
             try:
-                raise_first_failure_everywhere(failure, ObjectStoreError)
+                raise_first_failure_everywhere(failure, (ObjectStoreError,))
             except ObjectStoreError:
                 self._raised = True  # reported: close() does not raise it again
                 raise

@@ -22,7 +22,7 @@ from cairn.core.event import Event
 from cairn.core.logger import LoggerDestination
 from cairn.errors import ObjectExistsError, ObjectStoreError
 from cairn.storage.transfer import Transfers
-from cairn.utils.dist import all_gather_object, get_rank, is_distributed
+from cairn.utils.dist import is_distributed, raise_first_failure_everywhere
 
 if TYPE_CHECKING:
     from cairn.core.logger import Logger
@@ -125,19 +125,10 @@ def upload_slots(transfers: Sequence[Transfers]) -> list[int]:
 
 def raise_upload_failure_on_every_rank(transfers: Sequence[Transfers]) -> None:
     """Every rank, at the same moment (a collective): take this rank's first upload failure and raise the first
-    failed rank's on every rank, naming the rank; return when no rank has one."""
+    failed rank's on every rank, naming the rank (an ``ObjectExistsError`` stays one); return when no rank has one."""
     mine = None
     for each in transfers:
         mine = each.take_failure()
         if mine is not None:
             break
-    reports = all_gather_object(None if mine is None else (isinstance(mine, ObjectExistsError), str(mine)))
-    failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
-    if not failed:
-        return
-    rank, (exists, message) = failed[0]
-    kind = ObjectExistsError if exists else ObjectStoreError
-    error = kind(f"on rank {rank}, {message}")
-    if mine is not None and rank == get_rank():
-        raise error from mine.__cause__
-    raise error from mine
+    raise_first_failure_everywhere(mine, (ObjectExistsError, ObjectStoreError))

@@ -244,7 +244,7 @@ class WandBLogger(LoggerDestination):
         with self._lock:
             pending = list(self._pending)
         cf.wait(pending)
-        raise_first_failure_everywhere(self._take_failure(), ObjectStoreError)  # only rank 0 stores artifacts
+        raise_first_failure_everywhere(self._take_failure(), (ObjectStoreError,))  # only rank 0 stores artifacts
 
     def close(self, state: State, logger: Logger) -> None:
         del state, logger

@@ -66,15 +66,21 @@ def share_rank_zero_failure(failure: BaseException | None, what: str, *, group: 
         raise OSError(f"rank 0 could not {what} ({reason})")
 
 
-def raise_first_failure_everywhere(failure: BaseException | None, error: Callable[[str], BaseException]) -> None:
-    """Every rank calls this at the same point: when some rank's ``failure`` is set, every rank raises
-    ``error("on rank R, <message>")`` for the first rank that failed (chained, on that rank, to its own), instead of
-    that rank stopping alone while the others wait for it at their next collective."""
-    reports = all_gather_object(None if failure is None else str(failure))
+def raise_first_failure_everywhere(failure: BaseException | None, kinds: tuple[type[BaseException], ...]) -> None:
+    """Every rank calls this at the same point: when some rank's ``failure`` is set, every rank raises the first
+    failed rank's, as ``"on rank R, <its message>"`` (chained, on that rank, to its own), instead of that rank
+    stopping alone while the others wait for it at their next collective. The error is of the first of ``kinds``
+    that rank's failure is an instance of (the last of them when none is), so every rank raises the same class."""
+    mine = None if failure is None else (_kind_index(failure, kinds), str(failure))
+    reports = all_gather_object(mine)
     failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
     if failed:
-        rank, message = failed[0]
-        raise error(f"on rank {rank}, {message}") from failure
+        rank, (kind, message) = failed[0]
+        raise kinds[kind](f"on rank {rank}, {message}") from failure
+
+
+def _kind_index(failure: BaseException, kinds: tuple[type[BaseException], ...]) -> int:
+    return next((index for index, kind in enumerate(kinds) if isinstance(failure, kind)), len(kinds) - 1)
 
 
 def on_rank_zero(action: Callable[[], object], what: str, *, group: Any = None) -> None:
