@@ -21,12 +21,14 @@ import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import pytest
+
+from store_servers.local_http import LocalHTTPStandIn
 
 __all__ = ["OCIStandIn", "oci_bucket", "oci_config", "oci_server", "oci_store"]
 
@@ -49,7 +51,7 @@ class Bucket:
     upload_names: dict[str, str] = field(default_factory=dict)  # upload id -> object name
 
 
-class OCIStandIn:
+class OCIStandIn(LocalHTTPStandIn):
     """The server's state, and its lifetime. ``requests`` records each request line the SDK sent."""
 
     namespace = "cairntest"
@@ -60,23 +62,7 @@ class OCIStandIn:
         self.requests: list[str] = []
         self.lock = threading.Lock()
         self._failures: list[tuple[int, str | None]] = []  # (status, method or None for any)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
-        self._server.stand_in = self  # type: ignore[attr-defined]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="oci-stand-in", daemon=True)
-
-    @property
-    def endpoint(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
+        super().__init__(_Handler, "oci-stand-in")
 
     def create_bucket(self, name: str) -> None:
         with self.lock:

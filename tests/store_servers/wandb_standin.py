@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from store_servers.local_http import LocalHTTPStandIn
+
 __all__ = ["WandBStandIn", "finished_log", "history_steps", "transaction_log"]
 
 _BLOCK = 32768
@@ -151,7 +153,7 @@ class Run:
         }
 
 
-class WandBStandIn:
+class WandBStandIn(LocalHTTPStandIn):
     """The server's state and lifetime. ``operations`` lists each GraphQL operation's name in the order it came."""
 
     entity = "cairn-team"
@@ -168,23 +170,7 @@ class WandBStandIn:
         self.requests: list[str] = []  # "METHOD path" of every request, and each GraphQL operation's name
         self.queries: dict[str, tuple[str, dict[str, Any]]] = {}  # operation -> its last query text and variables
         self.lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
-        self._server.stand_in = self  # type: ignore[attr-defined]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="wandb-stand-in", daemon=True)
-
-    @property
-    def endpoint(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
+        super().__init__(_Handler, "wandb-stand-in")
 
     def add_artifact(
         self, project: str, name: str, files: dict[str, bytes], aliases: list[str], metadata: dict[str, Any]
