@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from cairn.core import Callback, Event, State
 from cairn.loggers import Logger
@@ -38,6 +38,20 @@ def make_dataset(n: int = 32, in_features: int = 4, seed: int = 0) -> TensorData
     x = torch.randn(n, in_features, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()  # a learnable rule with 3 classes
     return TensorDataset(x, y)
+
+
+class IndexedDataset(Dataset):
+    """:func:`make_dataset`'s samples, each with its own index, so that a rank can say exactly which it trained."""
+
+    def __init__(self, n: int = 64) -> None:
+        self.inner = make_dataset(n=n)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x, y = self.inner[index]
+        return x, y, index
 
 
 def make_loader(n: int = 32, batch_size: int = 8, shuffle: bool = False, seed: int = 0) -> DataLoader:

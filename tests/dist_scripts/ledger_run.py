@@ -18,28 +18,14 @@ import os
 import sys
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from cairn import Callback, Trainer  # noqa: E402
 from cairn.errors import CheckpointIncompatibleError  # noqa: E402
 from cairn.models import Classifier  # noqa: E402
-from conftest import TinyNet, make_dataset  # noqa: E402
-
-
-class WithIds(Dataset):
-    """The shared dataset, each sample carrying its own ID, so a rank can say exactly which samples it trained."""
-
-    def __init__(self, n: int) -> None:
-        self.inner = make_dataset(n=n)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, index: int):
-        x, y = self.inner[index]
-        return x, y, index
+from conftest import IndexedDataset, TinyNet  # noqa: E402
 
 
 class Ledger(Callback):
@@ -74,7 +60,7 @@ def build(args: argparse.Namespace, rank: int, *, at_epoch_boundary: bool) -> Tr
     torch.manual_seed(0)
     return Trainer(
         model=TripleClassifier(TinyNet(dropout=0.3), num_classes=3),
-        train_dataloader=DataLoader(WithIds(args.samples), batch_size=4, shuffle=True),
+        train_dataloader=DataLoader(IndexedDataset(args.samples), batch_size=4, shuffle=True),
         max_duration=args.max_duration,
         device="cpu",
         seed=11,

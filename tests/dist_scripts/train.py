@@ -15,7 +15,7 @@ import signal
 import sys
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -23,21 +23,7 @@ from cairn import Callback, Trainer  # noqa: E402
 from cairn.core.model_state import model_state  # noqa: E402
 from cairn.loggers import RemoteUploaderDownloader  # noqa: E402
 from cairn.models import Classifier  # noqa: E402
-from conftest import TinyNet, make_dataset  # noqa: E402
-
-
-class Indexed(Dataset):
-    """The shared dataset, with each sample's index in the batch so ranks can report what they saw."""
-
-    def __init__(self) -> None:
-        self.inner = make_dataset(n=64)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, index: int):
-        x, y = self.inner[index]
-        return x, y, index
+from conftest import IndexedDataset, TinyNet  # noqa: E402
 
 
 class SeenSamples(Callback):
@@ -241,7 +227,7 @@ def main() -> None:
         watch = []
     trainer = Trainer(
         model=model,
-        train_dataloader=DataLoader(Indexed(), batch_size=4, shuffle=True),
+        train_dataloader=DataLoader(IndexedDataset(), batch_size=4, shuffle=True),
         max_duration=args.max_duration,
         device="cpu",
         seed=11,
