@@ -304,3 +304,23 @@ def test_a_replay_shows_a_progress_bar_when_the_run_shows_one(tmp_path: Path, ca
     resumed.fit()
     resumed.close()
     assert "replaying batches" in capsys.readouterr().err
+
+
+def test_a_saved_state_the_dataset_refuses_is_a_clear_error(tmp_path: Path) -> None:
+    stopped = _trainer(
+        DataLoader(LoggedStream(tmp_path / "a.log"), batch_size=BATCH), tmp_path / "ckpt", callbacks=[CrashAfter(3)]
+    )
+    with pytest.raises(Crash):
+        stopped.fit()
+    stopped.close()
+    checkpoint = torch.load(tmp_path / "ckpt" / "latest-rank0.pt", weights_only=True)
+    checkpoint["state"]["dataset_state"]["loader_states"] = [{"dataset": {"offset": 12}}]  # not the key it reads
+    torch.save(seal(checkpoint), tmp_path / "edited.pt")
+    resumed = _trainer(
+        DataLoader(LoggedStream(tmp_path / "b.log"), batch_size=BATCH),
+        tmp_path / "other",
+        load_path=str(tmp_path / "edited.pt"),
+    )
+    with pytest.raises(CheckpointIncompatibleError, match="train_dataloader's dataset refused the state it saved"):
+        resumed.fit()
+    resumed.close()

@@ -85,7 +85,13 @@ def load_loader_state(loader: Iterable[Any], saved: Any, *, source: str) -> None
     parts = check_loader_state_fits(loader, saved, source=source)
     for name in PARTS:
         if name in parts:
-            parts[name].load_state_dict(saved[name])
+            try:
+                parts[name].load_state_dict(saved[name])
+            except Exception as err:  # noqa: BLE001 - the user's code, given data from a file: say which and why
+                raise CheckpointIncompatibleError(
+                    f"{source!r}: train_dataloader's {name} refused the state it saved ({type(err).__name__}: "
+                    f"{str(err)[:200]}); resume with the data pipeline the checkpoint was saved with"
+                ) from err
 
 
 def check_loader_state_fits(loader: Iterable[Any], saved: Any, *, source: str) -> dict[str, Any]:
