@@ -28,22 +28,18 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import logging
-import os
 import posixpath
 import re
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from cairn.atomic import temporary_path
 from cairn.core.logger import LoggerDestination, SavedCheckpoint
 from cairn.errors import CheckpointNotFoundError, ObjectNotFoundError, ObjectStoreError
-from cairn.storage.base import ObjectStore, ProgressCallback
-from cairn.storage.transfer import stage_file
+from cairn.storage.base import ObjectStore
+from cairn.storage.mlflow_artifacts import MLflowArtifactStore, import_mlflow, is_missing, redacted, scrubbed
 from cairn.utils.dist import get_rank, is_distributed, raise_first_failure_everywhere
 
 if TYPE_CHECKING:
@@ -72,135 +68,6 @@ _NOT_IN_A_NAME = re.compile(r"[^/\w.\- :]")
 _RUNS_URI = re.compile(r"runs:/(?P<run_id>[A-Za-z0-9][\w\-]*)/(?P<path>.+)")
 
 
-def _mlflow() -> Any:
-    """The ``mlflow`` package, imported on first use, with the extra to install named when it is missing."""
-    try:
-        import mlflow
-    except ImportError as err:
-        raise ImportError(
-            "MLFlowLogger needs the MLflow client, which is not installed: pip install 'cairn[mlflow]'"
-        ) from err
-    return mlflow
-
-
-def redacted(uri: str | None) -> str:
-    """``uri`` with any user information, query and fragment removed: what a message may say of a tracking URI."""
-    if not uri:
-        return "the default tracking URI"
-    parts = urlsplit(uri)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def _scrubbed(text: str) -> str:
-    """A message from the MLflow client with any ``user:password@`` in a URL, and token-like query values, removed."""
-    text = re.sub(r"(//)[^/@\s]+@", r"\1", text)
-    return re.sub(r"([?&](?:token|access_token|key|sig|password)=)[^&\s]+", r"\1***", text, flags=re.IGNORECASE)
-
-
-def _is_missing(error: BaseException) -> bool:
-    """Whether an MLflow client error says the run or artifact does not exist."""
-    code = getattr(error, "error_code", None)
-    return code == "RESOURCE_DOES_NOT_EXIST" or isinstance(error, FileNotFoundError)
-
-
-class MLflowArtifactStore(ObjectStore):
-    """One MLflow run's artifacts as an object store: names are artifact paths, URIs are ``runs:/<run_id>/<path>``.
-
-    Uploads go through ``MlflowClient.log_artifact`` (the server's artifact proxy, or the artifact store it names),
-    downloads through ``MlflowClient.download_artifacts``; sizes come from ``list_artifacts``. MLflow reports no
-    checksum, so an upload is checked by size; a checkpoint is still verified by its content hash when it is read.
-    MLflow's client cannot delete an artifact, so neither can this store.
-    """
-
-    scheme = "runs"
-    keeps_dot_segments = False  # artifact paths are paths: a '..' would leave the run's folder
-
-    def __init__(self, client: Any, run_id: str, prefix: str = "") -> None:
-        super().__init__(run_id, prefix)
-        self._client = client
-
-    @property
-    def run_id(self) -> str:
-        return self.bucket
-
-    def get_uri(self, name: str) -> str:
-        return f"runs:/{self.run_id}/{self.key(name)}"
-
-    def _upload(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
-        folder, base = posixpath.split(key)
-        with self._sdk_errors(key), _named(filename, base) as local:
-            self._client.log_artifact(self.run_id, local, folder or None)
-        if callback is not None:
-            size = os.path.getsize(filename)
-            callback(size, size)
-
-    def _download(self, key: str, filename: str, callback: ProgressCallback | None) -> None:
-        self._size(key)  # a missing artifact (or a folder) is ObjectNotFoundError, before anything is fetched
-        scratch = tempfile.mkdtemp(prefix=".cairn-mlflow-", dir=os.path.dirname(os.path.abspath(filename)))
-        try:
-            with self._sdk_errors(key):
-                local = self._client.download_artifacts(self.run_id, key, scratch)
-            os.replace(local, filename)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        if callback is not None:
-            size = os.path.getsize(filename)
-            callback(size, size)
-
-    def _size(self, key: str) -> int:
-        folder = posixpath.dirname(key)
-        for entry in self._listed(folder, key):
-            if entry.path == key and not entry.is_dir:
-                return int(entry.file_size or 0)
-        raise ObjectNotFoundError(f"{self.get_uri(key[len(self.prefix) :])} does not exist")
-
-    def _list(self, key_prefix: str) -> list[str]:
-        return [key for key, _ in self._list_with_sizes(key_prefix)]
-
-    def _list_with_sizes(self, key_prefix: str) -> list[tuple[str, int]]:
-        """Every file under the folder that holds ``key_prefix`` whose path starts with it (MLflow lists one folder
-        at a time: sub-folders are walked only where they can hold a match)."""
-        found: list[tuple[str, int]] = []
-        folders = [key_prefix.rstrip("/") if key_prefix.endswith("/") else posixpath.dirname(key_prefix)]
-        while folders:
-            folder = folders.pop()
-            for entry in self._listed(folder, key_prefix):
-                reachable = entry.path.startswith(key_prefix) or key_prefix.startswith(entry.path + "/")
-                if entry.is_dir and reachable:
-                    folders.append(entry.path)
-                elif not entry.is_dir and entry.path.startswith(key_prefix):
-                    found.append((entry.path, int(entry.file_size or 0)))
-        return found
-
-    def _listed(self, folder: str, key: str) -> list[Any]:
-        with self._sdk_errors(key):
-            return list(self._client.list_artifacts(self.run_id, folder or None))
-
-    def _translate(self, error: Exception, key: str) -> ObjectStoreError | None:
-        uri = f"runs:/{self.run_id}/{key}"
-        if _is_missing(error):
-            return ObjectNotFoundError(f"{uri} does not exist")
-        return ObjectStoreError(f"MLflow refused {uri}: {_scrubbed(str(error))}")
-
-
-@contextlib.contextmanager
-def _named(filename: str, base: str) -> Iterator[str]:
-    """``filename`` under the name ``base`` (``log_artifact`` keeps a file's own name): itself when the names agree,
-    else a hard link (a copy across filesystems) in a hidden temporary folder beside it, removed afterwards."""
-    if os.path.basename(filename) == base:
-        yield filename
-        return
-    folder = temporary_path(os.path.join(os.path.dirname(os.path.abspath(filename)), "cairn-mlflow-staging"))
-    os.mkdir(folder)
-    try:
-        staged = os.path.join(folder, base)
-        stage_file(filename, staged)
-        yield staged
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 class MLFlowLogger(LoggerDestination):
     """Logs the run to MLflow; with ``log_artifacts=True``, each checkpoint too, as the artifact
     ``checkpoints/<file name>``. Pass it as ``load_object_store`` to load ``load_path="runs:/<run_id>/<path>"``.
@@ -222,7 +89,7 @@ class MLFlowLogger(LoggerDestination):
         run_id: str | None = None,
         tags: Mapping[str, Any] | None = None,
     ) -> None:
-        _mlflow()  # a missing client fails here, at construction, with the extra to install
+        import_mlflow()  # a missing client fails here, at construction, with the extra to install
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_name = run_name
@@ -251,7 +118,7 @@ class MLFlowLogger(LoggerDestination):
 
     def _client(self) -> Any:
         if self._client_instance is None:
-            mlflow = _mlflow()
+            mlflow = import_mlflow()
             with self._server_errors("open the MLflow tracking store"):
                 self._client_instance = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         return self._client_instance
@@ -278,7 +145,7 @@ class MLFlowLogger(LoggerDestination):
         try:
             client.get_run(run_id)
         except Exception as err:
-            if not _is_missing(err):
+            if not is_missing(err):
                 raise
             log.warning(
                 "the checkpoint names the MLflow run %s, which %s does not hold; starting a new run",
@@ -310,7 +177,7 @@ class MLFlowLogger(LoggerDestination):
             raise
         except Exception as err:
             raise ObjectStoreError(
-                f"could not {what} on {redacted(self.tracking_uri)} ({_scrubbed(str(err))}): check tracking_uri, "
+                f"could not {what} on {redacted(self.tracking_uri)} ({scrubbed(str(err))}): check tracking_uri, "
                 "the server and its credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_TOKEN)"
             ) from None
 
@@ -323,7 +190,7 @@ class MLFlowLogger(LoggerDestination):
             return
         run_id = self._ensure_run()
         params = flattened(hyperparameters)
-        mlflow = _mlflow()
+        mlflow = import_mlflow()
         with self._server_errors("log the hyperparameters"):
             held = self._client().get_run(run_id).data.params
             changed = sorted(key for key, value in params.items() if key in held and held[key] != value)
@@ -338,7 +205,7 @@ class MLFlowLogger(LoggerDestination):
             return
         run_id = self._ensure_run()
         now = int(time.time() * 1000)
-        metric = _mlflow().entities.Metric
+        metric = import_mlflow().entities.Metric
         entries = [metric(_key(name), number, now, int(step or 0)) for name, number in _numbers(metrics)]
         if not entries:
             return
@@ -359,7 +226,7 @@ class MLFlowLogger(LoggerDestination):
             self._fail(
                 ObjectStoreError(
                     f"sending {len(batch)} metrics to MLflow run {run_id} on {redacted(self.tracking_uri)} failed "
-                    f"({_scrubbed(str(err))}): check the tracking server; the run goes on only once it answers"
+                    f"({scrubbed(str(err))}): check the tracking server; the run goes on only once it answers"
                 )
             )
 
@@ -408,13 +275,13 @@ class MLFlowLogger(LoggerDestination):
             tags = [(f"{ALIAS_TAG}.{alias}", artifact) for alias in checkpoint.aliases]
             if checkpoint.content_hash is not None:
                 tags.append((_key(f"{HASH_TAG}.{artifact}"), checkpoint.content_hash))
-            run_tag = _mlflow().entities.RunTag
+            run_tag = import_mlflow().entities.RunTag
             entries = [run_tag(key, value[:_MAX_TAG_VALUE]) for key, value in tags]
             self._client().log_batch(run_id, tags=entries, synchronous=True)
         except Exception as err:
             failure = ObjectStoreError(
                 f"logging {checkpoint.path!r} to MLflow as {store.get_uri(artifact)} failed "
-                f"({_scrubbed(str(err))}). The local file is kept: check the tracking server, then resume from it"
+                f"({scrubbed(str(err))}). The local file is kept: check the tracking server, then resume from it"
             )
             self._fail(failure)
             raise failure from None
@@ -467,7 +334,7 @@ class MLFlowLogger(LoggerDestination):
             try:
                 client.get_run(run_id)
             except Exception as err:
-                if not _is_missing(err):
+                if not is_missing(err):
                     raise
                 raise CheckpointNotFoundError(
                     f"load_path={name!r}: {redacted(self.tracking_uri)} holds no MLflow run {run_id}; check the run "
